@@ -1,0 +1,34 @@
+# One virtual environment for everything; torch first, pinned to the build available offline.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STORE  ?= demo/store
+
+.PHONY: setup demo test test-all bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 2; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+## the whole pipeline that exists so far, on the embedded synthetic cohort
+demo: setup
+	$(BIN)/cmr demo --store $(STORE)
+
+## the default (fast) test suite; `make test-all` adds the tests marked slow
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-all: setup
+	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+bench: setup
+	$(BIN)/python benchmarks/ingest.py
+
+clean:
+	rm -rf $(VENV) demo .pytest_cache

@@ -1,0 +1,158 @@
+"""The ``cmr`` command line: one sub-command per pipeline stage, in pipeline order.
+
+Human output and progress bars go to stderr; ``--json`` puts one JSON document on stdout.
+Exit codes (DESIGN.md): 0 success, 2 usage error, 3 finished but some inputs were rejected.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cmr.exceptions import CmrError
+from cmr.settings import Settings
+
+app = typer.Typer(
+    help="cmr-search: embedding store and similarity search for cine cardiac MRI.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+
+StoreOpt = Annotated[Optional[Path], typer.Option("--store", help="Store directory (default: $CMR_STORE).")]
+
+
+def _store_dir(store: Path | None, settings: Settings) -> Path:
+    path = store or settings.store
+    if path is None:
+        err.print("[red]error:[/] no store given; pass --store DIR or set CMR_STORE")
+        raise typer.Exit(2)
+    return path
+
+
+def _fail(error: CmrError) -> None:
+    err.print(f"[red]error:[/] {error}")
+    raise typer.Exit(2)
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")] = False) -> None:
+    """cmr-search: embedding store and similarity search for cine cardiac MRI."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr)
+    # pydicom logs every vendor quirk it tolerates; ingest reports what matters per file
+    logging.getLogger("pydicom").setLevel(logging.INFO if verbose else logging.ERROR)
+
+
+@app.command(rich_help_panel="1. Data")
+def synth(
+    studies: Annotated[int, typer.Option("--studies", min=1, help="Number of studies to generate.")] = 50,
+    out: Annotated[Path, typer.Option("--out", help="Output directory (dicom/, reports.csv, labels.csv).")] = Path("synthetic"),
+    seed: Annotated[int, typer.Option("--seed", help="Random seed; the output is deterministic per seed.")] = 0,
+    workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Processes (default: all cores).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
+) -> None:
+    """Generate a synthetic cine CMR cohort as real DICOM, with reports and labels."""
+    from evals.synth import generate_cohort
+
+    summary = generate_cohort(studies, out, seed=seed, workers=workers, progress=True)
+    if as_json:
+        print(json.dumps(summary.to_dict() if hasattr(summary, "to_dict") else vars(summary), default=str))
+    else:
+        err.print(f"wrote {studies} studies to {out} (seed {seed})")
+
+
+@app.command(rich_help_panel="1. Data")
+def ingest(
+    paths: Annotated[list[Path], typer.Argument(help="DICOM folders, zip files or single files.")],
+    store: StoreOpt = None,
+    reports: Annotated[Optional[Path], typer.Option("--reports", help="CSV/Parquet: study_uid, report.")] = None,
+    labels: Annotated[Optional[Path], typer.Option("--labels", help="CSV/Parquet keyed by study_uid.")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Processes (default: $CMR_WORKERS or all cores).")] = None,
+    frames: Annotated[int, typer.Option("--frames", min=4, help="Frames per clip over one cycle.")] = 16,
+    size: Annotated[int, typer.Option("--size", min=32, help="Clip height and width in pixels (224 for MViT-B).")] = 128,
+    fov_mm: Annotated[float, typer.Option("--fov-mm", min=50.0, help="Square field of view of a clip, mm.")] = 240.0,
+    site: Annotated[str, typer.Option("--site", help="Site label stored with each clip.")] = "",
+    allow_partial: Annotated[bool, typer.Option("--allow-partial", help="Keep a study's good series when another fails.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the ingest report as JSON on stdout.")] = False,
+) -> None:
+    """Ingest DICOM into the store's clip table (idempotent; re-running adds nothing new)."""
+    from indexer.config import ClipConfig, IngestConfig
+
+    settings = Settings()
+    cfg = IngestConfig(
+        clip=ClipConfig(frames=frames, size=size, fov_mm=fov_mm),
+        workers=workers or settings.workers or os.cpu_count() or 1,
+        allow_partial=allow_partial,
+        site=site,
+    )
+    report = _run_ingest(paths, _store_dir(store, settings), cfg, settings, reports, labels)
+    if as_json:
+        print(json.dumps(report.to_dict()))
+    _print_ingest(report)
+    raise typer.Exit(report.exit_code)
+
+
+def _run_ingest(paths, root, cfg, settings: Settings, reports=None, labels=None):
+    from indexer.clip_store import ClipStore
+    from indexer.ingest import ingest as run_ingest
+
+    try:
+        clip_store = ClipStore.open(root, cfg.clip, create=True)
+        salt = clip_store.patient_salt(settings.patient_salt.get_secret_value() if settings.patient_salt else None)
+        return run_ingest(paths, clip_store, cfg, salt, reports=reports, labels=labels)
+    except CmrError as error:
+        _fail(error)
+
+
+@app.command(rich_help_panel="9. Everything")
+def demo(
+    store: StoreOpt = None,
+    studies: Annotated[int, typer.Option("--studies", min=4, help="Synthetic studies to generate.")] = 60,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """Run the whole pipeline that exists so far on the embedded synthetic cohort."""
+    from evals.synth import generate_cohort
+    from indexer.config import IngestConfig
+
+    settings = Settings()
+    root = store or settings.store or Path("demo/store")
+    data = root.parent / "synthetic"
+    if not (data / "labels.csv").exists():
+        err.rule(f"1. synthetic cohort: {studies} studies -> {data}")
+        generate_cohort(studies, data, seed=seed, progress=True)
+    err.rule(f"2. ingest -> {root}")
+    cfg = IngestConfig(workers=settings.workers or os.cpu_count() or 1)
+    report = _run_ingest([data / "dicom"], root, cfg, settings, data / "reports.csv", data / "labels.csv")
+    _print_ingest(report)
+    err.print(f"store ready at {root}: {report.clips_inserted + report.clips_updated} clips from {report.studies_written} studies")
+    raise typer.Exit(report.exit_code)
+
+
+def _print_ingest(report) -> None:
+    table = Table(title="ingest", show_header=False)
+    for key in ("files_found", "files_read", "studies_found", "studies_written", "clips_inserted", "clips_updated", "reports_imported", "labels_imported", "seconds"):
+        table.add_row(key.replace("_", " "), str(getattr(report, key)))
+    table.add_row("views", ", ".join(f"{v} {n}" for v, n in sorted(report.views.items())))
+    table.add_row("skipped (by design)", str(len(report.skipped)))
+    table.add_row("rejected", str(len(report.rejected)))
+    err.print(table)
+    reasons: dict[str, int] = {}
+    for item in report.skipped:
+        reasons[item["reason"]] = reasons.get(item["reason"], 0) + 1
+    for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
+        err.print(f"  skipped {n:>5}  {reason}")
+    for item in report.rejected[:50]:
+        err.print(f"  [red]rejected[/] {item['where']}: {item['reason']}")
+    if len(report.rejected) > 50:
+        err.print(f"  ... {len(report.rejected) - 50} more rejections (see --json)")
+    for warning in report.warnings[:20]:
+        err.print(f"  [yellow]warning[/] {warning}")

@@ -1,0 +1,17 @@
+"""Domain errors. Each message says what was wrong and what to do about it."""
+
+from __future__ import annotations
+
+__all__ = ["CmrError", "StoreError", "InputError"]
+
+
+class CmrError(Exception):
+    """Base class of every error cmr-search raises on purpose."""
+
+
+class StoreError(CmrError, RuntimeError):
+    """The store directory is missing, unreadable or incompatible with the request."""
+
+
+class InputError(CmrError, ValueError):
+    """A user-supplied file or option cannot be used (bad CSV, missing path, ...)."""

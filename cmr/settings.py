@@ -1,0 +1,24 @@
+"""Settings read from the environment (prefix ``CMR_``) and passed down explicitly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings"]
+
+
+class Settings(BaseSettings):
+    """Process-wide settings; the CLI builds one and hands its fields down."""
+
+    model_config = SettingsConfigDict(env_prefix="CMR_", extra="ignore")
+
+    #: default store directory when ``--store`` is not given
+    store: Path | None = None
+    #: secret salt for patient keys; when unset, the store keeps its own random salt in
+    #: ``DIR/secrets/patient_salt`` (set it for real archives so keys match across stores)
+    patient_salt: SecretStr | None = None
+    #: worker processes for ingestion; None = number of CPU cores
+    workers: int | None = None

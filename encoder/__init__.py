@@ -1,0 +1,1 @@
+"""Video and text encoders, the contrastive loss, training and inference (issue 3)."""

@@ -1,0 +1,1 @@
+"""Evaluation code: metrics, statistics, plots, reports and the synthetic benchmark cohort."""

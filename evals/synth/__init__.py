@@ -1,0 +1,17 @@
+"""Synthetic cine cardiac MRI cohort generator: phantom, rendering, labels, reports, DICOM."""
+
+from evals.synth.cohort import CohortSummary, generate_cohort, generate_study, plan_visits
+from evals.synth.labels import BINARY_LABELS, LABEL_COLUMNS, THRESHOLDS, Thresholds, study_labels
+from evals.synth.params import ARCHETYPES, Patient, StudyParams, sample_patient, sample_study_params
+from evals.synth.phantom import Phantom, Volumes, build_phantom
+from evals.synth.planes import Plane, lax_plane, sax_stack
+from evals.synth.render import render_plane, study_appearance
+from evals.synth.reports import FINDINGS, Report, write_report
+
+__all__ = [
+    "ARCHETYPES", "BINARY_LABELS", "FINDINGS", "LABEL_COLUMNS", "THRESHOLDS",
+    "CohortSummary", "Patient", "Phantom", "Plane", "Report", "StudyParams", "Thresholds",
+    "Volumes", "build_phantom", "generate_cohort", "generate_study", "lax_plane",
+    "plan_visits", "render_plane", "sample_patient", "sample_study_params", "sax_stack",
+    "study_appearance", "study_labels", "write_report",
+]

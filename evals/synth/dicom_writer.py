@@ -1,0 +1,329 @@
+"""Writing a study's series as DICOM files: classic MR or enhanced multi-frame MR.
+
+Identity (UIDs, dates, dummy PHI) is derived from the cohort seed and the study
+index only, so a cohort is byte-identical for a given seed. Every patient
+identifier contains "ZZSYNTH" so tests can prove that ingestion drops them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydicom.uid import generate_uid
+
+from evals.synth.dicom_encode import (
+    ENCAPSULATED, IMPLICIT_VR_LE, Element, compress_frame, encapsulated_pixel_data,
+    encode_element, encode_elements, encoded_parts, native_pixel_data, part10,
+)
+from evals.synth.params import StudyParams
+from evals.synth.protocol import SeriesPlan, StudyProtocol
+
+MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
+BITS_STORED = 12
+MAX_STORED = (1 << BITS_STORED) - 1
+PHILIPS_CREATOR = "Philips Imaging DD 001"
+VENC_CM_S = 150.0
+
+TRUTH_COLUMNS = ("study_uid", "series_uid", "series_description", "style", "kind", "view",
+                 "slice_index", "n_frames", "n_slices", "superseded", "enhanced",
+                 "transfer_syntax")
+
+
+@dataclass(frozen=True)
+class StudyIdentity:
+    """Study-level identifiers and the dummy PHI written into every file."""
+
+    seed: int
+    study_index: int
+    study_uid: str
+    frame_of_reference_uid: str
+    patient_name: str
+    patient_id: str
+    birth_date: str
+    accession: str
+    institution: str
+    referring_physician: str
+
+
+def uid(seed: int, *parts) -> str:
+    """Deterministic UID under 2.25 from the cohort seed and a path of parts."""
+    return generate_uid(prefix=None, entropy_srcs=["cmr-synth", str(seed), *map(str, parts)])
+
+
+def study_identity(params: StudyParams, seed: int, study_date: str) -> StudyIdentity:
+    """UIDs and dummy PHI of one study; visits of one patient share the patient fields."""
+    i, p = params.study_index, params.patient_number
+    year = int(study_date[:4]) - int(params.age)
+    day_of_year = (p * 97) % 365
+    birth = np.datetime64(f"{year}-01-01") + np.timedelta64(day_of_year, "D")
+    accession = f"ZZSYNTH-ACC-{i:04d}" if i < 10000 else f"ZZSYNTH{i:09d}"
+    return StudyIdentity(
+        seed=seed, study_index=i,
+        study_uid=uid(seed, "study", i),
+        frame_of_reference_uid=uid(seed, "for", i),
+        patient_name=f"ZZSYNTH^PATIENT{p:06d}",
+        patient_id=f"ZZSYNTH-PID-{p:06d}",
+        birth_date=str(birth).replace("-", ""),
+        accession=accession,
+        institution="ZZSYNTH Heart Institute",
+        referring_physician="ZZSYNTH^REFERRER",
+    )
+
+
+def to_stored(signal: np.ndarray, gain: float, slope: float, intercept: float = 0.0):
+    """Signal (blood ~ 1) -> 12-bit stored values whose rescaled value is signal * gain."""
+    stored = signal * np.float32(gain / slope)
+    if intercept:
+        stored -= np.float32(intercept / slope)
+    np.clip(stored, -0.5, MAX_STORED, out=stored)
+    stored += 0.5  # truncation of x + 0.5 rounds non-negative values
+    return stored.astype(np.uint16)
+
+
+def phase_to_stored(velocity_fraction: np.ndarray) -> np.ndarray:
+    """Velocity / VENC in [-1, 1] -> stored values (rescale gives cm/s)."""
+    return np.clip(np.rint((velocity_fraction + 1.0) * 2048.0), 0, MAX_STORED).astype(np.uint16)
+
+
+def _time(study_time: str, minutes: float) -> str:
+    total = int(study_time[:2]) * 3600 + int(study_time[2:4]) * 60 + int(round(minutes * 60))
+    return f"{total // 3600 % 24:02d}{total // 60 % 60:02d}{total % 60:02d}.000000"
+
+
+def _series_elements(ident: StudyIdentity, proto: StudyProtocol, plan: SeriesPlan,
+                     params: StudyParams, rows: int, cols: int, series_uid: str) -> list:
+    """Elements shared by every file of a series (classic and enhanced alike)."""
+    pl = plan.planes[0]
+    series_time = _time(proto.study_time, plan.minutes)
+    rr_ms = 60000.0 / params.heart_rate_bpm
+    phase = plan.contrast == "flow_phase"
+    slope = 2 * VENC_CM_S / 4096 if phase else proto.rescale_slope
+    intercept = -VENC_CM_S if phase else proto.rescale_intercept
+    center = 0.0 if phase else 0.55 * params.signal_gain
+    width = 2 * VENC_CM_S if phase else 1.3 * params.signal_gain
+    tr, te, flip = ((3.1, 1.3, 55.0) if plan.contrast == "cine" and plan.kind == "cine"
+                    else (6.0, 2.5, 20.0) if plan.kind != "lge" else (700.0, 3.2, 25.0))
+    e: list[Element] = [
+        (0x00080005, "CS", "ISO_IR 100"),
+        (0x00080008, "CS", list(plan.image_type)),
+        (0x00080012, "DA", proto.study_date),
+        (0x00080013, "TM", series_time),
+        (0x00080016, "UI", ENHANCED_MR_IMAGE_STORAGE if plan.enhanced else MR_IMAGE_STORAGE),
+        (0x00080020, "DA", proto.study_date),
+        (0x00080021, "DA", proto.study_date),
+        (0x00080022, "DA", proto.study_date),
+        (0x00080023, "DA", proto.study_date),
+        (0x00080030, "TM", proto.study_time + ".000000"),
+        (0x00080031, "TM", series_time),
+        (0x00080032, "TM", series_time),
+        (0x00080033, "TM", series_time),
+        (0x00080050, "SH", ident.accession),
+        (0x00080060, "CS", "MR"),
+        (0x00080070, "LO", proto.manufacturer),
+        (0x00080080, "LO", ident.institution),
+        (0x00080090, "PN", ident.referring_physician),
+        (0x00081010, "SH", "ZZSYNTH-MR1"),
+        (0x00081030, "LO", "CARDIAC MRI"),
+        (0x0008103E, "LO", plan.description),
+        (0x00081070, "PN", "ZZSYNTH^OPERATOR"),
+        (0x00081090, "LO", proto.model),
+        (0x00100010, "PN", ident.patient_name),
+        (0x00100020, "LO", ident.patient_id),
+        (0x00100030, "DA", ident.birth_date),
+        (0x00100040, "CS", params.sex),
+        (0x00101010, "AS", f"{int(params.age):03d}Y"),
+        (0x00101020, "DS", round(params.height_cm / 100, 2)),
+        (0x00101030, "DS", round(params.weight_kg, 1)),
+        (0x00180020, "CS", "GR"),
+        (0x00180021, "CS", "SS"),
+        (0x00180022, "CS", "CG"),
+        (0x00180023, "CS", "2D"),
+        (0x00180024, "SH", "*tfi2d1" if plan.kind == "cine" else "*fl2d1"),
+        (0x00180050, "DS", pl.thickness),
+        (0x00180080, "DS", tr),
+        (0x00180081, "DS", te),
+        (0x00180087, "DS", proto.field_strength),
+        (0x00181020, "LO", proto.software),
+        (0x00181314, "DS", flip),
+        (0x00185100, "CS", "HFS"),
+        (0x0020000D, "UI", ident.study_uid),
+        (0x0020000E, "UI", series_uid),
+        (0x00200010, "SH", f"{ident.study_index + 1}"),
+        (0x00200011, "IS", plan.series_number),
+        (0x00200012, "IS", 1),
+        (0x00200037, "DS", [*pl.row_dir, *pl.col_dir]),
+        (0x00200052, "UI", ident.frame_of_reference_uid),
+        (0x00201040, "LO", ""),
+        (0x00280002, "US", 1),
+        (0x00280004, "CS", "MONOCHROME2"),
+        (0x00280010, "US", rows),
+        (0x00280011, "US", cols),
+        (0x00280030, "DS", [pl.spacing, pl.spacing]),
+        (0x00280100, "US", 16),
+        (0x00280101, "US", BITS_STORED),
+        (0x00280102, "US", BITS_STORED - 1),
+        (0x00280103, "US", 0),
+        (0x00281050, "DS", round(center, 1)),
+        (0x00281051, "DS", round(width, 1)),
+        (0x00281052, "DS", round(intercept, 6)),
+        (0x00281053, "DS", round(slope, 6)),
+        (0x00281054, "LO", "cm/s" if phase else "US"),
+    ]
+    if plan.kind != "localizer":
+        e += [(0x00181062, "IS", int(round(rr_ms))), (0x00181088, "IS", int(round(params.heart_rate_bpm))),
+              (0x00181090, "IS", len(plan.frames))]
+    if len(plan.planes) > 1 and plan.kind != "localizer":
+        gap = abs(float(np.dot(plan.planes[1].position - plan.planes[0].position,
+                               plan.planes[0].normal)))
+        e.append((0x00180088, "DS", round(gap, 4)))
+    if plan.inversion_time is not None:
+        e.append((0x00180082, "DS", plan.inversion_time))
+    if plan.private_phase:
+        e.append((0x20010010, "LO", PHILIPS_CREATOR))
+    return e
+
+
+def _instance_numbers(plan: SeriesPlan) -> np.ndarray:
+    """InstanceNumber (1-based) of each (plane, frame), shape (n_planes, n_frames)."""
+    n_p, n_t = len(plan.planes), len(plan.frames)
+    p, t = np.meshgrid(np.arange(n_p), np.arange(n_t), indexing="ij")
+    if plan.order == "phase_major":
+        return t * n_p + p + 1
+    if plan.order == "slice_major":
+        return p * n_t + t + 1
+    if plan.order == "rotated":  # acquisition started mid-cycle; only TriggerTime orders it
+        shift = 1 + plan.series_number * 7 % max(n_t - 1, 1)
+        return p * n_t + (t + shift) % n_t + 1
+    return p * n_t + t + 1
+
+
+def write_series(series_dir: Path, ident: StudyIdentity, proto: StudyProtocol,
+                 plan: SeriesPlan, params: StudyParams, stored: np.ndarray) -> dict:
+    """Write one series (stored: uint16 (n_planes, n_frames, rows, cols)); its truth row."""
+    series_dir.mkdir(parents=True, exist_ok=True)
+    series_uid = uid(ident.seed, "series", ident.study_index, plan.series_number, plan.repeat)
+    rows, cols = stored.shape[-2:]
+    common = _series_elements(ident, proto, plan, params, rows, cols, series_uid)
+    rr_ms = 60000.0 / params.heart_rate_bpm
+    times = [round(f * rr_ms / params.n_frames, 2) for f in plan.frames]
+    if plan.enhanced:
+        _write_enhanced(series_dir, ident, plan, common, stored, times)
+    else:
+        _write_classic(series_dir, ident, plan, common, stored, times)
+    return {
+        "study_uid": ident.study_uid, "series_uid": series_uid,
+        "series_description": plan.description, "style": proto.style, "kind": plan.kind,
+        "view": plan.view,
+        "slice_index": "" if plan.slice_index is None else plan.slice_index,
+        "n_frames": len(plan.frames), "n_slices": len(plan.planes),
+        "superseded": int(plan.superseded), "enhanced": int(plan.enhanced),
+        "transfer_syntax": plan.transfer_syntax,
+    }
+
+
+def _slice_location(plane) -> float:
+    center = plane.position + 0.5 * plane.spacing * (
+        (plane.cols - 1) * plane.row_dir + (plane.rows - 1) * plane.col_dir)
+    return round(float(center @ plane.normal), 4)
+
+
+def _write_classic(series_dir, ident, plan, common, stored, times) -> None:
+    ts = plan.transfer_syntax
+    implicit = ts == IMPLICIT_VR_LE
+    static = encoded_parts(common, implicit)
+    numbers = _instance_numbers(plan)
+    triggered = plan.kind != "localizer" and not plan.private_phase
+    for p, plane in enumerate(plan.planes):
+        ipp = encode_element(0x00200032, "DS", list(plane.position), implicit)
+        loc = encode_element(0x00201041, "DS", _slice_location(plane), implicit)
+        for k, t_ms in enumerate(times):
+            n = int(numbers[p, k])
+            sop = uid(ident.seed, "sop", ident.study_index, plan.series_number, plan.repeat, n)
+            parts = dict(static)
+            parts[0x00080018] = encode_element(0x00080018, "UI", sop, implicit)
+            parts[0x00200013] = encode_element(0x00200013, "IS", n, implicit)
+            parts[0x00200032] = ipp
+            parts[0x00201041] = loc
+            if triggered:
+                parts[0x00181060] = encode_element(0x00181060, "DS", t_ms, implicit)
+            if plan.private_phase:
+                parts[0x20011008] = encode_element(0x20011008, "IS", k + 1, implicit)
+            body = b"".join(parts[t] for t in sorted(parts))
+            frame = stored[p, k]
+            if ts in ENCAPSULATED:
+                body += encapsulated_pixel_data([compress_frame(frame, ts, BITS_STORED)])
+            else:
+                body += native_pixel_data(frame, implicit)
+            (series_dir / f"IM_{n:04d}.dcm").write_bytes(part10(MR_IMAGE_STORAGE, sop, ts, body))
+
+
+def _write_enhanced(series_dir, ident, plan, common, stored, times) -> None:
+    """One multi-frame Enhanced MR file with shared and per-frame functional groups."""
+    ts = plan.transfer_syntax
+    ipp_tags = {0x00200037, 0x00280030, 0x00180050, 0x00180088, 0x00281052, 0x00281053,
+                0x00281054, 0x00180080, 0x00181314}
+    shared_vals = {t: (vr, v) for t, vr, v in common if t in ipp_tags}
+    top = [el for el in common if el[0] not in ipp_tags]
+    dim_uid = uid(ident.seed, "dim", ident.study_index, plan.series_number)
+    n_p, n_t = len(plan.planes), len(plan.frames)
+    pixel = [(0x00280030, *shared_vals[0x00280030]), (0x00180050, *shared_vals[0x00180050])]
+    if 0x00180088 in shared_vals:
+        pixel.append((0x00180088, *shared_vals[0x00180088]))
+    shared_item = [
+        (0x00189112, "SQ", [[(0x00180080, *shared_vals[0x00180080]),
+                             (0x00181314, *shared_vals[0x00181314])]]),
+        (0x00189226, "SQ", [[(0x00089007, "CS", list(plan.image_type))]]),
+        (0x00209116, "SQ", [[(0x00200037, *shared_vals[0x00200037])]]),
+        (0x00289110, "SQ", [pixel]),
+        (0x00289145, "SQ", [[(0x00281052, *shared_vals[0x00281052]),
+                             (0x00281053, *shared_vals[0x00281053]),
+                             (0x00281054, *shared_vals[0x00281054])]]),
+    ]
+    # frames in the file: phase-major or slice-major; in-stack positions base -> apex
+    order = ([(p, k) for k in range(n_t) for p in range(n_p)] if plan.order == "phase_major"
+             else [(p, k) for p in range(n_p) for k in range(n_t)])
+    per_frame = []
+    for p, k in order:
+        per_frame.append([
+            (0x00189118, "SQ", [[(0x00209153, "FD", float(times[k]))]]),
+            (0x00209111, "SQ", [[(0x00209056, "SH", "1"), (0x00209057, "UL", p + 1),
+                                 (0x00209128, "UL", k + 1), (0x00209157, "UL", [p + 1, k + 1])]]),
+            (0x00209113, "SQ", [[(0x00200032, "DS", list(plan.planes[p].position))]]),
+        ])
+    sop = uid(ident.seed, "sop", ident.study_index, plan.series_number, plan.repeat, 1)
+    top += [
+        (0x00080018, "UI", sop),
+        (0x00080008, "CS", list(plan.image_type)),
+        (0x0008002A, "DT", top_datetime(common)),
+        (0x00200013, "IS", 1),
+        (0x00209221, "SQ", [[(0x00209164, "UI", dim_uid)]]),
+        (0x00209222, "SQ", [
+            [(0x00209164, "UI", dim_uid), (0x00209165, "AT", 0x00209057),
+             (0x00209167, "AT", 0x00209111)],
+            [(0x00209164, "UI", dim_uid), (0x00209165, "AT", 0x00209128),
+             (0x00209167, "AT", 0x00209111)]]),
+        (0x00280008, "IS", len(order)),
+        (0x00089205, "CS", "MONOCHROME"),
+        (0x00089206, "CS", "VOLUME"),
+        (0x00089207, "CS", "NONE"),
+        (0x52009229, "SQ", [shared_item]),
+        (0x52009230, "SQ", per_frame),
+    ]
+    top = [el for el in {el[0]: el for el in top}.values()]  # later entries win
+    frames = np.stack([stored[p, k] for p, k in order])
+    body = encode_elements(top)
+    if ts in ENCAPSULATED:
+        body += encapsulated_pixel_data([compress_frame(f, ts, BITS_STORED) for f in frames])
+    else:
+        body += native_pixel_data(frames, False)
+    (series_dir / "IM_0001.dcm").write_bytes(part10(ENHANCED_MR_IMAGE_STORAGE, sop, ts, body))
+
+
+def top_datetime(common: list) -> str:
+    """AcquisitionDateTime from the series' date and time elements."""
+    values = {t: v for t, _, v in common}
+    return values[0x00080022] + values[0x00080032]
+

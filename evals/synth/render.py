@@ -1,0 +1,394 @@
+"""Rendering a plane of the phantom at given frames, as a bSSFP-like magnitude image.
+
+Pipeline per plane: tissue codes of the heart (static pericardial layers once,
+moving chambers per frame, vectorised over frames) over a static torso
+background -> signal per tissue -> in-plane PSF blur -> smooth coil bias field
+(defined in patient coordinates, so it agrees between views) -> Rician noise.
+Signal units: blood = 1 before bias and noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from evals.synth.params import StudyParams
+from evals.synth.phantom import Phantom, akinesis_weight, wall_profile
+from evals.synth.planes import Plane
+
+# tissue codes, in increasing precedence for the heart
+BACKGROUND, PERICARDIUM, EFFUSION, EPICARDIAL_FAT, VESSEL_WALL = 0, 1, 2, 3, 4
+RA, AORTA, LA, RV_WALL, RV_BLOOD, LV_MYOCARDIUM, LV_BLOOD, THROMBUS, SCAR = range(5, 14)
+N_CODES = 14
+
+# signal per tissue; background tissues are named, heart tissues use the codes above
+CINE = {
+    "air": 0.0, "lung": 0.06, "fat": 0.88, "muscle": 0.26, "soft": 0.32, "liver": 0.36,
+    "bone": 0.42, "csf": 0.92, "blood": 1.0,
+    PERICARDIUM: 0.07, EFFUSION: 0.93, EPICARDIAL_FAT: 0.86, VESSEL_WALL: 0.22, RA: 1.0,
+    AORTA: 1.0, LA: 1.0, RV_WALL: 0.24, RV_BLOOD: 1.0, LV_MYOCARDIUM: 0.24, LV_BLOOD: 1.0,
+    THROMBUS: 0.45, SCAR: 0.24,
+}
+# late gadolinium enhancement: nulled myocardium, bright scar, dark thrombus
+LGE = {
+    "air": 0.0, "lung": 0.03, "fat": 0.55, "muscle": 0.12, "soft": 0.18, "liver": 0.28,
+    "bone": 0.3, "csf": 0.1, "blood": 0.55,
+    PERICARDIUM: 0.35, EFFUSION: 0.12, EPICARDIAL_FAT: 0.5, VESSEL_WALL: 0.2, RA: 0.55,
+    AORTA: 0.55, LA: 0.55, RV_WALL: 0.05, RV_BLOOD: 0.55, LV_MYOCARDIUM: 0.03, LV_BLOOD: 0.58,
+    THROMBUS: 0.04, SCAR: 0.95,
+}
+
+
+@dataclass(frozen=True)
+class Appearance:
+    """Per-study smooth fields (texture, coil bias) and contrast jitter."""
+
+    texture_k: np.ndarray  # (K, 3) wave vectors, rad/mm
+    texture_phase: np.ndarray  # (K,)
+    bias_k: np.ndarray  # (3, 3)
+    bias_phase: np.ndarray  # (3,)
+    bias_gradient: np.ndarray  # (3,) per mm
+    bias_strength: float
+    myocardium_scale: float  # jitter of the blood/myocardium contrast
+    noise_bank: np.ndarray  # (2, H, W) standard normals; frames read shifted windows
+    noise_seed: int
+
+
+NOISE_PAD = 64
+
+
+def study_appearance(params: StudyParams, max_rows: int = 256, max_cols: int = 256) -> Appearance:
+    """Draw the study's texture, bias field and noise bank from its seeds."""
+    rng = np.random.default_rng(params.texture_seed)
+    k_dir = rng.normal(size=(12, 3))
+    k_dir /= np.linalg.norm(k_dir, axis=1, keepdims=True)
+    texture_k = k_dir * (2 * np.pi / rng.uniform(12.0, 60.0, size=(12, 1)))
+    b_dir = rng.normal(size=(3, 3))
+    b_dir /= np.linalg.norm(b_dir, axis=1, keepdims=True)
+    bias_k = b_dir * (2 * np.pi / rng.uniform(250.0, 600.0, size=(3, 1)))
+    grad = rng.normal(size=3) * np.array([0.3, 1.0, 0.3])  # mostly anterior-posterior
+    grad /= 200.0 * np.linalg.norm(grad)
+    noise_rng = np.random.default_rng(params.noise_seed)
+    # a bank of noise read at random offsets: drawing fresh normals for every
+    # pixel of every frame would dominate the generation time
+    bank = noise_rng.standard_normal((2, max_rows + NOISE_PAD, max_cols + NOISE_PAD),
+                                     dtype=np.float32)
+    return Appearance(texture_k, rng.uniform(0, 2 * np.pi, 12), bias_k,
+                      rng.uniform(0, 2 * np.pi, 3), grad, params.bias_strength,
+                      float(rng.uniform(0.85, 1.15)), bank, params.noise_seed)
+
+
+def plane_waves(plane: Plane, k: np.ndarray, phase: np.ndarray) -> np.ndarray:
+    """Sum over waves of cos(k . p + phase) at every pixel of a plane, (rows, cols).
+
+    On a plane each wave's argument is a row term plus a column term, so the sum
+    is two small matrix products instead of a cosine per pixel and wave.
+    """
+    a = np.outer(np.arange(plane.cols) * plane.spacing, k @ plane.row_dir)  # (cols, K)
+    b = np.outer(np.arange(plane.rows) * plane.spacing, k @ plane.col_dir)
+    b += k @ plane.position + phase  # (rows, K)
+    # einsum rather than @: BLAS threads cost more to wake than these tiny products take
+    a, b = a.astype(np.float32), b.astype(np.float32)
+    return (np.einsum("rk,ck->rc", np.cos(b), np.cos(a))
+            - np.einsum("rk,ck->rc", np.sin(b), np.sin(a)))
+
+
+def texture(plane: Plane, app: Appearance) -> np.ndarray:
+    """Smooth zero-mean random field of unit-ish amplitude on the plane, (rows, cols)."""
+    return plane_waves(plane, app.texture_k, app.texture_phase) / np.float32(
+        np.sqrt(len(app.texture_phase) / 2))
+
+
+def bias_field(plane: Plane, app: Appearance) -> np.ndarray:
+    """Multiplicative coil sensitivity on the plane (rows, cols); smooth, around 1.
+
+    Defined in patient coordinates, so every view of a study sees the same coil.
+    """
+    low = plane_waves(plane, app.bias_k, app.bias_phase) / np.float32(np.sqrt(3))
+    ramp = (plane.position @ app.bias_gradient
+            + np.arange(plane.rows)[:, None] * plane.spacing * (plane.col_dir @ app.bias_gradient)
+            + np.arange(plane.cols)[None, :] * plane.spacing * (plane.row_dir @ app.bias_gradient))
+    return np.exp(app.bias_strength * (0.6 * low - ramp)).astype(np.float32)
+
+
+def background(points: np.ndarray, params: StudyParams, tex: np.ndarray, contrast: dict):
+    """Signal of the torso around the heart at patient points (N, 3)."""
+    x, y, z = points[:, 0], points[:, 1], points[:, 2]
+    a, b = params.torso_mm
+    q = np.sqrt((x / a) ** 2 + (y / b) ** 2)
+    depth = np.hypot(x, y) * (1.0 / np.maximum(q, 1e-6) - 1.0)  # distance inside the skin
+    sig = np.full(x.shape, contrast["soft"], np.float32) * (1 + 0.10 * tex)
+    sig = np.where(depth < params.subcutaneous_fat_mm + 12.0, contrast["muscle"] * (1 + 0.08 * tex), sig)
+    sig = np.where(depth < params.subcutaneous_fat_mm, contrast["fat"] * (1 + 0.05 * tex), sig)
+
+    def ellipsoid(c, s):
+        return ((x - c[0]) / s[0]) ** 2 + ((y - c[1]) / s[1]) ** 2 + ((z - c[2]) / s[2]) ** 2 <= 1
+
+    lung = ellipsoid((-88, 18, 25), (62, 85, 150)) | ellipsoid((98, 25, 25), (55, 82, 140))
+    sig = np.where(lung & (depth > params.subcutaneous_fat_mm + 14), contrast["lung"] * (1 + 0.3 * tex), sig)
+    liver = ellipsoid((-45, 15, -150), (115, 95, 95))
+    sig = np.where(liver, contrast["liver"] * (1 + 0.06 * tex), sig)
+    vb = np.hypot(x, y - (b - 42))
+    sig = np.where(vb < 18, contrast["bone"] * (1 + 0.1 * tex), sig)
+    sig = np.where(np.hypot(x, y - (b - 17)) < 7, contrast["csf"], sig)
+    sig = np.where(np.hypot(x - 24, y - (b - 68)) < 11, contrast["blood"], sig)
+    return np.where(q <= 1.0, sig, contrast["air"]).astype(np.float32)
+
+
+def _roi(ph: Phantom, h: np.ndarray) -> np.ndarray:
+    """Pixels that any heart structure (with pericardium) can reach."""
+    margin = ph.epicardial_fat + ph.effusion + 6.0
+    wall = max(ph.wall_septal, ph.wall_lateral) * float(ph.thickening.max())
+    rv = ph.rv_axes[0]
+    x_hi = max(ph.rv_xmin + 2 * rv[0] + ph.rv_wall, ph.ra_anchor[0] + ph.ra_axes_es[0]) + margin
+    y_hi = max(rv[1] + ph.rv_wall, ph.lv_radius + wall, ph.la_axes_es[1] + 15) + margin
+    top = max(ph.la_center_es[2] + ph.la_axes_es[2], ph.ra_center_es[2] + ph.ra_axes_es[2],
+              (ph.aorta_base + ph.aorta_length * ph.aorta_dir)[2] + ph.aorta_radius)
+    x_lo = -(ph.lv_radius + wall + margin + 10.0)
+    z_lo = -(ph.lv_length_ed + ph.wall_apical * float(ph.thickening.max()) + margin)
+    return ((h[:, 0] > x_lo) & (h[:, 0] < x_hi) & (np.abs(h[:, 1]) < y_hi)
+            & (h[:, 2] > z_lo) & (h[:, 2] < top + 4.0))
+
+
+def _envelope(ph: Phantom, x, y, z, rho, wall, d: float) -> np.ndarray:
+    """Ventricles at ED inflated by d mm (the pericardial sac is drawn from these)."""
+    l_epi = ph.lv_length_ed + ph.wall_apical + d
+    s = np.sqrt(np.clip(1 - (z / l_epi) ** 2, 0, None))
+    lv = (z >= -l_epi) & (rho <= (ph.lv_radius + wall + d) * s)
+    ax, ay, az = ph.rv_axes[0] + ph.rv_wall + d
+    cx = ph.rv_xmin + ph.rv_axes[0][0]
+    rv = ((x - cx) / ax) ** 2 + (y / ay) ** 2 + (z / az) ** 2 <= 1
+    return (z <= 0) & (lv | rv)
+
+
+def tissue_codes(ph: Phantom, h: np.ndarray, frames: np.ndarray, scar: bool = False):
+    """Tissue code (T, N) uint8 of heart-frame points h (N, 3) at the given frames."""
+    x, y, z = (h[:, i].astype(np.float32) for i in range(3))
+    rho2 = x * x + y * y
+    rho = np.sqrt(rho2)
+    cos_t = np.where(rho > 1e-6, x / np.maximum(rho, 1e-6), 1.0)
+    wall = wall_profile(cos_t, ph.wall_septal, ph.wall_lateral, ph.focality).astype(np.float32)
+    static = np.zeros(x.shape, np.uint8)
+    f, e = ph.epicardial_fat, ph.effusion
+    static[_envelope(ph, x, y, z, rho, wall, f + e + 1.5)] = PERICARDIUM
+    if e > 0:
+        static[_envelope(ph, x, y, z, rho, wall, f + e)] = EFFUSION
+    static[_envelope(ph, x, y, z, rho, wall, f)] = EPICARDIAL_FAT
+    codes = np.repeat(static[None, :], len(frames), axis=0)
+
+    def col(a):  # per-frame scalars as a column for broadcasting over points
+        return np.asarray(a, np.float32)[frames][:, None]
+
+    def paint(sel, mask, code):
+        sub = codes[:, sel]
+        sub[mask] = code
+        codes[:, sel] = sub
+
+    # atria and aortic root (above the base plane)
+    up = np.flatnonzero(z >= -0.5)
+    if up.size:
+        xu, yu, zu = x[None, up], y[None, up], z[None, up]
+        g = col(ph.atrial_scale)
+        for anchor, center, axes, code in ((ph.ra_anchor, ph.ra_center_es, ph.ra_axes_es, RA),
+                                           (ph.la_anchor, ph.la_center_es, ph.la_axes_es, LA)):
+            c = anchor + g[..., None] * (center - anchor)  # (T, 1, 3)
+            q_in = (((xu - c[..., 0]) / (g * axes[0])) ** 2 + ((yu - c[..., 1]) / (g * axes[1])) ** 2
+                    + ((zu - c[..., 2]) / (g * axes[2])) ** 2)
+            q_out = (((xu - c[..., 0]) / (g * axes[0] + 2)) ** 2
+                     + ((yu - c[..., 1]) / (g * axes[1] + 2)) ** 2
+                     + ((zu - c[..., 2]) / (g * axes[2] + 2)) ** 2)
+            paint(up, (q_out <= 1) & (zu >= 0), VESSEL_WALL)
+            if code == RA:
+                ra_in = (q_in <= 1) & (zu >= 0)
+            else:
+                la_in = (q_in <= 1) & (zu >= 0)
+        rel = [v[up] - np.float32(b) for v, b in zip((x, y, z), ph.aorta_base)]
+        s = sum(r * np.float32(d) for r, d in zip(rel, ph.aorta_dir))
+        d2 = sum(r * r for r in rel) - s * s
+        along = (s >= -2) & (s <= ph.aorta_length) & (z[up] >= 0)
+        ao_wall = along & (d2 <= (ph.aorta_radius + 2) ** 2)
+        ao_in = along & (d2 <= ph.aorta_radius**2)
+        paint(up, np.broadcast_to(ao_wall, (len(frames), up.size)), VESSEL_WALL)
+        paint(up, ra_in, RA)
+        paint(up, np.broadcast_to(ao_in, (len(frames), up.size)), AORTA)
+        paint(up, la_in, LA)
+
+    # right ventricle: ellipsoid below the base plane; the LV painted after it wins
+    rv0 = ph.rv_axes[0]
+    sel = np.flatnonzero((z <= 0) & (z >= -(rv0[2] + ph.rv_wall + 1))
+                         & (np.abs(y) <= rv0[1] + ph.rv_wall + 1)
+                         & (x >= ph.rv_xmin - ph.rv_wall - 1))
+    if sel.size:
+        ax, ay, az = (col(ph.rv_axes[:, i]) for i in range(3))
+        dx = x[sel] - (ph.rv_xmin + ax)
+        ys, zs = y[sel], z[sel]
+        w = ph.rv_wall
+        outer = (dx / (ax + w)) ** 2 + (ys / (ay + w)) ** 2 + (zs / (az + w)) ** 2 <= 1
+        inner = (dx / ax) ** 2 + (ys / ay) ** 2 + (zs / az) ** 2 <= 1
+        paint(sel, outer, RV_WALL)
+        paint(sel, inner, RV_BLOOD)
+
+    # left ventricle: myocardial shell, cavity, thrombus
+    reach = ph.lv_radius + max(ph.wall_septal, ph.wall_lateral) * float(ph.thickening.max()) + 1
+    depth = ph.lv_length_ed + ph.wall_apical * float(ph.thickening.max()) + 1
+    sel = np.flatnonzero((z <= 0) & (z >= -depth) & (rho <= reach))
+    if sel.size:
+        zs, r2, ws = z[sel], rho2[sel], wall[sel]
+        wz = akinesis_weight(zs, ph.lv_length_ed, ph.akinesis).astype(np.float32)
+        c, length, kappa = col(ph.contraction), col(ph.lv_length), col(ph.thickening)
+        k_apex = 1 + (kappa - 1) * akinesis_weight(-length, ph.lv_length_ed, ph.akinesis)
+        l_epi = length + k_apex * ph.wall_apical
+        rc = ph.lv_radius * (1 - c * wz)
+        cavity = (zs >= -length) & (r2 <= rc * rc * (1 - (zs / length) ** 2))
+        k = 1 + (kappa - 1) * wz
+        r_epi = (rc + k * ws) * np.sqrt(np.clip(1 - (zs / l_epi) ** 2, 0, None))
+        epi = (zs >= -l_epi) & (r2 <= r_epi * r_epi)
+        paint(sel, epi, LV_MYOCARDIUM)
+        if scar and ph.akinesis:
+            paint(sel, epi & (wz < 0.5), SCAR)
+        paint(sel, cavity, LV_BLOOD)
+        a, b, cz = ph.thrombus_radii
+        if a > 0:
+            t_in = (x[sel] / a) ** 2 + (y[sel] / b) ** 2 + ((zs - ph.thrombus_center_z) / cz) ** 2 <= 1
+            paint(sel, cavity & t_in, THROMBUS)
+    return codes
+
+
+def _blur(img: np.ndarray, sigma_px: float) -> np.ndarray:
+    """3-tap separable approximation of a Gaussian PSF over the last two axes."""
+    w = np.float32(min(0.5 * sigma_px**2, 0.3))  # variance of [w, 1-2w, w] is 2w
+    out = img * (1 - 2 * w)
+    out[..., 1:, :] += w * img[..., :-1, :]
+    out[..., :-1, :] += w * img[..., 1:, :]
+    out[..., 0, :] += w * img[..., 0, :]
+    out[..., -1, :] += w * img[..., -1, :]
+    res = out * (1 - 2 * w)
+    res[..., :, 1:] += w * out[..., :, :-1]
+    res[..., :, :-1] += w * out[..., :, 1:]
+    res[..., :, 0] += w * out[..., :, 0]
+    res[..., :, -1] += w * out[..., :, -1]
+    return res
+
+
+def render_plane(
+    ph: Phantom,
+    params: StudyParams,
+    app: Appearance,
+    plane: Plane,
+    frames: np.ndarray | None = None,
+    *,
+    contrast: dict | None = None,
+    noise: bool = True,
+    bias: bool = True,
+    surroundings: bool = True,
+    noise_stream: int = 0,
+) -> np.ndarray:
+    """Magnitude images (T, rows, cols) float32 of one plane at the given frames.
+
+    `surroundings=False` puts the heart in uniform fat (a test aid for segmenting
+    the myocardium); `noise_stream` picks the windows of the noise bank, so two
+    planes with different streams get different noise.
+    """
+    frames = np.arange(ph.n_frames) if frames is None else np.asarray(frames)
+    contrast = CINE if contrast is None else contrast
+    pts = plane.pixel_positions(np.float32)
+    h = ph.frame.to_heart(pts)
+    tex = texture(plane, app).ravel()
+    if surroundings:
+        bg = background(pts, params, tex, contrast)
+    else:
+        bg = np.full(len(pts), contrast["fat"], np.float32)
+    lut = np.array([np.nan] + [contrast[c] for c in range(1, N_CODES)], np.float32)
+    lut[LV_MYOCARDIUM] *= app.myocardium_scale
+    lut[RV_WALL] *= app.myocardium_scale
+    if contrast is CINE:
+        lut[SCAR] = lut[LV_MYOCARDIUM]
+    rows, cols = plane.rows, plane.cols
+    roi = _roi(ph, h).reshape(rows, cols)
+    bg_img = bg.reshape(rows, cols)
+    out = np.empty((len(frames), rows, cols), np.float32)
+    out[:] = _blur(bg_img, params.blur_px)
+    if roi.any():
+        r_idx, c_idx = np.flatnonzero(roi.any(axis=1)), np.flatnonzero(roi.any(axis=0))
+        r0, r1 = max(r_idx[0] - 1, 0), min(r_idx[-1] + 2, rows)
+        c0, c1 = max(c_idx[0] - 1, 0), min(c_idx[-1] + 2, cols)
+        box = np.zeros((rows, cols), bool)
+        box[r0:r1, c0:c1] = True
+        flat = np.flatnonzero(box.ravel())
+        codes = tissue_codes(ph, h[flat], frames, scar=contrast is not CINE)
+        sig = np.where(codes > 0, lut[codes], bg[flat])
+        sig = _blur(sig.reshape(len(frames), r1 - r0, c1 - c0), params.blur_px)
+        # the outermost ring of the box saw the box edge, not the background
+        out[:, r0 + 1: r1 - 1, c0 + 1: c1 - 1] = sig[:, 1:-1, 1:-1]
+    gain = bias_field(plane, app) if bias else None
+    if noise and params.noise_sigma > 0:
+        return rician(out, app, params.noise_sigma, noise_stream, gain)
+    if gain is not None:
+        out *= gain
+    return out
+
+
+def rician(img: np.ndarray, app: Appearance, sigma: float, stream: int,
+           gain: np.ndarray | None = None) -> np.ndarray:
+    """|img * gain + complex Gaussian noise|, in place, from shifted bank windows."""
+    t, rows, cols = img.shape
+    rng = np.random.default_rng([app.noise_seed, stream])
+    offsets = rng.integers(0, NOISE_PAD, size=(t, 2))
+    bank = app.noise_bank
+    s = np.float32(sigma)
+    re = np.empty((rows, cols), np.float32)
+    im = np.empty((rows, cols), np.float32)
+    for i, (dr, dc) in enumerate(offsets):
+        np.multiply(bank[0, dr: dr + rows, dc: dc + cols], s, out=re)
+        re += img[i] if gain is None else img[i] * gain
+        re *= re
+        np.multiply(bank[1, dr: dr + rows, dc: dc + cols], s, out=im)
+        im *= im
+        re += im
+        np.sqrt(re, out=img[i])
+    return img
+
+
+def flow_phase(ph: Phantom, params: StudyParams, app: Appearance, plane: Plane,
+               frames: np.ndarray, magnitude: np.ndarray, noise_stream: int) -> np.ndarray:
+    """Through-plane velocity / VENC (T, rows, cols) in [-1, 1] for a phase-contrast plane.
+
+    Systolic forward flow with a parabolic profile in the aortic lumen, phase noise
+    that grows as the magnitude falls, and random phase where there is no signal.
+    """
+    pts = plane.pixel_positions(np.float32)
+    h = ph.frame.to_heart(pts)
+    rel = h - ph.aorta_base
+    s = np.einsum("nj,j->n", rel, ph.aorta_dir)
+    d2 = (rel * rel).sum(axis=1) - s * s
+    lumen = ((s >= 0) & (s <= ph.aorta_length)
+             & (d2 <= ph.aorta_radius**2)).reshape(plane.rows, plane.cols)
+    profile = np.clip(1 - d2 / ph.aorta_radius**2, 0, None).reshape(plane.rows, plane.cols)
+    t = np.asarray(frames) / ph.n_frames
+    t_es = ph.es_frame / ph.n_frames
+    peak = 0.6 + 0.25 * (1 - (params.lvef_target - 15) / 60)  # weaker hearts eject slower
+    systolic = np.where(t < t_es, np.sin(np.pi * np.minimum(t / t_es, 1.0)), 0.0)
+    vel = (peak * systolic)[:, None, None] * profile * lumen
+    rng = np.random.default_rng([app.noise_seed, noise_stream, 7])
+    sigma = params.noise_sigma / np.maximum(magnitude, 0.05)
+    vel = vel + sigma * rng.standard_normal(vel.shape, dtype=np.float32)
+    noise_only = magnitude < 3 * params.noise_sigma
+    vel = np.where(noise_only, rng.uniform(-1, 1, vel.shape), vel)
+    return np.clip(vel, -1.0, 1.0).astype(np.float32)
+
+
+def contour_overlay(ph: Phantom, plane: Plane, frames: np.ndarray) -> np.ndarray:
+    """Boolean (T, rows, cols): LV endocardial and epicardial contour pixels.
+
+    Used for the derived (burnt-in segmentation) decoy series.
+    """
+    h = ph.frame.to_heart(plane.pixel_positions(np.float32))
+    codes = tissue_codes(ph, h, np.asarray(frames)).reshape(len(frames), plane.rows, plane.cols)
+    out = np.zeros(codes.shape, bool)
+    for region in (codes == LV_BLOOD, (codes == LV_BLOOD) | (codes == LV_MYOCARDIUM)):
+        edge = np.zeros_like(region)
+        edge[:, 1:, :] |= region[:, 1:, :] != region[:, :-1, :]
+        edge[:, :, 1:] |= region[:, :, 1:] != region[:, :, :-1]
+        out |= edge & region
+    return out
