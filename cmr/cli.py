@@ -26,7 +26,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # soft wrap: messages stay greppable
 
 StoreOpt = Annotated[Optional[Path], typer.Option("--store", help="Store directory (default: $CMR_STORE).")]
 
@@ -156,3 +156,7 @@ def _print_ingest(report) -> None:
         err.print(f"  ... {len(report.rejected) - 50} more rejections (see --json)")
     for warning in report.warnings[:20]:
         err.print(f"  [yellow]warning[/] {warning}")
+
+
+if __name__ == "__main__":
+    app()

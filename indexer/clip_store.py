@@ -142,6 +142,10 @@ class ClipStore:
         return path.read_text().strip().encode()
 
     # -- clips -------------------------------------------------------------------------
+    def has_table(self, name: str) -> bool:
+        """Whether the store holds a table of that name."""
+        return name in self.db.list_tables(limit=1000).tables
+
     def _table(self, name: str, schema: pa.Schema):
         return self.db.create_table(name, schema=schema, exist_ok=True)
 
@@ -218,7 +222,7 @@ class ClipStore:
         result = ImportResult()
         table = _dedupe_last(_read_table(Path(path)), result)
         result.rows = table.num_rows
-        if "labels" in self.db.table_names():
+        if self.has_table("labels"):
             old = self.db.open_table("labels").to_arrow()
             new_ids = set(table["study_uid"].to_pylist())
             mask = pa.array([uid not in new_ids for uid in old["study_uid"].to_pylist()])
@@ -228,7 +232,7 @@ class ClipStore:
 
     def table_study_uids(self, name: str) -> set[str]:
         """study_uid values of the reports or labels table (empty if the table is absent)."""
-        if name not in self.db.table_names():
+        if not self.has_table(name):
             return set()
         return set(self.db.open_table(name).search().select(["study_uid"]).limit(None).to_arrow()["study_uid"].to_pylist())
 

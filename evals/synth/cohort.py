@@ -8,8 +8,10 @@ larger one with the same seed, apart from folder-name padding).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import multiprocessing
+import os
 import shutil
 import sys
 import time
@@ -32,6 +34,7 @@ from evals.synth.render import (
 from evals.synth.reports import write_report
 
 REPEAT_VISIT_RATE = 0.10
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 # independent random streams of a study
 _PLAN, _PARAMS, _PATIENT, _REPORT, _PROTOCOL = range(5)
 
@@ -199,6 +202,19 @@ def generate_cohort(
     return summary
 
 
+def _single_blas_thread():
+    """Limit BLAS to one thread in this process, where threadpoolctl is installed.
+
+    The generator's matrix products are tiny; waking BLAS threads for each costs
+    more than the product itself.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - optional speed-up only
+        return contextlib.nullcontext()
+    return threadpool_limits(1)
+
+
 def _run(jobs: list[tuple], workers: int, progress: bool) -> list[StudyResult]:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
@@ -210,15 +226,26 @@ def _run(jobs: list[tuple], workers: int, progress: bool) -> list[StudyResult]:
     with bar:
         task = bar.add_task("synthetic studies", total=len(jobs))
         if workers == 1:
-            for job in jobs:
-                results.append(generate_study(*job))
-                bar.advance(task)
+            with _single_blas_thread():
+                for job in jobs:
+                    results.append(generate_study(*job))
+                    bar.advance(task)
             return results
-        # spawn: the caller may hold threads (torch, BLAS) that fork would copy mid-flight
+        # spawn: the caller may hold threads (torch, BLAS) that fork would copy mid-flight;
+        # one BLAS thread per worker, as the workers already fill the cores
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            futures = [pool.submit(generate_study, *job) for job in jobs]
-            for fut in as_completed(futures):
-                results.append(fut.result())
-                bar.advance(task)
+        saved = {k: os.environ.get(k) for k in _THREAD_VARS}
+        os.environ.update({k: "1" for k in _THREAD_VARS})
+        try:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+                futures = [pool.submit(generate_study, *job) for job in jobs]
+                for fut in as_completed(futures):
+                    results.append(fut.result())
+                    bar.advance(task)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
     return results

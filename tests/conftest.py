@@ -1,0 +1,54 @@
+"""Shared fixtures: one tiny synthetic cohort (real DICOM) and one store ingested from it."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from indexer import ClipStore, IngestConfig, ingest
+
+COHORT_STUDIES = 16
+COHORT_SEED = 7
+SALT = b"test-salt"
+
+
+def read_csv(path: Path) -> list[dict]:
+    """Rows of a CSV file as dicts."""
+    with open(path, newline="") as fp:
+        return list(csv.DictReader(fp))
+
+
+@pytest.fixture(scope="session")
+def salt() -> bytes:
+    """The patient-key salt used by the test stores."""
+    return SALT
+
+
+@pytest.fixture(scope="session")
+def cohort(tmp_path_factory) -> Path:
+    """A synthetic cohort of 16 studies (all vendor styles, decoys, repeats) on disk."""
+    from evals.synth import generate_cohort
+
+    out = tmp_path_factory.mktemp("cohort")
+    generate_cohort(COHORT_STUDIES, out, seed=COHORT_SEED, workers=2, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def truth(cohort) -> list[dict]:
+    """The generator's per-series truth table."""
+    return read_csv(cohort / "truth.csv")
+
+
+@pytest.fixture(scope="session")
+def ingested(cohort, tmp_path_factory):
+    """The cohort ingested once into a fresh store: (store, report)."""
+    root = tmp_path_factory.mktemp("store")
+    store = ClipStore.open(root, create=True)
+    report = ingest(
+        [cohort / "dicom"], store, IngestConfig(workers=2), SALT,
+        reports=cohort / "reports.csv", labels=cohort / "labels.csv", progress=False,
+    )
+    return store, report
