@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -140,6 +141,19 @@ class ClipStore:
             with os.fdopen(fd, "w") as fp:
                 fp.write(secrets.token_hex(32))
         return path.read_text().strip().encode()
+
+    def scratch_dir(self) -> Path:
+        """A fresh private folder for one ingest run's intermediate clips; folders left by
+        runs that died (their process is gone) are removed first."""
+        base = self.root / "tmp"
+        base.mkdir(exist_ok=True)
+        for old in base.glob("ingest-*"):
+            pid = old.name.split("-")[1]
+            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                shutil.rmtree(old, ignore_errors=True)
+        path = base / f"ingest-{os.getpid()}-{secrets.token_hex(4)}"
+        path.mkdir()
+        return path
 
     # -- clips -------------------------------------------------------------------------
     def has_table(self, name: str) -> bool:

@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict
+from typing import Callable
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
-from scipy import ndimage
+from PIL import Image
 
 from indexer.config import ClipConfig
-from indexer.discover import open_bytes
+from indexer.discover import FileRef
+from indexer.headers import read_dataset
 from indexer.series import ClipPlan
 
-__all__ = ["resample_cycle", "fixed_fov", "robust_uint8", "make_clip", "read_frames", "PixelError"]
+__all__ = ["resample_cycle", "fixed_fov", "robust_uint8", "make_clip", "read_frames", "decode_stack", "PixelError"]
 
 
 class PixelError(ValueError):
@@ -42,32 +43,30 @@ def resample_cycle(stack: np.ndarray, frames: int) -> np.ndarray:
 def fixed_fov(stack: np.ndarray, pixel_spacing: tuple[float, float], size: int, fov_mm: float) -> np.ndarray:
     """Resample [T, H, W] to [T, size, size] covering ``fov_mm`` around the image centre.
 
-    ``pixel_spacing`` is DICOM (row spacing, column spacing) in mm. Downsampling is
-    preceded by a Gaussian so that fine noise does not alias; outside the image is 0.
+    ``pixel_spacing`` is DICOM (row spacing, column spacing) in mm. Pillow's resize with a
+    fractional box is an antialiased (area-aware) bilinear filter, so downsampling does not
+    alias noise; outside the acquired image is 0 (air).
     """
-    out_mm = fov_mm / size
-    step = np.array([out_mm / pixel_spacing[0], out_mm / pixel_spacing[1]])
-    sigma = np.maximum(step - 1.0, 0.0) / 2.0
-    if np.any(sigma > 0):
-        stack = ndimage.gaussian_filter(stack, sigma=(0, sigma[0], sigma[1]), mode="nearest")
     h, w = stack.shape[1:]
-    centre_in = np.array([(h - 1) / 2.0, (w - 1) / 2.0])
-    centre_out = (size - 1) / 2.0
-    offset = np.concatenate([[0.0], centre_in - step * centre_out])
-    return ndimage.affine_transform(
-        stack,
-        matrix=np.array([1.0, step[0], step[1]]),
-        offset=offset,
-        output_shape=(stack.shape[0], size, size),
-        order=1,
-        mode="constant",
-        cval=0.0,
+    half_rows, half_cols = fov_mm / pixel_spacing[0] / 2.0, fov_mm / pixel_spacing[1] / 2.0
+    # Pillow boxes are in pixel-edge coordinates: the image centre is (w/2, h/2)
+    box = [w / 2.0 - half_cols, h / 2.0 - half_rows, w / 2.0 + half_cols, h / 2.0 + half_rows]
+    pad = int(np.ceil(max(0.0, -box[0], -box[1], box[2] - w, box[3] - h)))
+    if pad:
+        stack = np.pad(stack, ((0, 0), (pad, pad), (pad, pad)))
+        box = [v + pad for v in box]
+    return np.stack(
+        [
+            np.asarray(Image.fromarray(frame).resize((size, size), Image.Resampling.BILINEAR, box=tuple(box)))
+            for frame in stack.astype(np.float32, copy=False)
+        ]
     )
 
 
 def robust_uint8(clip: np.ndarray, low_percentile: float, high_percentile: float) -> np.ndarray:
     """Map the clip's [low, high] percentile window to 0..255 (one window for all frames)."""
-    lo, hi = np.percentile(clip, [low_percentile, high_percentile])
+    # every 3rd pixel estimates the percentiles as well and costs a third
+    lo, hi = np.percentile(clip.ravel()[::3], [low_percentile, high_percentile])
     if not np.isfinite(lo) or not np.isfinite(hi) or hi - lo < 1e-6:
         raise PixelError("the clip has no contrast (all pixels equal); the series is blank")
     scaled = (clip - lo) * (255.0 / (hi - lo))
@@ -82,7 +81,7 @@ def make_clip(stack: np.ndarray, pixel_spacing: tuple[float, float], cfg: ClipCo
 
 def _rescale(ds: Dataset, frame: int) -> tuple[float, float]:
     """Rescale slope and intercept of one frame, classic or Enhanced MR."""
-    if "RescaleSlope" in ds or "RescaleIntercept" in ds:
+    if "PerFrameFunctionalGroupsSequence" not in ds:
         return float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
     for groups in (ds.get("PerFrameFunctionalGroupsSequence"), ds.get("SharedFunctionalGroupsSequence")):
         if not groups:
@@ -94,33 +93,45 @@ def _rescale(ds: Dataset, frame: int) -> tuple[float, float]:
     return 1.0, 0.0
 
 
-def read_frames(plan: ClipPlan) -> np.ndarray:
-    """Decode the planned frames of one slice into float32 [N, rows, cols], rescaled."""
+def decode_stack(
+    frames: list[tuple[FileRef, int]], rows: int, columns: int, load: Callable[[FileRef], Dataset]
+) -> np.ndarray:
+    """Decode the listed (file, frame) pairs into float32 [N, rows, columns], rescaled.
+
+    ``load`` returns the full dataset of a file (already in memory, or read from disk).
+    """
     wanted: dict = defaultdict(list)
-    for pos, (ref, frame) in enumerate(plan.frames):
+    for pos, (ref, frame) in enumerate(frames):
         wanted[ref].append((pos, frame))
-    out = np.empty((len(plan.frames), plan.rows, plan.columns), np.float32)
+    out = np.empty((len(frames), rows, columns), np.float32)
     for ref, items in wanted.items():
         try:
-            with open_bytes(ref) as fp, warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ds = pydicom.dcmread(fp, force=True)
+            ds = load(ref)
             if "PixelData" not in ds and "FloatPixelData" not in ds:
                 raise PixelError("missing pixel data", str(ref))
-            pixels = ds.pixel_array
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                pixels = ds.pixel_array
         except PixelError:
             raise
         except Exception as err:  # decoders raise many types on truncated or corrupt data
             raise PixelError(f"pixel data cannot be decoded ({type(err).__name__}: {err})", str(ref)) from err
         if pixels.ndim == 2:
             pixels = pixels[None]
-        if pixels.ndim != 3 or pixels.shape[1:] != (plan.rows, plan.columns):
-            raise PixelError(f"pixel array shape {pixels.shape} does not match the header's {plan.rows}x{plan.columns}", str(ref))
+        if pixels.ndim != 3 or pixels.shape[1:] != (rows, columns):
+            raise PixelError(f"pixel array shape {pixels.shape} does not match the header's {rows}x{columns}", str(ref))
+        classic = "PerFrameFunctionalGroupsSequence" not in ds
         for pos, frame in items:
             if frame >= pixels.shape[0]:
                 raise PixelError(f"frame {frame} missing from the pixel data", str(ref))
-            slope, intercept = _rescale(ds, frame)
+            if not classic or pos == items[0][0]:  # classic objects: one rescale for all frames
+                slope, intercept = _rescale(ds, frame)
             out[pos] = pixels[frame] * slope + intercept
     if not np.all(np.isfinite(out)):
         raise PixelError("non-finite pixel values")
     return out
+
+
+def read_frames(plan: ClipPlan) -> np.ndarray:
+    """Decode a planned clip's frames from disk (used when no worker has them in memory)."""
+    return decode_stack(plan.frames, plan.rows, plan.columns, lambda ref: read_dataset(ref, pixels=True))

@@ -32,3 +32,4 @@ class IngestConfig:
     allow_partial: bool = False  # write a study even when one of its cine series failed
     site: str = ""  # free-text site label stored with every clip
     studies_per_commit: int = 16  # whole studies per Lance commit (one atomic write each)
+    max_files_per_unit: int = 1000  # files a worker holds in memory at once (one folder at most)

@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 from datetime import date
 
 import pydicom
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.errors import InvalidDicomError
 
 from indexer.discover import FileRef, open_bytes
 
-__all__ = ["FrameGeom", "FileHeader", "Rejection", "read_header", "patient_key", "MAX_MATRIX"]
+__all__ = ["FrameGeom", "FileHeader", "Rejection", "read_header", "read_dataset", "header_from_dataset", "patient_key"]
 
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
 ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"
@@ -84,6 +86,30 @@ def patient_key(patient_id: str, salt: bytes) -> str:
     return hmac.new(salt, patient_id.strip().encode(), hashlib.sha256).hexdigest()[:20]
 
 
+def _text(ds: Dataset, keyword: str) -> str:
+    """An element's value as text, without pydicom's per-element conversion.
+
+    The header pass touches ~25 elements of every file and pydicom's conversion dominated
+    its cost; the VRs read this way (UI, CS, DS, IS, TM, DA, AS, LO) are ASCII or Latin-1 by
+    the standard, so the raw bytes are decoded directly. Multiple values stay joined by '\\'.
+    """
+    tag = tag_for_keyword(keyword)
+    elem = ds.get_item(tag) if tag is not None and tag in ds else None
+    if elem is None or elem.value is None:
+        return ""
+    value = elem.value
+    if isinstance(value, bytes):
+        return value.decode("latin-1").strip(" \x00")
+    if isinstance(value, (list, tuple, MultiValue)):
+        return "\\".join(str(v) for v in value)
+    return str(value).strip()
+
+
+def _text_floats(ds: Dataset, keyword: str, n: int) -> tuple[float, ...] | None:
+    text = _text(ds, keyword)
+    return _floats(text.split("\\"), n) if text else None
+
+
 def _floats(value, n: int) -> tuple[float, ...] | None:
     try:
         out = tuple(float(v) for v in value)
@@ -107,12 +133,12 @@ def _float(value) -> float | None:
 
 
 def _age_years(ds: Dataset) -> float | None:
-    age = str(ds.get("PatientAge", "") or "")
+    age = _text(ds, "PatientAge")
     if len(age) == 4 and age[:3].isdigit():
         scale = {"Y": 1.0, "M": 1 / 12, "W": 1 / 52.18, "D": 1 / 365.25}.get(age[3].upper())
         if scale:
             return round(int(age[:3]) * scale, 2)
-    birth, study = str(ds.get("PatientBirthDate", "")), str(ds.get("StudyDate", ""))
+    birth, study = _text(ds, "PatientBirthDate"), _text(ds, "StudyDate")
     try:
         b = date(int(birth[:4]), int(birth[4:6]), int(birth[6:8]))
         s = date(int(study[:4]), int(study[4:6]), int(study[6:8]))
@@ -142,7 +168,7 @@ def _enhanced_frames(ds: Dataset, acquisition: str) -> tuple[list[FrameGeom], tu
     per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
     shared_orient = _seq_item(shared, "PlaneOrientationSequence")
     shared_measures = _seq_item(shared, "PixelMeasuresSequence")
-    spacing = _floats(shared_measures.get("PixelSpacing"), 2) if shared_measures else None
+    spacing = _text_floats(shared_measures, "PixelSpacing", 2) if shared_measures else None
     frames = []
     for i, item in enumerate(per_frame):
         pos = _seq_item(item, "PlanePositionSequence")
@@ -151,16 +177,16 @@ def _enhanced_frames(ds: Dataset, acquisition: str) -> tuple[list[FrameGeom], tu
         content = _seq_item(item, "FrameContentSequence")
         measures = _seq_item(item, "PixelMeasuresSequence")
         if spacing is None and measures is not None:
-            spacing = _floats(measures.get("PixelSpacing"), 2)
+            spacing = _text_floats(measures, "PixelSpacing", 2)
         phase = None
         if content is not None and "TemporalPositionIndex" in content:
-            phase = _int(content.TemporalPositionIndex)
+            phase = _int(_text(content, "TemporalPositionIndex"))
         frames.append(
             FrameGeom(
                 file_frame=i,
-                ipp=_floats(pos.get("ImagePositionPatient"), 3) if pos else None,
-                iop=_floats(orient.get("ImageOrientationPatient"), 6) if orient else None,
-                time_ms=_float(sync.get("NominalCardiacTriggerDelayTime")) if sync else None,
+                ipp=_text_floats(pos, "ImagePositionPatient", 3) if pos else None,
+                iop=_text_floats(orient, "ImageOrientationPatient", 6) if orient else None,
+                time_ms=_float(_text(sync, "NominalCardiacTriggerDelayTime")) if sync else None,
                 phase=phase,
                 order=i,
                 acquisition=acquisition,
@@ -172,16 +198,16 @@ def _enhanced_frames(ds: Dataset, acquisition: str) -> tuple[list[FrameGeom], tu
 def header_from_dataset(ds: Dataset, ref: FileRef, salt: bytes) -> FileHeader | Rejection:
     """Turn a parsed dataset (pixels not needed) into a FileHeader, or say why not."""
     where = str(ref)
-    sop_class = str(ds.get("SOPClassUID", "") or getattr(ds.file_meta, "MediaStorageSOPClassUID", ""))
+    sop_class = _text(ds, "SOPClassUID") or str(getattr(ds.file_meta, "MediaStorageSOPClassUID", ""))
     if sop_class == MEDIA_STORAGE_DIRECTORY:
         return Rejection(where, "DICOMDIR index file, not an image", by_design=True)
-    study_uid = str(ds.get("StudyInstanceUID", "") or "")
-    series_uid = str(ds.get("SeriesInstanceUID", "") or "")
+    study_uid = _text(ds, "StudyInstanceUID")
+    series_uid = _text(ds, "SeriesInstanceUID")
     if not study_uid or not series_uid:
         return Rejection(where, "no StudyInstanceUID/SeriesInstanceUID; the file cannot be placed in a study")
-    modality = str(ds.get("Modality", "") or "")
+    modality = _text(ds, "Modality")
     rows, columns = _int(ds.get("Rows")), _int(ds.get("Columns"))
-    n_frames = _int(ds.get("NumberOfFrames"), 1) or 1
+    n_frames = _int(_text(ds, "NumberOfFrames"), 1) or 1
     base = dict(where=where, study_uid=study_uid, series_uid=series_uid)
     if modality and modality != "MR":
         return Rejection(reason=f"modality {modality} is not MR", by_design=True, **base)
@@ -190,24 +216,27 @@ def header_from_dataset(ds: Dataset, ref: FileRef, salt: bytes) -> FileHeader | 
     if not (8 <= rows <= MAX_MATRIX and 8 <= columns <= MAX_MATRIX) or n_frames > MAX_FRAMES:
         return Rejection(reason=f"absurd dimensions {rows}x{columns}x{n_frames} frames; header is corrupt", **base)
 
-    acquisition = str(ds.get("AcquisitionTime", "") or ds.get("ContentTime", "") or "")
-    spacing = _floats(ds.get("PixelSpacing"), 2)
+    acquisition = _text(ds, "AcquisitionTime") or _text(ds, "ContentTime")
+    spacing = _text_floats(ds, "PixelSpacing", 2)
+    manufacturer = _text(ds, "Manufacturer")
     if "PerFrameFunctionalGroupsSequence" in ds:
         frames, enh_spacing = _enhanced_frames(ds, acquisition)
         spacing = spacing or enh_spacing
         if len(frames) != n_frames:
             return Rejection(reason=f"{len(frames)} per-frame groups for {n_frames} frames", **base)
     else:
-        trigger = _float(ds.get("TriggerTime"))
-        phase = _philips_phase(ds)
+        trigger = _float(_text(ds, "TriggerTime"))
+        # Philips exports may omit TriggerTime and number the phases in a private tag
+        phase = _philips_phase(ds) if trigger is None and manufacturer.lower().startswith("philips") else None
         if phase is None and "TemporalPositionIdentifier" in ds:
-            phase = _int(ds.TemporalPositionIdentifier)
-        instance = _int(ds.get("InstanceNumber"))
+            phase = _int(_text(ds, "TemporalPositionIdentifier"))
+        instance = _int(_text(ds, "InstanceNumber"))
+        ipp, iop = _text_floats(ds, "ImagePositionPatient", 3), _text_floats(ds, "ImageOrientationPatient", 6)
         frames = [
             FrameGeom(
                 file_frame=i,
-                ipp=_floats(ds.get("ImagePositionPatient"), 3),
-                iop=_floats(ds.get("ImageOrientationPatient"), 6),
+                ipp=ipp,
+                iop=iop,
                 time_ms=trigger,
                 phase=phase,
                 order=instance * MAX_FRAMES + i,
@@ -218,62 +247,61 @@ def header_from_dataset(ds: Dataset, ref: FileRef, salt: bytes) -> FileHeader | 
     if spacing is not None and not all(0.05 <= s <= 20 for s in spacing):
         return Rejection(reason=f"absurd pixel spacing {spacing} mm", **base)
 
-    sex = str(ds.get("PatientSex", "") or "").upper()[:1]
+    sex = _text(ds, "PatientSex").upper()[:1]
     return FileHeader(
         ref=ref,
         study_uid=study_uid,
         series_uid=series_uid,
-        sop_uid=str(ds.get("SOPInstanceUID", "") or ""),
-        patient_key=patient_key(str(ds.get("PatientID", "") or study_uid), salt),
+        sop_uid=_text(ds, "SOPInstanceUID"),
+        patient_key=patient_key(_text(ds, "PatientID") or study_uid, salt),
         modality=modality,
         sop_class_uid=sop_class,
-        series_number=_int(ds.get("SeriesNumber")),
+        series_number=_int(_text(ds, "SeriesNumber")),
         series_description=str(ds.get("SeriesDescription", "") or ds.get("ProtocolName", "") or ""),
-        series_time=str(ds.get("SeriesTime", "") or ""),
-        image_type=tuple(str(v).upper() for v in (ds.get("ImageType") or ())),
-        manufacturer=str(ds.get("Manufacturer", "") or ""),
+        series_time=_text(ds, "SeriesTime"),
+        image_type=tuple(v.strip().upper() for v in _text(ds, "ImageType").split("\\") if v.strip()),
+        manufacturer=manufacturer,
         rows=rows,
         columns=columns,
         pixel_spacing=spacing,
         has_inversion_time="InversionTime" in ds,
         sex=sex if sex in ("M", "F", "O") else "",
         age=_age_years(ds),
-        study_date=str(ds.get("StudyDate", "") or ""),
+        study_date=_text(ds, "StudyDate"),
         frames=frames,
     )
 
 
-def _dcmread_header(ref: FileRef) -> Dataset:
-    """Parse a header; files without the 128-byte preamble (old ACR-NEMA style exports) are
-    retried leniently but only accepted if they carry the UIDs of an image."""
-    with open_bytes(ref) as fp:
+def read_dataset(ref: FileRef, pixels: bool) -> Dataset:
+    """Parse one file (with its pixel bytes, undecoded, when ``pixels``). Files without the
+    128-byte preamble (old ACR-NEMA style exports) are retried leniently but only accepted
+    if they carry the UIDs of an image."""
+    with warnings.catch_warnings(), open_bytes(ref) as fp:
+        warnings.simplefilter("ignore")
         try:
-            return pydicom.dcmread(fp, stop_before_pixels=True)
+            return pydicom.dcmread(fp, stop_before_pixels=not pixels)
         except InvalidDicomError:
             fp.seek(0)
-            ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
+            ds = pydicom.dcmread(fp, stop_before_pixels=not pixels, force=True)
     if "SOPClassUID" not in ds or "StudyInstanceUID" not in ds:
         raise InvalidDicomError("no DICOM header")
     return ds
 
 
-def read_header(ref: FileRef, salt: bytes) -> FileHeader | Rejection:
-    """Read one file's header (never its pixels); any failure becomes a Rejection."""
-    with warnings.catch_warnings():  # vendor quirks warn per element; the report is what counts
-        warnings.simplefilter("ignore")
-        return _read_header(ref, salt)
-
-
-def _read_header(ref: FileRef, salt: bytes) -> FileHeader | Rejection:
+def read_header(ref: FileRef, salt: bytes, pixels: bool = False) -> tuple[FileHeader | Rejection, Dataset | None]:
+    """Read one file; any failure becomes a Rejection. Returns the dataset too, so that a
+    caller that asked for ``pixels`` can decode them without reading the file again."""
     try:
-        ds = _dcmread_header(ref)
+        ds = read_dataset(ref, pixels)
     except InvalidDicomError:
-        return Rejection(str(ref), "not a DICOM file (no DICM preamble and no valid header)")
+        return Rejection(str(ref), "not a DICOM file (no DICM preamble and no valid header)"), None
     except (OSError, EOFError) as err:
-        return Rejection(str(ref), f"unreadable or truncated file: {getattr(err, 'strerror', None) or err}")
+        return Rejection(str(ref), f"unreadable or truncated file: {getattr(err, 'strerror', None) or err}"), None
     except Exception as err:  # pydicom raises many types on corrupt headers
-        return Rejection(str(ref), f"corrupt DICOM header: {type(err).__name__}: {err}")
+        return Rejection(str(ref), f"corrupt DICOM header: {type(err).__name__}: {err}"), None
     try:
-        return header_from_dataset(ds, ref, salt)
+        with warnings.catch_warnings():  # vendor quirks warn per element; the report is what counts
+            warnings.simplefilter("ignore")
+            return header_from_dataset(ds, ref, salt), ds
     except Exception as err:
-        return Rejection(str(ref), f"unusable DICOM header: {type(err).__name__}: {err}")
+        return Rejection(str(ref), f"unusable DICOM header: {type(err).__name__}: {err}"), None

@@ -1,8 +1,11 @@
 """``cmr ingest``: DICOM files -> studies -> cine slices -> canonical clips in the store.
 
-Two passes over a process pool: headers only (decides every clip and skips decoys without
-decoding them), then pixels per study. Each batch of whole studies is one Lance commit, so
-an interrupted run leaves every study either fully written or absent.
+One read of every file: workers take a folder at a time, parse each file with its pixel
+bytes, and cut the clips of the cine series complete in that folder (decoys are never
+decoded). The main process then plans each study from all headers (views, SAX order,
+repeats) and writes it; series spread over several folders are read again at that stage.
+Each batch of whole studies is one Lance commit, so an interrupted run leaves every
+study either fully written or absent.
 """
 
 from __future__ import annotations
@@ -11,7 +14,10 @@ import hashlib
 import json
 import logging
 import multiprocessing
+import os
+import shutil
 import time
+from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -22,13 +28,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from indexer.clip_store import ClipStore
-from indexer.clips import PixelError, make_clip, read_frames
-from indexer.config import IngestConfig
-from indexer.discover import discover
-from indexer.headers import FileHeader, Rejection, read_header
-from indexer.series import ClipPlan, StudyPlan, group_by_study, plan_study
+import numpy as np
 
-__all__ = ["IngestReport", "ingest", "clip_id", "build_study"]
+from indexer.clips import PixelError, decode_stack, make_clip, read_frames
+from indexer.config import IngestConfig
+from indexer.discover import FileRef, discover
+from indexer.headers import FileHeader, Rejection, read_header
+from indexer.series import ClipPlan, StudyPlan, group_by_series, group_by_study, plan_series, plan_study
+
+__all__ = ["IngestReport", "ingest", "clip_id", "build_study", "scan_unit", "units_of", "frames_key"]
 
 log = logging.getLogger(__name__)
 
@@ -104,13 +112,63 @@ def _row(plan: ClipPlan, clip, cfg: IngestConfig) -> dict:
     )
 
 
-def build_study(plan: StudyPlan, cfg: IngestConfig) -> tuple[list[dict], list[Rejection]]:
-    """Decode and cut every clip of a study. A failed cine series fails the whole study
-    unless ``cfg.allow_partial``: a study is stored whole or not at all."""
+def frames_key(series_uid: str, series_slice: int, frames: list[tuple[FileRef, int]]) -> str:
+    """Digest of exactly which frames make a clip: a clip built by a worker is reused only
+    when the study plan asks for the very same frames in the same order."""
+    text = f"{series_uid}:{series_slice}:" + "|".join(f"{ref}#{i}" for ref, i in frames)
+    return hashlib.sha1(text.encode()).hexdigest()[:24]
+
+
+@dataclass
+class UnitResult:
+    """What one worker learned from one folder (or zip) of files in a single read of each."""
+
+    headers: list[FileHeader] = field(default_factory=list)
+    rejections: list[Rejection] = field(default_factory=list)
+    failures: dict[str, tuple[str, str]] = field(default_factory=dict)  # frames_key -> (where, error)
+    files: int = 0
+
+
+def scan_unit(refs: list[FileRef], salt: bytes, cfg: IngestConfig, scratch: Path) -> UnitResult:
+    """Read each file once: parse its header and, for every complete cine slice found inside
+    this unit, cut the canonical clip from the pixels already in memory (saved to ``scratch``).
+
+    Series split across units are left to the study pass, which reads their files again.
+    """
+    out = UnitResult(files=len(refs))
+    datasets: dict[FileRef, object] = {}
+    for ref in refs:
+        header, ds = read_header(ref, salt, pixels=True)
+        if isinstance(header, Rejection):
+            out.rejections.append(header)
+        else:
+            out.headers.append(header)
+            datasets[ref] = ds
+    for files in group_by_series(out.headers).values():
+        slices, problem = plan_series(files, cfg.min_frames)
+        for sl in slices:  # a problem is re-derived (once, for the whole series) by plan_study
+            frames = [(h.ref, f.file_frame) for h, f in sl.ordered]
+            key = frames_key(files[0].series_uid, sl.series_slice, frames)
+            try:
+                stack = decode_stack(frames, files[0].rows, files[0].columns, datasets.__getitem__)
+                np.save(scratch / f"{key}.npy", make_clip(stack, files[0].pixel_spacing, cfg.clip))
+            except PixelError as err:
+                out.failures[key] = (err.where, str(err))
+    return out
+
+
+def build_study(plan: StudyPlan, cfg: IngestConfig, scratch: Path, failures: dict) -> tuple[list[dict], list[Rejection]]:
+    """Collect (or, for series split across folders, cut) every clip of a study. A failed
+    cine series fails the whole study unless ``cfg.allow_partial``: stored whole or not at all."""
     rows, failed = [], []
     for cp in plan.clips:
+        key = frames_key(cp.series_uid, cp.series_slice, cp.frames)
+        path = scratch / f"{key}.npy"
         try:
-            rows.append(_row(cp, make_clip(read_frames(cp), cp.pixel_spacing, cfg.clip), cfg))
+            if key in failures:
+                raise PixelError(failures[key][1], failures[key][0])
+            clip = np.load(path) if path.exists() else make_clip(read_frames(cp), cp.pixel_spacing, cfg.clip)
+            rows.append(_row(cp, clip, cfg))
         except PixelError as err:
             where = err.where or f"series {cp.series_number} '{cp.series_description}'"
             failed.append(Rejection(where, f"series {cp.series_number}: {err}", plan.study_uid, cp.series_uid))
@@ -118,6 +176,19 @@ def build_study(plan: StudyPlan, cfg: IngestConfig) -> tuple[list[dict], list[Re
         failed.append(Rejection(f"study {plan.study_uid}", f"not written: {len(failed)} cine series failed (use --allow-partial to keep the rest)", plan.study_uid))
         rows = []
     return rows, failed
+
+
+def units_of(refs: list[FileRef], max_files: int) -> list[list[FileRef]]:
+    """Group files by folder (or zip member folder), at most ``max_files`` per unit: exports
+    keep a series in one folder, so most series are complete inside one unit."""
+    groups: dict[tuple, list[FileRef]] = defaultdict(list)
+    for ref in refs:
+        folder = os.path.dirname(ref.member) if ref.member else os.path.dirname(ref.path)
+        groups[(ref.path if ref.member else "", folder)].append(ref)
+    units = []
+    for members in groups.values():
+        units += [members[i : i + max_files] for i in range(0, len(members), max_files)]
+    return units
 
 
 def _pool_map(fn: Callable, items: list, workers: int, chunksize: int) -> Iterator:
@@ -166,44 +237,64 @@ def ingest(
     report = IngestReport()
     refs = discover(paths)
     report.files_found = len(refs)
-    headers: list[FileHeader] = []
-    with _progress(progress) as bar:
-        task = bar.add_task("headers", total=len(refs))
-        for result in _pool_map(partial(read_header, salt=salt), refs, cfg.workers, chunksize=64):
-            if isinstance(result, Rejection):
-                (report.skipped if result.by_design else report.rejected).append(asdict(result))
-            else:
-                headers.append(result)
-            bar.advance(task)
-        report.files_read = len(headers)
-
-        studies = group_by_study(headers)
-        report.studies_found = len(studies)
-        plans = [plan_study(h, cfg.min_frames) for h in studies.values()]
-        del headers, studies
-        for plan in plans:
-            report.skipped += [asdict(r) for r in plan.skipped]
-            report.rejected += [asdict(r) for r in plan.rejected]
-        plans = [p for p in plans if p.clips]
-
-        task = bar.add_task("clips", total=len(plans))
-        results = _pool_map(partial(build_study, cfg=cfg), plans, cfg.workers, chunksize=1)
-        for batch in _batches(results, cfg.studies_per_commit):
-            rows = []
-            for study_rows, failed in batch:
-                report.rejected += [asdict(r) for r in failed]
-                if study_rows:
-                    report.studies_written += 1
-                    rows += study_rows
-                    for r in study_rows:
-                        report.views[r["view"]] = report.views.get(r["view"], 0) + 1
-                bar.advance(task)
-            inserted, updated = store.upsert_clips(rows)
-            report.clips_inserted += inserted
-            report.clips_updated += updated
+    scratch = store.scratch_dir()
+    try:
+        with _progress(progress) as bar:
+            plans, failures = _scan(refs, cfg, salt, scratch, report, bar)
+            task = bar.add_task("studies", total=len(plans))
+            jobs = [(p, {k: failures[k] for c in p.clips if (k := frames_key(c.series_uid, c.series_slice, c.frames)) in failures}) for p in plans]
+            results = _pool_map(partial(_build_job, cfg=cfg, scratch=scratch), jobs, cfg.workers, chunksize=4)
+            for batch in _batches(results, cfg.studies_per_commit):
+                rows = []
+                for study_rows, failed in batch:
+                    report.rejected += [asdict(r) for r in failed]
+                    if study_rows:
+                        report.studies_written += 1
+                        rows += study_rows
+                        for r in study_rows:
+                            report.views[r["view"]] = report.views.get(r["view"], 0) + 1
+                    bar.advance(task)
+                inserted, updated = store.upsert_clips(rows)  # one commit of whole studies
+                report.clips_inserted += inserted
+                report.clips_updated += updated
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     if report.studies_written:
         store.optimize()
+    _import_tables(store, report, reports, labels)
+    report.seconds = round(time.perf_counter() - t0, 2)
+    _save(store, report)
+    return report
 
+
+def _scan(refs, cfg: IngestConfig, salt: bytes, scratch: Path, report: IngestReport, bar) -> tuple[list[StudyPlan], dict]:
+    """Pass over all files (one read each) and plan every study from the headers."""
+    task = bar.add_task("files", total=len(refs))
+    headers: list[FileHeader] = []
+    failures: dict = {}
+    units = units_of(refs, max_files=cfg.max_files_per_unit)
+    for result in _pool_map(partial(scan_unit, salt=salt, cfg=cfg, scratch=scratch), units, cfg.workers, chunksize=1):
+        headers += result.headers
+        failures.update(result.failures)
+        for r in result.rejections:
+            (report.skipped if r.by_design else report.rejected).append(asdict(r))
+        bar.advance(task, result.files)
+    report.files_read = len(headers)
+    studies = group_by_study(headers)
+    report.studies_found = len(studies)
+    plans = [plan_study(h, cfg.min_frames) for h in studies.values()]
+    for plan in plans:
+        report.skipped += [asdict(r) for r in plan.skipped]
+        report.rejected += [asdict(r) for r in plan.rejected]
+    return [p for p in plans if p.clips], failures
+
+
+def _build_job(job: tuple, cfg: IngestConfig, scratch: Path):
+    plan, failures = job
+    return build_study(plan, cfg, scratch, failures)
+
+
+def _import_tables(store: ClipStore, report: IngestReport, reports: Path | None, labels: Path | None) -> None:
     known = store.study_uids()
     for name, path in (("reports", reports), ("labels", labels)):
         if path is None:
@@ -214,9 +305,6 @@ def ingest(
         unknown = store.table_study_uids(name) - known
         if unknown:
             report.warnings.append(f"{name}: {len(unknown)} rows for studies with no clips in the store (kept; ingest their DICOM to use them)")
-    report.seconds = round(time.perf_counter() - t0, 2)
-    _save(store, report)
-    return report
 
 
 def _save(store: ClipStore, report: IngestReport) -> None:

@@ -19,7 +19,7 @@ from indexer.views import (
     view_from_text,
 )
 
-__all__ = ["ClipPlan", "StudyPlan", "plan_study", "group_by_study"]
+__all__ = ["ClipPlan", "StudyPlan", "plan_study", "plan_series", "group_by_study", "group_by_series"]
 
 SLICE_TOLERANCE_MM = 1.0  # positions closer than this along the normal are one slice
 PARALLEL_COS = 0.97  # |cos| above this: two planes are parallel (about 14 degrees)
@@ -92,8 +92,11 @@ def _split_slices(series: list[FileHeader]) -> list[_Slice]:
     if len(geo) < len(frames):  # no usable geometry: treat the whole series as one slice
         return [_Slice(series[0], frames, None, 0.0)]
     by_orientation: list[tuple[np.ndarray, list]] = []
+    normals: dict[tuple, np.ndarray] = {}  # a series has one or a few orientations: compute each once
     for h, f in geo:
-        n = plane_normal(f.iop)
+        n = normals.get(f.iop)
+        if n is None:
+            n = normals[f.iop] = plane_normal(f.iop)
         for normal, members in by_orientation:
             if abs(float(np.dot(normal, n))) > PARALLEL_COS:
                 members.append((h, f))
@@ -154,61 +157,63 @@ def _rr_ms(sl: _Slice) -> float | None:
     return float(times[-1] + step)
 
 
+def plan_series(files: list[FileHeader], min_frames: int = 8) -> tuple[list[_Slice], Rejection | None]:
+    """Series-level decisions: is it a cine, its slices, each slice's frames in cycle order,
+    and the view its description or folder names. Returns (slices, None) for a usable cine,
+    or ([], the reason it was skipped or rejected)."""
+    first = files[0]
+    desc = first.series_description
+    where = f"series {first.series_number} '{desc}'"
+    base = dict(study_uid=first.study_uid, series_uid=first.series_uid)
+    reason = decoy_reason(desc, first.image_type)
+    if reason:
+        return [], Rejection(where, f"not a cine: {reason}", by_design=True, **base)
+    if len({(h.rows, h.columns) for h in files}) > 1:
+        return [], Rejection(where, "ragged frame sizes within the series; re-export it", **base)
+    slices = _split_slices(files)
+    for i, sl in enumerate(slices):
+        sl.series_slice = i
+        _order_frames(sl)
+    if max(len(sl.ordered) for sl in slices) == 1:
+        if first.has_inversion_time:
+            return [], Rejection(where, "not a cine: late gadolinium enhancement (single phase, inversion recovery)", by_design=True, **base)
+        if looks_like_cine(desc):
+            return [], Rejection(where, "a cine series with a single frame per slice; the acquisition is incomplete", **base)
+        return [], Rejection(where, "not a cine: no temporal dimension (one frame per slice)", by_design=True, **base)
+    timed = any(sl.time_source in ("trigger_time", "philips_phase") for sl in slices)
+    if not (timed or looks_like_cine(desc) or view_from_text(first.ref.folder_name)):
+        return [], Rejection(where, "not a cine: no cardiac phase information (no trigger times, no cine description)", by_design=True, **base)
+    if first.pixel_spacing is None:
+        return [], Rejection(where, "no PixelSpacing; the field of view cannot be fixed", **base)
+    short = [sl for sl in slices if len(sl.ordered) < min_frames]
+    if short:
+        return [], Rejection(where, f"{len(short[0].ordered)} frames in a slice; a cine needs at least {min_frames}", **base)
+    text_view, folder_view = view_from_text(desc), view_from_text(first.ref.folder_name)
+    for sl in slices:
+        if text_view:
+            sl.view, sl.view_source = text_view, "description"
+        elif folder_view:
+            sl.view, sl.view_source = folder_view, "folder"
+    return slices, None
+
+
+def group_by_series(headers: list[FileHeader]) -> dict[str, list[FileHeader]]:
+    """Headers keyed by SeriesInstanceUID, in a stable order."""
+    series: dict[str, list[FileHeader]] = defaultdict(list)
+    for h in sorted(headers, key=lambda h: (h.series_uid, str(h.ref))):
+        series[h.series_uid].append(h)
+    return dict(series)
+
+
 def plan_study(headers: list[FileHeader], min_frames: int = 8) -> StudyPlan:
     """Decide the clips of one study from its file headers (pure; no pixels are read)."""
-    study_uid = headers[0].study_uid
-    plan = StudyPlan(study_uid, headers[0].patient_key)
-    series_map: dict[str, list[FileHeader]] = defaultdict(list)
-    for h in headers:
-        series_map[h.series_uid].append(h)
-
+    plan = StudyPlan(headers[0].study_uid, headers[0].patient_key)
     candidates: list[_Slice] = []
-    for series_uid, files in series_map.items():
-        first = files[0]
-        desc = first.series_description
-        where = f"series {first.series_number} '{desc}'"
-        base = dict(study_uid=study_uid, series_uid=series_uid)
-        reason = decoy_reason(desc, first.image_type)
-        if reason:
-            plan.skipped.append(Rejection(where, f"not a cine: {reason}", by_design=True, **base))
-            continue
-        if len({(h.rows, h.columns) for h in files}) > 1:
-            plan.rejected.append(Rejection(where, "ragged frame sizes within the series; re-export it", **base))
-            continue
-        slices = _split_slices(files)
-        for i, sl in enumerate(slices):
-            sl.series_slice = i
-            _order_frames(sl)
-        n_time = max(len(sl.ordered) for sl in slices)
-        if n_time == 1:
-            if first.has_inversion_time:
-                plan.skipped.append(Rejection(where, "not a cine: late gadolinium enhancement (single phase, inversion recovery)", by_design=True, **base))
-            elif looks_like_cine(desc):
-                plan.rejected.append(Rejection(where, "a cine series with a single frame per slice; the acquisition is incomplete", **base))
-            else:
-                plan.skipped.append(Rejection(where, "not a cine: no temporal dimension (one frame per slice)", by_design=True, **base))
-            continue
-        timed = any(sl.time_source in ("trigger_time", "philips_phase") for sl in slices)
-        named = looks_like_cine(desc) or view_from_text(first.ref.folder_name) is not None
-        if not (timed or named):
-            plan.skipped.append(Rejection(where, "not a cine: no cardiac phase information (no trigger times, no cine description)", by_design=True, **base))
-            continue
-        if first.pixel_spacing is None:
-            plan.rejected.append(Rejection(where, "no PixelSpacing; the field of view cannot be fixed", **base))
-            continue
-        short = [sl for sl in slices if len(sl.ordered) < min_frames]
-        if short:
-            plan.rejected.append(Rejection(where, f"{len(short[0].ordered)} frames in a slice; a cine needs at least {min_frames}", **base))
-            continue
-        text_view = view_from_text(desc)
-        folder_view = view_from_text(first.ref.folder_name)
-        for sl in slices:
-            if text_view:
-                sl.view, sl.view_source = text_view, "description"
-            elif folder_view:
-                sl.view, sl.view_source = folder_view, "folder"
+    for files in group_by_series(headers).values():
+        slices, problem = plan_series(files, min_frames)
+        if problem is not None:
+            (plan.skipped if problem.by_design else plan.rejected).append(problem)
         candidates.extend(slices)
-
     _classify_by_geometry(candidates)
     _keep_last_repeats(plan, candidates)
     plan.clips = _to_clips(plan, candidates)

@@ -82,8 +82,8 @@ def looks_like_cine(description: str) -> bool:
 
 def plane_normal(iop: tuple[float, ...]) -> np.ndarray:
     """Unit normal of an image plane from ImageOrientationPatient (row x column direction)."""
-    row, col = np.asarray(iop[:3], float), np.asarray(iop[3:], float)
-    n = np.cross(row, col)
+    r, c = iop[:3], iop[3:]
+    n = np.array([r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0]])
     return n / (np.linalg.norm(n) or 1.0)
 
 
