@@ -22,14 +22,22 @@ from pathlib import Path
 import numpy as np
 
 from evals.synth.dicom_writer import (
-    TRUTH_COLUMNS, phase_to_stored, study_identity, to_stored, write_series,
+    TRUTH_COLUMNS,
+    phase_to_stored,
+    study_identity,
+    to_stored,
+    write_series,
 )
 from evals.synth.labels import BINARY_LABELS, LABEL_COLUMNS, study_labels
 from evals.synth.params import sample_patient, sample_study_params
 from evals.synth.phantom import build_phantom
 from evals.synth.protocol import SeriesPlan, plan_protocol
 from evals.synth.render import (
-    LGE, contour_overlay, flow_phase, render_plane, study_appearance,
+    LGE,
+    contour_overlay,
+    flow_phase,
+    render_plane,
+    study_appearance,
 )
 from evals.synth.reports import write_report
 
@@ -119,7 +127,7 @@ def generate_study(seed: int, index: int, patient_number: int, visit: int, dicom
     labels = study_labels(params, ph.volumes)
     report = write_report(labels, params, np.random.default_rng([seed, index, _REPORT]))
     first_day = (patient_number * 7919 + seed * 31) % 3000
-    day = first_day + int(round((params.age - patient.age_first_visit) * 365.25))
+    day = first_day + round((params.age - patient.age_first_visit) * 365.25)
     proto = plan_protocol(params, ph, np.random.default_rng([seed, index, _PROTOCOL]), day)
     ident = study_identity(params, seed, proto.study_date)
     app = study_appearance(params)

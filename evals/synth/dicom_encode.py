@@ -78,6 +78,17 @@ def encode_element(tag: int, vr: str, value, implicit: bool = False) -> bytes:
     return head + vr.encode() + struct.pack("<H", len(body)) + body
 
 
+def encode_text(tag: int, vr: str, text: str, implicit: bool = False) -> bytes:
+    """Fast path for one short string element whose text is already formatted."""
+    b = text.encode("latin-1")
+    if len(b) % 2:
+        b += b"\0" if vr == "UI" else b" "
+    head = struct.pack("<HH", tag >> 16, tag & 0xFFFF)
+    if implicit:
+        return head + struct.pack("<I", len(b)) + b
+    return head + vr.encode() + struct.pack("<H", len(b)) + b
+
+
 def encode_elements(elements: Iterable[Element], implicit: bool = False) -> bytes:
     """Elements in ascending tag order, as a dataset body."""
     return b"".join(encode_element(t, vr, v, implicit) for t, vr, v in sorted(elements))
@@ -90,15 +101,25 @@ def encoded_parts(elements: Iterable[Element], implicit: bool) -> dict[int, byte
 
 def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes:
     """128-byte preamble, 'DICM' and the File Meta Information group."""
-    body = encode_elements([
-        (0x00020001, "OB", b"\x00\x01"),
-        (0x00020002, "UI", sop_class),
-        (0x00020003, "UI", sop_instance),
+    before, after = meta_template(sop_class, transfer_syntax)
+    return file_meta_from(before, after, sop_instance)
+
+
+def meta_template(sop_class: str, transfer_syntax: str) -> tuple[bytes, bytes]:
+    """The meta elements before and after (0002,0003), which differ per file."""
+    before = encode_elements([(0x00020001, "OB", b"\x00\x01"), (0x00020002, "UI", sop_class)])
+    after = encode_elements([
         (0x00020010, "UI", transfer_syntax),
         (0x00020012, "UI", IMPLEMENTATION_CLASS_UID),
         (0x00020013, "SH", IMPLEMENTATION_VERSION),
     ])
-    return b"\0" * 128 + b"DICM" + encode_element(0x00020000, "UL", len(body)) + body
+    return before, after
+
+
+def file_meta_from(before: bytes, after: bytes, sop_instance: str) -> bytes:
+    """File meta from a template and the file's SOP Instance UID."""
+    body = before + encode_text(0x00020003, "UI", sop_instance) + after
+    return (b"\0" * 128 + b"DICM" + struct.pack("<HH2sHI", 2, 0, b"UL", 4, len(body)) + body)
 
 
 def native_pixel_data(pixels: np.ndarray, implicit: bool) -> bytes:

@@ -163,22 +163,22 @@ def sample_patient(rng: np.random.Generator, patient_number: int) -> Patient:
 def _phenotype(rng: np.random.Generator, archetype: str, sex: str) -> dict:
     """Indexed volumes, function and walls: a normal heart shifted by the archetype."""
     male = sex == "M"
-    p = dict(
-        edv_i=_n(rng, 82 if male else 74, 10 if male else 9, 50, 110),
-        sphericity=_n(rng, 3.1, 0.18, 2.6, 3.6),
-        lvef=_n(rng, 62, 4.5, 50, 75),
-        septal=_n(rng, 9.3 if male else 8.3, 1.0, 6.5, 11.8),
-        focality=2.0,
-        rvedv_i=_n(rng, 86 if male else 77, 11 if male else 10, 55, 125),
-        rvef=_n(rng, 58, 5, 46, 72),
-        rv_wall=_n(rng, 3.2, 0.4, 2.5, 4.5),
-        la_i=_n(rng, 36, 6, 20, 55),
-        ra_i=_n(rng, 38, 7, 20, 60),
-        effusion=float(rng.uniform(0.5, 3.0)) if rng.random() < 0.12 else 0.0,
-        hr=_n(rng, 68, 10, 48, 105),
-        akinesis=False,
-        thrombus=False,
-    )
+    p = {
+        "edv_i": _n(rng, 82 if male else 74, 10 if male else 9, 50, 110),
+        "sphericity": _n(rng, 3.1, 0.18, 2.6, 3.6),
+        "lvef": _n(rng, 62, 4.5, 50, 75),
+        "septal": _n(rng, 9.3 if male else 8.3, 1.0, 6.5, 11.8),
+        "focality": 2.0,
+        "rvedv_i": _n(rng, 86 if male else 77, 11 if male else 10, 55, 125),
+        "rvef": _n(rng, 58, 5, 46, 72),
+        "rv_wall": _n(rng, 3.2, 0.4, 2.5, 4.5),
+        "la_i": _n(rng, 36, 6, 20, 55),
+        "ra_i": _n(rng, 38, 7, 20, 60),
+        "effusion": float(rng.uniform(0.5, 3.0)) if rng.random() < 0.12 else 0.0,
+        "hr": _n(rng, 68, 10, 48, 105),
+        "akinesis": False,
+        "thrombus": False,
+    }
     p["lateral"] = p["septal"] * _n(rng, 0.93, 0.05, 0.8, 1.05)
     if archetype == "hypertensive_lvh":
         p["septal"] = _n(rng, 13.4 if male else 12.4, 1.3, 11.0, 17.0)
@@ -285,10 +285,10 @@ def sample_study_params(
         n_frames = int(np.clip(round(60000.0 / hr / temporal_res_ms), 20, 40))
     # systole takes a larger share of a shorter cycle
     es_fraction = float(np.clip(0.33 + 0.0025 * (hr - 60) + rng.normal(0, 0.015), 0.28, 0.48))
-    es_frame = max(2, int(round(es_fraction * n_frames)))
+    es_frame = max(2, round(es_fraction * n_frames))
 
     edv = ph["edv_i"] * bsa
-    radius, length = lv_axes(edv, ph["sphericity"])
+    _, length = lv_axes(edv, ph["sphericity"])
     apical = _n(rng, 0.75 * min(ph["septal"], ph["lateral"]), 0.8, 4.0, 12.0)
     cover = length + apical + 4.0
     sax_slices = int(np.clip(round(cover / 9.0), 8, 12))
@@ -329,7 +329,7 @@ def sample_study_params(
         noise_sigma=float(rng.uniform(0.02, 0.08)),
         bias_strength=float(rng.uniform(0.1, 0.45)),
         blur_px=float(rng.uniform(0.45, 0.75)),
-        signal_gain=float(rng.uniform(900.0, 2000.0)),
+        signal_gain=float(rng.uniform(700.0, 1500.0)),  # headroom for the coil bias
         pixel_spacing_mm=spacing,
         rows=rows,
         cols=cols,

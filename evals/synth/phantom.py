@@ -18,7 +18,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from evals.synth.params import StudyParams, lv_axes
+from evals.synth.params import StudyParams, lv_axes, sample_study_params
+
+__all__ = [
+    "HeartFrame", "LVShape", "Phantom", "StudyParams", "Volumes", "build_phantom",
+    "cycle_phase", "heart_frame", "sample_study_params",
+]
 
 MYOCARDIAL_DENSITY_G_PER_ML = 1.05
 LONGITUDINAL_SHORTENING = 0.35  # share of the radial contraction applied to the LV length
@@ -43,6 +48,19 @@ class HeartFrame:
     def to_patient(self, points: np.ndarray) -> np.ndarray:
         """Heart-frame (N, 3) -> patient (N, 3) coordinates."""
         return self.origin + np.asarray(points) @ self.axes
+
+
+@dataclass(frozen=True)
+class LVShape:
+    """ED shape constants of the LV used by the volume integrals (mm)."""
+
+    r0: float  # basal cavity radius
+    length_ed: float  # cavity length at ED
+    akinesis: bool
+    apical: float  # myocardium beyond the cavity apex
+    septal: float  # equatorial wall parameters of W(theta)
+    lateral: float
+    focality: float
 
 
 @dataclass(frozen=True)
@@ -235,7 +253,7 @@ def _solve(f, lo, hi, iters: int = 14, tol: float = 1e-7) -> np.ndarray:
     return x
 
 
-def _rv_volume(ph_lv: dict, rv_xmin, axes, frame_c, frame_kappa, frame_len, nz=240, nt=360):
+def _rv_volume(lv: LVShape, rv_xmin, axes, frame_c, frame_kappa, frame_len, nz=240, nt=360):
     """RV cavity volume (mm^3): half ellipsoid (z <= 0) minus the LV epicardium.
 
     In each z slice the ray from the LV axis at angle theta meets the convex
@@ -256,21 +274,21 @@ def _rv_volume(ph_lv: dict, rv_xmin, axes, frame_c, frame_kappa, frame_len, nz=2
     rho2 = (qb + np.sqrt(disc)) / qa
     rho1 = np.clip((qb - np.sqrt(disc)) / qa, 0.0, None)
     rho2 = np.where(disc > 0, np.clip(rho2, 0.0, None), 0.0)
-    r_epi = _epi_radius(ph_lv, z[:, None], cos_t, frame_c, frame_kappa, frame_len)
+    r_epi = _epi_radius(lv, z[:, None], cos_t, frame_c, frame_kappa, frame_len)
     inner = np.maximum(rho1, r_epi)
     area = 0.5 * np.clip(rho2**2 - inner**2, 0.0, None).sum(axis=1) * (2 * np.pi / nt)
     return float(area.sum() * (az / nz))
 
 
-def _epi_radius(lv: dict, z, cos_t, c, kappa, length):
+def _epi_radius(lv: LVShape, z, cos_t, c, kappa, length):
     """LV epicardial radius at heights z and angles theta (0 outside its z range)."""
-    w = akinesis_weight(z, lv["length_ed"], lv["akinesis"])
-    k_apex = 1.0 + (kappa - 1.0) * float(akinesis_weight(np.array(-length), lv["length_ed"],
-                                                         lv["akinesis"]))
-    l_epi = length + k_apex * lv["apical"]
-    rc = lv["r0"] * (1.0 - c * w)
+    w = akinesis_weight(z, lv.length_ed, lv.akinesis)
+    k_apex = 1.0 + (kappa - 1.0) * float(akinesis_weight(np.array(-length), lv.length_ed,
+                                                         lv.akinesis))
+    l_epi = length + k_apex * lv.apical
+    rc = lv.r0 * (1.0 - c * w)
     k = 1.0 + (kappa - 1.0) * w
-    wall = wall_profile(cos_t, lv["septal"], lv["lateral"], lv["focality"])
+    wall = wall_profile(cos_t, lv.septal, lv.lateral, lv.focality)
     s = np.sqrt(np.clip(1.0 - (z / l_epi) ** 2, 0.0, None))
     return np.where(z >= -l_epi, (rc + k * wall) * s, 0.0)
 
@@ -299,13 +317,13 @@ def _solve_lv(params: StudyParams, r0: float, l0: float):
     s_e = math.sqrt(1 - (zm / l_epi) ** 2)
     wall = {name: (t + r0 * s_c) / s_e - r0
             for name, t in (("septal", params.septal_mm), ("lateral", params.lateral_mm))}
-    lv = dict(r0=r0, length_ed=l0, akinesis=params.apical_akinesis, apical=params.apical_mm,
-              septal=wall["septal"], lateral=wall["lateral"], focality=params.septal_focality)
-    w1, w2 = _wall_moments(lv["septal"], lv["lateral"], lv["focality"])
+    lv = LVShape(r0=r0, length_ed=l0, akinesis=params.apical_akinesis, apical=params.apical_mm,
+                 septal=wall["septal"], lateral=wall["lateral"], focality=params.septal_focality)
+    w1, w2 = _wall_moments(lv.septal, lv.lateral, lv.focality)
 
     def myo(kappa, cc, ll, n=1201):
-        epi = lv_epicardial_volume(r0, ll, cc, kappa, lv["apical"], w1, w2, l0, lv["akinesis"], n)
-        return epi - lv_cavity_volume(r0, ll, cc, l0, lv["akinesis"], n)
+        epi = lv_epicardial_volume(r0, ll, cc, kappa, lv.apical, w1, w2, l0, lv.akinesis, n)
+        return epi - lv_cavity_volume(r0, ll, cc, l0, lv.akinesis, n)
 
     m0 = float(myo(1.0, 0.0, l0, 8001)[0])
     m0_coarse = float(myo(1.0, 0.0, l0, 801)[0])  # same grid as the solve, so kappa[0] == 1
@@ -401,7 +419,7 @@ def build_phantom(params: StudyParams) -> Phantom:
     return Phantom(
         frame=heart_frame(params), n_frames=params.n_frames, es_frame=es, phase=phase,
         lv_radius=r0, lv_length_ed=l0, lv_length=length, contraction=c, thickening=kappa,
-        wall_septal=lv["septal"], wall_lateral=lv["lateral"], wall_apical=params.apical_mm,
+        wall_septal=lv.septal, wall_lateral=lv.lateral, wall_apical=params.apical_mm,
         focality=params.septal_focality, akinesis=params.apical_akinesis,
         thrombus_center_z=t_cz, thrombus_radii=t_radii,
         rv_xmin=rv_xmin, rv_axes=rv_axes_t, rv_wall=params.rv_wall_mm,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from evals.synth.params import StudyParams
-from evals.synth.phantom import Phantom, rotation, unit
+from evals.synth.phantom import HeartFrame, Phantom, rotation, unit
 
 SAX_SLICE_THICKNESS_MM = 8.0
 LAX_SLICE_THICKNESS_MM = 8.0
@@ -43,11 +43,23 @@ class Plane:
         """Unit normal row_dir x col_dir."""
         return np.cross(self.row_dir, self.col_dir)
 
-    def pixel_positions(self, dtype=np.float64) -> np.ndarray:
+    def pixel_positions(self) -> np.ndarray:
         """Patient coordinates of every pixel centre, shape (rows * cols, 3), row-major."""
-        r = (np.arange(self.rows) * self.spacing)[:, None] * self.col_dir + self.position
-        c = (np.arange(self.cols) * self.spacing)[:, None] * self.row_dir
-        return (r.astype(dtype)[:, None, :] + c.astype(dtype)[None, :, :]).reshape(-1, 3)
+        return np.stack(self.coordinates(dtype=np.float64), axis=1)
+
+    def coordinates(self, frame: HeartFrame | None = None, dtype=np.float32) -> tuple:
+        """x, y, z of every pixel centre as three flat row-major arrays.
+
+        Patient coordinates, or heart-frame coordinates when `frame` is given.
+        """
+        pos, u, v = self.position, self.row_dir, self.col_dir
+        if frame is not None:  # the plane is affine: transform its three vectors only
+            pos = frame.axes @ (pos - frame.origin)
+            u, v = frame.axes @ u, frame.axes @ v
+        r = np.arange(self.rows) * self.spacing
+        c = np.arange(self.cols) * self.spacing
+        return tuple((pos[i] + r[:, None] * v[i] + c[None, :] * u[i]).astype(dtype).ravel()
+                     for i in range(3))
 
 
 def centered_plane(view, slice_index, center, row_dir, col_dir, spacing, rows, cols,
@@ -65,7 +77,7 @@ def lax_plane(ph: Phantom, params: StudyParams, view: str, jitter: int = 0) -> P
     `jitter` > 0 draws a different small planning error (a repeated acquisition).
     """
     ax = ph.frame.axes
-    ex, ey, ez = ax
+    ex, _, ez = ax
     idx = {"4CH": 0, "2CH": 1, "3CH": 2}[view]
     angle = {"4CH": 0.0, "2CH": 90.0, "3CH": params.three_ch_angle_deg}[view]
     angle += params.lax_rotation_deg[idx] + 2.5 * jitter

@@ -15,7 +15,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from evals.synth.dicom_encode import (
-    EXPLICIT_VR_LE, IMPLICIT_VR_LE, JPEG2000_LOSSLESS, RLE_LOSSLESS,
+    EXPLICIT_VR_LE,
+    IMPLICIT_VR_LE,
+    JPEG2000_LOSSLESS,
+    RLE_LOSSLESS,
 )
 from evals.synth.params import StudyParams
 from evals.synth.phantom import Phantom

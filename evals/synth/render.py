@@ -17,9 +17,9 @@ from evals.synth.params import StudyParams
 from evals.synth.phantom import Phantom, akinesis_weight, wall_profile
 from evals.synth.planes import Plane
 
-# tissue codes, in increasing precedence for the heart
+# tissue codes; where shapes overlap the highest code wins
 BACKGROUND, PERICARDIUM, EFFUSION, EPICARDIAL_FAT, VESSEL_WALL = 0, 1, 2, 3, 4
-RA, AORTA, LA, RV_WALL, RV_BLOOD, LV_MYOCARDIUM, LV_BLOOD, THROMBUS, SCAR = range(5, 14)
+RA, AORTA, LA, RV_WALL, RV_BLOOD, LV_MYOCARDIUM, SCAR, LV_BLOOD, THROMBUS = range(5, 14)
 N_CODES = 14
 
 # signal per tissue; background tissues are named, heart tissues use the codes above
@@ -53,6 +53,9 @@ class Appearance:
     myocardium_scale: float  # jitter of the blood/myocardium contrast
     noise_bank: np.ndarray  # (2, H, W) standard normals; frames read shifted windows
     noise_seed: int
+    noise_sigma: float
+    noise_real: np.ndarray  # sigma * bank[0], precomputed for the study's sigma
+    noise_imag_sq: np.ndarray  # (sigma * bank[1]) ** 2
 
 
 NOISE_PAD = 64
@@ -74,9 +77,11 @@ def study_appearance(params: StudyParams, max_rows: int = 256, max_cols: int = 2
     # pixel of every frame would dominate the generation time
     bank = noise_rng.standard_normal((2, max_rows + NOISE_PAD, max_cols + NOISE_PAD),
                                      dtype=np.float32)
+    sigma = np.float32(params.noise_sigma)
     return Appearance(texture_k, rng.uniform(0, 2 * np.pi, 12), bias_k,
                       rng.uniform(0, 2 * np.pi, 3), grad, params.bias_strength,
-                      float(rng.uniform(0.85, 1.15)), bank, params.noise_seed)
+                      float(rng.uniform(0.85, 1.15)), bank, params.noise_seed,
+                      params.noise_sigma, bank[0] * sigma, (bank[1] * sigma) ** 2)
 
 
 def plane_waves(plane: Plane, k: np.ndarray, phase: np.ndarray) -> np.ndarray:
@@ -109,31 +114,42 @@ def bias_field(plane: Plane, app: Appearance) -> np.ndarray:
     return np.exp(app.bias_strength * (0.6 * low - ramp)).astype(np.float32)
 
 
-def background(points: np.ndarray, params: StudyParams, tex: np.ndarray, contrast: dict):
-    """Signal of the torso around the heart at patient points (N, 3)."""
-    x, y, z = points[:, 0], points[:, 1], points[:, 2]
+_BG_TISSUES = ("air", "soft", "muscle", "fat", "lung", "liver", "bone", "csf", "blood")
+_BG_TEXTURE = (0.0, 0.10, 0.08, 0.05, 0.30, 0.06, 0.10, 0.0, 0.0)  # relative texture depth
+
+
+def background(xyz: tuple, params: StudyParams, tex: np.ndarray, contrast: dict) -> np.ndarray:
+    """Signal of the torso around the heart at patient points (x, y, z arrays).
+
+    Torso ellipse with subcutaneous fat and a muscle layer, two lungs, the liver
+    below the right hemidiaphragm, a vertebral body, the spinal canal and the
+    descending aorta; tissues are textured by the study's smooth random field.
+    """
+    x, y, z = xyz
     a, b = params.torso_mm
-    q = np.sqrt((x / a) ** 2 + (y / b) ** 2)
-    depth = np.hypot(x, y) * (1.0 / np.maximum(q, 1e-6) - 1.0)  # distance inside the skin
-    sig = np.full(x.shape, contrast["soft"], np.float32) * (1 + 0.10 * tex)
-    sig = np.where(depth < params.subcutaneous_fat_mm + 12.0, contrast["muscle"] * (1 + 0.08 * tex), sig)
-    sig = np.where(depth < params.subcutaneous_fat_mm, contrast["fat"] * (1 + 0.05 * tex), sig)
+    fat = params.subcutaneous_fat_mm
+    u8 = np.uint8
+    label = np.ones(x.shape, u8)  # soft tissue
 
-    def ellipsoid(c, s):
-        return ((x - c[0]) / s[0]) ** 2 + ((y - c[1]) / s[1]) ** 2 + ((z - c[2]) / s[2]) ** 2 <= 1
+    def inside(cx, cy, sx, sy, cz=0.0, sz=np.inf):
+        q = ((x - cx) / sx) ** 2 + ((y - cy) / sy) ** 2
+        return q <= 1 if np.isinf(sz) else q + ((z - cz) / sz) ** 2 <= 1
 
-    lung = ellipsoid((-88, 18, 25), (62, 85, 150)) | ellipsoid((98, 25, 25), (55, 82, 140))
-    sig = np.where(lung & (depth > params.subcutaneous_fat_mm + 14), contrast["lung"] * (1 + 0.3 * tex), sig)
-    liver = ellipsoid((-45, 15, -150), (115, 95, 95))
-    sig = np.where(liver, contrast["liver"] * (1 + 0.06 * tex), sig)
-    vb = np.hypot(x, y - (b - 42))
-    sig = np.where(vb < 18, contrast["bone"] * (1 + 0.1 * tex), sig)
-    sig = np.where(np.hypot(x, y - (b - 17)) < 7, contrast["csf"], sig)
-    sig = np.where(np.hypot(x - 24, y - (b - 68)) < 11, contrast["blood"], sig)
-    return np.where(q <= 1.0, sig, contrast["air"]).astype(np.float32)
+    label[~inside(0, 0, a - fat - 12, b - fat - 12)] = 2  # muscle under the fat
+    label[~inside(0, 0, a - fat, b - fat)] = 3
+    lungs = inside(-88, 18, 62, 85, 25, 150) | inside(98, 25, 55, 82, 25, 140)
+    label[lungs & inside(0, 0, a - fat - 14, b - fat - 14)] = 4
+    label[inside(-45, 15, 115, 95, -150, 95)] = 5
+    label[inside(0, b - 42, 18, 18)] = 6
+    label[inside(0, b - 17, 7, 7)] = 7
+    label[inside(24, b - 68, 11, 11)] = 8
+    label[~inside(0, 0, a, b)] = 0
+    level = np.array([contrast[t] for t in _BG_TISSUES], np.float32)
+    depth = np.array(_BG_TEXTURE, np.float32)
+    return level[label] * (1 + depth[label] * tex)
 
 
-def _roi(ph: Phantom, h: np.ndarray) -> np.ndarray:
+def _roi(ph: Phantom, hx, hy, hz) -> np.ndarray:
     """Pixels that any heart structure (with pericardium) can reach."""
     margin = ph.epicardial_fat + ph.effusion + 6.0
     wall = max(ph.wall_septal, ph.wall_lateral) * float(ph.thickening.max())
@@ -144,8 +160,7 @@ def _roi(ph: Phantom, h: np.ndarray) -> np.ndarray:
               (ph.aorta_base + ph.aorta_length * ph.aorta_dir)[2] + ph.aorta_radius)
     x_lo = -(ph.lv_radius + wall + margin + 10.0)
     z_lo = -(ph.lv_length_ed + ph.wall_apical * float(ph.thickening.max()) + margin)
-    return ((h[:, 0] > x_lo) & (h[:, 0] < x_hi) & (np.abs(h[:, 1]) < y_hi)
-            & (h[:, 2] > z_lo) & (h[:, 2] < top + 4.0))
+    return (hx > x_lo) & (hx < x_hi) & (np.abs(hy) < y_hi) & (hz > z_lo) & (hz < top + 4.0)
 
 
 def _envelope(ph: Phantom, x, y, z, rho, wall, d: float) -> np.ndarray:
@@ -159,9 +174,16 @@ def _envelope(ph: Phantom, x, y, z, rho, wall, d: float) -> np.ndarray:
     return (z <= 0) & (lv | rv)
 
 
-def tissue_codes(ph: Phantom, h: np.ndarray, frames: np.ndarray, scar: bool = False):
-    """Tissue code (T, N) uint8 of heart-frame points h (N, 3) at the given frames."""
-    x, y, z = (h[:, i].astype(np.float32) for i in range(3))
+def tissue_codes(ph: Phantom, h, frames: np.ndarray, scar: bool = False):
+    """Tissue code (T, N) uint8 of heart-frame points at the given frames.
+
+    `h` is an (N, 3) array or a tuple of three coordinate arrays.
+
+    Each structure is evaluated only on the points its bounding box can reach,
+    vectorised over frames; overlaps resolve to the highest code.
+    """
+    cols = h if isinstance(h, tuple) else (h[:, 0], h[:, 1], h[:, 2])
+    x, y, z = (np.ascontiguousarray(v, dtype=np.float32) for v in cols)
     rho2 = x * x + y * y
     rho = np.sqrt(rho2)
     cos_t = np.where(rho > 1e-6, x / np.maximum(rho, 1e-6), 1.0)
@@ -173,45 +195,37 @@ def tissue_codes(ph: Phantom, h: np.ndarray, frames: np.ndarray, scar: bool = Fa
         static[_envelope(ph, x, y, z, rho, wall, f + e)] = EFFUSION
     static[_envelope(ph, x, y, z, rho, wall, f)] = EPICARDIAL_FAT
     codes = np.repeat(static[None, :], len(frames), axis=0)
+    u8 = np.uint8
 
-    def col(a):  # per-frame scalars as a column for broadcasting over points
+    def col(a):  # per-frame scalars as a column, broadcasting over points
         return np.asarray(a, np.float32)[frames][:, None]
 
-    def paint(sel, mask, code):
-        sub = codes[:, sel]
-        sub[mask] = code
-        codes[:, sel] = sub
+    def merge(sel, group):
+        codes[:, sel] = np.maximum(codes[:, sel], group)
 
     # atria and aortic root (above the base plane)
-    up = np.flatnonzero(z >= -0.5)
+    up = np.flatnonzero(z >= 0)
     if up.size:
         xu, yu, zu = x[None, up], y[None, up], z[None, up]
         g = col(ph.atrial_scale)
+        group = np.zeros((len(frames), up.size), u8)
         for anchor, center, axes, code in ((ph.ra_anchor, ph.ra_center_es, ph.ra_axes_es, RA),
                                            (ph.la_anchor, ph.la_center_es, ph.la_axes_es, LA)):
-            c = anchor + g[..., None] * (center - anchor)  # (T, 1, 3)
-            q_in = (((xu - c[..., 0]) / (g * axes[0])) ** 2 + ((yu - c[..., 1]) / (g * axes[1])) ** 2
-                    + ((zu - c[..., 2]) / (g * axes[2])) ** 2)
-            q_out = (((xu - c[..., 0]) / (g * axes[0] + 2)) ** 2
-                     + ((yu - c[..., 1]) / (g * axes[1] + 2)) ** 2
-                     + ((zu - c[..., 2]) / (g * axes[2] + 2)) ** 2)
-            paint(up, (q_out <= 1) & (zu >= 0), VESSEL_WALL)
-            if code == RA:
-                ra_in = (q_in <= 1) & (zu >= 0)
-            else:
-                la_in = (q_in <= 1) & (zu >= 0)
+            d = [(v - a - g * (c - a)) for v, a, c in zip((xu, yu, zu), anchor, center)]
+            q_in = sum((di / (g * ax)) ** 2 for di, ax in zip(d, axes))
+            q_out = sum((di / (g * ax + 2)) ** 2 for di, ax in zip(d, axes))
+            group = np.maximum(group, np.where(q_in <= 1, u8(code),
+                                               np.where(q_out <= 1, u8(VESSEL_WALL), u8(0))))
         rel = [v[up] - np.float32(b) for v, b in zip((x, y, z), ph.aorta_base)]
         s = sum(r * np.float32(d) for r, d in zip(rel, ph.aorta_dir))
         d2 = sum(r * r for r in rel) - s * s
-        along = (s >= -2) & (s <= ph.aorta_length) & (z[up] >= 0)
-        ao_wall = along & (d2 <= (ph.aorta_radius + 2) ** 2)
-        ao_in = along & (d2 <= ph.aorta_radius**2)
-        paint(up, np.broadcast_to(ao_wall, (len(frames), up.size)), VESSEL_WALL)
-        paint(up, ra_in, RA)
-        paint(up, np.broadcast_to(ao_in, (len(frames), up.size)), AORTA)
-        paint(up, la_in, LA)
+        along = (s >= -2) & (s <= ph.aorta_length)
+        aorta = np.where(along & (d2 <= ph.aorta_radius**2), u8(AORTA),
+                         np.where(along & (d2 <= (ph.aorta_radius + 2) ** 2), u8(VESSEL_WALL),
+                                  u8(0)))
+        merge(up, np.maximum(group, aorta[None, :]))
 
-    # right ventricle: ellipsoid below the base plane; the LV painted after it wins
+    # right ventricle: ellipsoid below the base plane; the LV codes are higher and win
     rv0 = ph.rv_axes[0]
     sel = np.flatnonzero((z <= 0) & (z >= -(rv0[2] + ph.rv_wall + 1))
                          & (np.abs(y) <= rv0[1] + ph.rv_wall + 1)
@@ -223,8 +237,7 @@ def tissue_codes(ph: Phantom, h: np.ndarray, frames: np.ndarray, scar: bool = Fa
         w = ph.rv_wall
         outer = (dx / (ax + w)) ** 2 + (ys / (ay + w)) ** 2 + (zs / (az + w)) ** 2 <= 1
         inner = (dx / ax) ** 2 + (ys / ay) ** 2 + (zs / az) ** 2 <= 1
-        paint(sel, outer, RV_WALL)
-        paint(sel, inner, RV_BLOOD)
+        merge(sel, np.where(inner, u8(RV_BLOOD), np.where(outer, u8(RV_WALL), u8(0))))
 
     # left ventricle: myocardial shell, cavity, thrombus
     reach = ph.lv_radius + max(ph.wall_septal, ph.wall_lateral) * float(ph.thickening.max()) + 1
@@ -232,23 +245,23 @@ def tissue_codes(ph: Phantom, h: np.ndarray, frames: np.ndarray, scar: bool = Fa
     sel = np.flatnonzero((z <= 0) & (z >= -depth) & (rho <= reach))
     if sel.size:
         zs, r2, ws = z[sel], rho2[sel], wall[sel]
+        z2 = zs * zs
         wz = akinesis_weight(zs, ph.lv_length_ed, ph.akinesis).astype(np.float32)
         c, length, kappa = col(ph.contraction), col(ph.lv_length), col(ph.thickening)
         k_apex = 1 + (kappa - 1) * akinesis_weight(-length, ph.lv_length_ed, ph.akinesis)
         l_epi = length + k_apex * ph.wall_apical
         rc = ph.lv_radius * (1 - c * wz)
-        cavity = (zs >= -length) & (r2 <= rc * rc * (1 - (zs / length) ** 2))
-        k = 1 + (kappa - 1) * wz
-        r_epi = (rc + k * ws) * np.sqrt(np.clip(1 - (zs / l_epi) ** 2, 0, None))
-        epi = (zs >= -l_epi) & (r2 <= r_epi * r_epi)
-        paint(sel, epi, LV_MYOCARDIUM)
-        if scar and ph.akinesis:
-            paint(sel, epi & (wz < 0.5), SCAR)
-        paint(sel, cavity, LV_BLOOD)
+        cavity = (zs >= -length) & (r2 <= rc * rc * (1 - z2 / (length * length)))
+        r_epi = (rc + (1 + (kappa - 1) * wz) * ws)
+        epi = (zs >= -l_epi) & (r2 <= r_epi * r_epi * np.maximum(1 - z2 / (l_epi * l_epi), 0))
+        group = np.where(cavity, u8(LV_BLOOD), np.where(epi, u8(LV_MYOCARDIUM), u8(0)))
+        if scar and ph.akinesis:  # the akinetic apex is the infarct
+            group = np.where((group == LV_MYOCARDIUM) & (wz < 0.5), u8(SCAR), group)
         a, b, cz = ph.thrombus_radii
         if a > 0:
-            t_in = (x[sel] / a) ** 2 + (y[sel] / b) ** 2 + ((zs - ph.thrombus_center_z) / cz) ** 2 <= 1
-            paint(sel, cavity & t_in, THROMBUS)
+            t_in = (x[sel] / a) ** 2 + (y[sel] / b) ** 2 + ((zs - ph.thrombus_center_z) / cz) ** 2
+            group = np.where(cavity & (t_in <= 1), u8(THROMBUS), group)
+        merge(sel, group)
     return codes
 
 
@@ -289,62 +302,73 @@ def render_plane(
     """
     frames = np.arange(ph.n_frames) if frames is None else np.asarray(frames)
     contrast = CINE if contrast is None else contrast
-    pts = plane.pixel_positions(np.float32)
-    h = ph.frame.to_heart(pts)
+    h = plane.coordinates(frame=ph.frame)
     tex = texture(plane, app).ravel()
     if surroundings:
-        bg = background(pts, params, tex, contrast)
+        bg = background(plane.coordinates(), params, tex, contrast)
     else:
-        bg = np.full(len(pts), contrast["fat"], np.float32)
+        bg = np.full(tex.shape, contrast["fat"], np.float32)
     lut = np.array([np.nan] + [contrast[c] for c in range(1, N_CODES)], np.float32)
-    lut[LV_MYOCARDIUM] *= app.myocardium_scale
-    lut[RV_WALL] *= app.myocardium_scale
     if contrast is CINE:
+        lut[LV_MYOCARDIUM] *= app.myocardium_scale
+        lut[RV_WALL] *= app.myocardium_scale
         lut[SCAR] = lut[LV_MYOCARDIUM]
     rows, cols = plane.rows, plane.cols
-    roi = _roi(ph, h).reshape(rows, cols)
-    bg_img = bg.reshape(rows, cols)
-    out = np.empty((len(frames), rows, cols), np.float32)
-    out[:] = _blur(bg_img, params.blur_px)
+    roi = _roi(ph, *h).reshape(rows, cols)
+    base = _blur(bg.reshape(rows, cols), params.blur_px)  # the static scene
+    heart, box = None, (slice(0, 0), slice(0, 0))
     if roi.any():
         r_idx, c_idx = np.flatnonzero(roi.any(axis=1)), np.flatnonzero(roi.any(axis=0))
         r0, r1 = max(r_idx[0] - 1, 0), min(r_idx[-1] + 2, rows)
         c0, c1 = max(c_idx[0] - 1, 0), min(c_idx[-1] + 2, cols)
-        box = np.zeros((rows, cols), bool)
-        box[r0:r1, c0:c1] = True
-        flat = np.flatnonzero(box.ravel())
-        codes = tissue_codes(ph, h[flat], frames, scar=contrast is not CINE)
+        box_roi = roi[r0:r1, c0:c1].ravel()
+        flat = (np.arange(r0, r1)[:, None] * cols + np.arange(c0, c1)[None, :]).ravel()
+        inside = flat[box_roi]
+        codes = np.zeros((len(frames), flat.size), np.uint8)
+        codes[:, box_roi] = tissue_codes(ph, tuple(v[inside] for v in h), frames,
+                                         scar=contrast is not CINE)
         sig = np.where(codes > 0, lut[codes], bg[flat])
         sig = _blur(sig.reshape(len(frames), r1 - r0, c1 - c0), params.blur_px)
         # the outermost ring of the box saw the box edge, not the background
-        out[:, r0 + 1: r1 - 1, c0 + 1: c1 - 1] = sig[:, 1:-1, 1:-1]
-    gain = bias_field(plane, app) if bias else None
-    if noise and params.noise_sigma > 0:
-        return rician(out, app, params.noise_sigma, noise_stream, gain)
-    if gain is not None:
-        out *= gain
-    return out
+        heart, box = sig[:, 1:-1, 1:-1], (slice(r0 + 1, r1 - 1), slice(c0 + 1, c1 - 1))
+    gain = bias_field(plane, app) if bias else np.ones((rows, cols), np.float32)
+    sigma = params.noise_sigma if noise else 0.0
+    return compose(base, heart, box, gain, app, sigma, noise_stream, len(frames))
 
 
-def rician(img: np.ndarray, app: Appearance, sigma: float, stream: int,
-           gain: np.ndarray | None = None) -> np.ndarray:
-    """|img * gain + complex Gaussian noise|, in place, from shifted bank windows."""
-    t, rows, cols = img.shape
-    rng = np.random.default_rng([app.noise_seed, stream])
-    offsets = rng.integers(0, NOISE_PAD, size=(t, 2))
-    bank = app.noise_bank
-    s = np.float32(sigma)
-    re = np.empty((rows, cols), np.float32)
-    im = np.empty((rows, cols), np.float32)
+def compose(base: np.ndarray, heart: np.ndarray | None, box: tuple, gain: np.ndarray,
+            app: Appearance, sigma: float, stream: int, n_frames: int) -> np.ndarray:
+    """Frames = static scene with the moving heart box pasted in, times the coil
+    gain, plus Rician noise: |s * gain + n_re + i n_im| (sigma 0: no noise).
+
+    Noise comes from windows of the study's noise bank at random offsets.
+    """
+    rows, cols = base.shape
+    out = np.empty((n_frames, rows, cols), np.float32)
+    scene = base * gain
+    box_gain = gain[box]
+    if sigma <= 0:
+        out[:] = scene
+        if heart is not None:
+            out[(slice(None), *box)] = heart * box_gain
+        return out
+    if sigma == app.noise_sigma:
+        real, imag_sq = app.noise_real, app.noise_imag_sq
+    else:
+        real = app.noise_bank[0] * np.float32(sigma)
+        imag_sq = (app.noise_bank[1] * np.float32(sigma)) ** 2
+    offsets = np.random.default_rng([app.noise_seed, stream]).integers(0, NOISE_PAD, (n_frames, 2))
     for i, (dr, dc) in enumerate(offsets):
-        np.multiply(bank[0, dr: dr + rows, dc: dc + cols], s, out=re)
-        re += img[i] if gain is None else img[i] * gain
+        n_re = real[dr: dr + rows, dc: dc + cols]
+        re = out[i]
+        np.add(scene, n_re, out=re)
+        if heart is not None:
+            np.multiply(heart[i], box_gain, out=re[box])
+            re[box] += n_re[box]
         re *= re
-        np.multiply(bank[1, dr: dr + rows, dc: dc + cols], s, out=im)
-        im *= im
-        re += im
-        np.sqrt(re, out=img[i])
-    return img
+        re += imag_sq[dr: dr + rows, dc: dc + cols]
+        np.sqrt(re, out=re)
+    return out
 
 
 def flow_phase(ph: Phantom, params: StudyParams, app: Appearance, plane: Plane,
@@ -354,11 +378,9 @@ def flow_phase(ph: Phantom, params: StudyParams, app: Appearance, plane: Plane,
     Systolic forward flow with a parabolic profile in the aortic lumen, phase noise
     that grows as the magnitude falls, and random phase where there is no signal.
     """
-    pts = plane.pixel_positions(np.float32)
-    h = ph.frame.to_heart(pts)
-    rel = h - ph.aorta_base
-    s = np.einsum("nj,j->n", rel, ph.aorta_dir)
-    d2 = (rel * rel).sum(axis=1) - s * s
+    rel = [v - np.float32(b) for v, b in zip(plane.coordinates(frame=ph.frame), ph.aorta_base)]
+    s = sum(r * np.float32(d) for r, d in zip(rel, ph.aorta_dir))
+    d2 = sum(r * r for r in rel) - s * s
     lumen = ((s >= 0) & (s <= ph.aorta_length)
              & (d2 <= ph.aorta_radius**2)).reshape(plane.rows, plane.cols)
     profile = np.clip(1 - d2 / ph.aorta_radius**2, 0, None).reshape(plane.rows, plane.cols)
@@ -380,7 +402,7 @@ def contour_overlay(ph: Phantom, plane: Plane, frames: np.ndarray) -> np.ndarray
 
     Used for the derived (burnt-in segmentation) decoy series.
     """
-    h = ph.frame.to_heart(plane.pixel_positions(np.float32))
+    h = plane.coordinates(frame=ph.frame)
     codes = tissue_codes(ph, h, np.asarray(frames)).reshape(len(frames), plane.rows, plane.cols)
     out = np.zeros(codes.shape, bool)
     for region in (codes == LV_BLOOD, (codes == LV_BLOOD) | (codes == LV_MYOCARDIUM)):

@@ -44,7 +44,9 @@ def _effusion_size(mm: float) -> str:
 
 def write_report(labels: dict, params: StudyParams, rng: np.random.Generator) -> Report:
     """Compose the report of one study from its labels (and a few raw parameters)."""
-    pick = lambda options: options[int(rng.integers(len(options)))]  # noqa: E731
+    def pick(options):
+        return options[int(rng.integers(len(options)))]
+
     present = [f for f in FINDINGS if labels[f]]
     omitted = ()
     if present and rng.random() < OMISSION_RATE:
@@ -106,11 +108,11 @@ def write_report(labels: dict, params: StudyParams, rng: np.random.Generator) ->
     if say["hcm"]:
         mentions.append(("hcm", True))
         body.append(pick([
-            f"Asymmetric septal hypertrophy, maximal septal thickness {sep} mm versus {lat} mm "
-            "laterally, consistent with hypertrophic cardiomyopathy.",
+            (f"Asymmetric septal hypertrophy, maximal septal thickness {sep} mm versus {lat} mm "
+             "laterally, consistent with hypertrophic cardiomyopathy."),
             f"Hypertrophic cardiomyopathy phenotype with asymmetric septal hypertrophy ({sep} mm).",
-            f"Marked asymmetric hypertrophy of the interventricular septum ({sep} mm; septal to "
-            f"lateral ratio {sep / lat:.1f}), in keeping with HCM.",
+            (f"Marked asymmetric hypertrophy of the interventricular septum ({sep} mm; septal "
+             f"to lateral ratio {sep / lat:.1f}), in keeping with HCM."),
         ]))
     elif say["concentric_lvh"]:
         mentions.append(("concentric_lvh", True))
@@ -155,8 +157,8 @@ def write_report(labels: dict, params: StudyParams, rng: np.random.Generator) ->
     rvef = labels["rvef"]
     if say["rv_dilatation"]:
         mentions.append(("rv_dilatation", True))
-        body.append(pick([f"The right ventricle is dilated (RVEDV {labels['rvedv_ml']:.0f} ml, "
-                          f"{rvedvi} {unit}).",
+        rvedv = labels["rvedv_ml"]
+        body.append(pick([f"The right ventricle is dilated (RVEDV {rvedv:.0f} ml, {rvedvi} {unit}).",
                           f"RV dilatation (RVEDVi {rvedvi} {unit}).",
                           "Dilated right ventricle."]))
     elif not labels["rv_dilatation"] and rng.random() < 0.5:
@@ -176,8 +178,9 @@ def write_report(labels: dict, params: StudyParams, rng: np.random.Generator) ->
     lai = round(labels["la_volume_ml"] / bsa)
     if say["la_dilatation"]:
         mentions.append(("la_dilatation", True))
-        body.append(pick([f"The left atrium is dilated ({labels['la_volume_ml']:.0f} ml, "
-                          f"{lai} {unit}).", "LA enlargement.", "Dilated left atrium."]))
+        la = labels["la_volume_ml"]
+        body.append(pick([f"The left atrium is dilated ({la:.0f} ml, {lai} {unit}).",
+                          "LA enlargement.", "Dilated left atrium."]))
     if say["ra_dilatation"]:
         mentions.append(("ra_dilatation", True))
         body.append(pick(["Right atrial dilatation.",
@@ -211,8 +214,8 @@ def write_report(labels: dict, params: StudyParams, rng: np.random.Generator) ->
 
 
 def _preamble(params: StudyParams, rng: np.random.Generator) -> str:
-    options = ["Technique: cine SSFP imaging in the 4-chamber, 2-chamber and 3-chamber "
-               "long-axis planes and a short-axis stack.",
+    options = [("Technique: cine SSFP imaging in the 4-chamber, 2-chamber and 3-chamber "
+                "long-axis planes and a short-axis stack."),
                "Comparison: none.",
                "Indication: assessment of ventricular size and function."]
     if params.visit_index > 0:
