@@ -208,6 +208,13 @@ class ClipStore:
         self.clips.optimize(cleanup_older_than=timedelta(days=1))
 
     # -- reports and labels --------------------------------------------------------------
+    @staticmethod
+    def check_table_file(path: Path, kind: str) -> None:
+        """Fail fast (before a long ingest) on a report or label file that cannot be imported."""
+        table = _read_table(Path(path))
+        if kind == "reports" and "report" not in table.column_names:
+            raise InputError(f"{path} has no 'report' column (columns: {', '.join(table.column_names)})")
+
     def import_reports(self, path: Path) -> ImportResult:
         """Upsert report texts from a CSV/Parquet with columns study_uid, report."""
         result = ImportResult()

@@ -235,6 +235,9 @@ def ingest(
     """Ingest DICOM under ``paths`` (folders, zips, files) into ``store``; never raises on bad files."""
     t0 = time.perf_counter()
     report = IngestReport()
+    for kind, path in (("reports", reports), ("labels", labels)):
+        if path is not None:
+            store.check_table_file(path, kind)
     refs = discover(paths)
     report.files_found = len(refs)
     scratch = store.scratch_dir()

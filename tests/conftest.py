@@ -9,8 +9,8 @@ import pytest
 
 from indexer import ClipStore, IngestConfig, ingest
 
-COHORT_STUDIES = 16
-COHORT_SEED = 7
+COHORT_STUDIES = 10
+COHORT_SEED = 223  # covers every vendor style, decoy, transfer syntax, repeat (see tests/evals)
 SALT = b"test-salt"
 
 
@@ -28,7 +28,7 @@ def salt() -> bytes:
 
 @pytest.fixture(scope="session")
 def cohort(tmp_path_factory) -> Path:
-    """A synthetic cohort of 16 studies (all vendor styles, decoys, repeats) on disk."""
+    """A synthetic cohort of 10 studies (all vendor styles, decoys, repeats) on disk."""
     from evals.synth import generate_cohort
 
     out = tmp_path_factory.mktemp("cohort")

@@ -20,9 +20,9 @@ from evals.synth.dicom_encode import (
     Element,
     compress_frame,
     encapsulated_pixel_data,
+    encode_cached,
     encode_element,
     encode_elements,
-    encode_text,
     encoded_parts,
     file_meta_from,
     format_ds,
@@ -266,8 +266,8 @@ def _write_classic(series_dir, ident, plan, common, stored, times) -> None:
     numbers = _instance_numbers(plan)
     triggered = plan.kind != "localizer" and not plan.private_phase
     meta = meta_template(MR_IMAGE_STORAGE, ts)
-    trigger = [encode_text(0x00181060, "DS", format_ds(t), implicit) for t in times]
-    phase = [encode_text(0x20011008, "IS", str(k + 1), implicit) for k in range(len(times))]
+    trigger = [encode_element(0x00181060, "DS", format_ds(t), implicit) for t in times]
+    phase = [encode_cached(0x20011008, "IS", k + 1, implicit) for k in range(len(times))]
     for p, plane in enumerate(plan.planes):
         parts = dict(static)
         parts[0x00200032] = encode_element(0x00200032, "DS", list(plane.position), implicit)
@@ -279,8 +279,8 @@ def _write_classic(series_dir, ident, plan, common, stored, times) -> None:
         for k in range(len(times)):
             n = int(numbers[p, k])
             sop = uid(ident.seed, "sop", ident.study_index, plan.series_number, plan.repeat, n)
-            parts[0x00080018] = encode_text(0x00080018, "UI", sop, implicit)
-            parts[0x00200013] = encode_text(0x00200013, "IS", str(n), implicit)
+            parts[0x00080018] = encode_element(0x00080018, "UI", sop, implicit)
+            parts[0x00200013] = encode_cached(0x00200013, "IS", n, implicit)
             if triggered:
                 parts[0x00181060] = trigger[k]
             if plan.private_phase:

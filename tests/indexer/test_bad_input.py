@@ -21,8 +21,9 @@ def _study_dirs(cohort: Path) -> list[Path]:
 
 
 def _classic_cine_series(study: Path) -> Path:
-    """A folder holding a classic (one file per frame) long-axis cine of this study."""
-    for series in sorted(study.iterdir()):
+    """A folder holding a classic (one file per frame) 4CH cine of this study; the last
+    one, since an earlier acquisition of the same view is superseded and never decoded."""
+    for series in sorted(study.iterdir(), reverse=True):
         files = sorted(series.glob("*.dcm"))
         if len(files) >= 20:
             ds = pydicom.dcmread(files[0], stop_before_pixels=True)
