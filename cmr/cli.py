@@ -13,12 +13,16 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
-import typer
-from rich.console import Console
-from rich.table import Table
+# Lance's native logger warns on routine events (a table created on first write); keep
+# stderr for what the user must read. Must be set before lancedb is imported.
+os.environ.setdefault("LANCE_LOG", "error")
 
-from cmr.exceptions import CmrError
-from cmr.settings import Settings
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from cmr.exceptions import CmrError  # noqa: E402
+from cmr.settings import Settings  # noqa: E402
 
 app = typer.Typer(
     help="cmr-search: embedding store and similarity search for cine cardiac MRI.",

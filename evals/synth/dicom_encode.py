@@ -18,12 +18,19 @@ from collections.abc import Iterable, Sequence
 from functools import lru_cache
 
 import numpy as np
-from pydicom.dataelem import DataElement
+from pydicom.charset import default_encoding
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_data_element, write_dataset, write_file_meta_info
+from pydicom.filewriter import (
+    write_data_element,
+    write_dataset,
+    write_file_meta_info,
+    write_sequence_item,
+)
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.tag import BaseTag
 from pydicom.valuerep import format_number_as_ds
 
 EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
@@ -52,7 +59,7 @@ def _value(vr: str, value):
         return DicomSequence([dataset(item) for item in value])
     many = isinstance(value, (list, tuple, np.ndarray))
     if vr == "DS":
-        fmt = lambda v: v if isinstance(v, str) else format_ds(v)  # noqa: E731
+        fmt = lambda v: v if isinstance(v, str) else format_ds(v)
         return [fmt(v) for v in value] if many else fmt(value)
     if vr in _NUMBERS:
         cast = _NUMBERS[vr]
@@ -84,8 +91,8 @@ def _buffer(implicit: bool) -> DicomBytesIO:
     return fp
 
 
-def write_element(elem: DataElement, implicit: bool = False) -> bytes:
-    """One pydicom DataElement, little endian, encoded by pydicom."""
+def write_element(elem: DataElement | RawDataElement, implicit: bool = False) -> bytes:
+    """One pydicom (Raw)DataElement, little endian, encoded by pydicom."""
     fp = _buffer(implicit)
     write_data_element(fp, elem)
     return fp.getvalue()
@@ -96,10 +103,16 @@ def encode_element(tag: int, vr: str, value, implicit: bool = False) -> bytes:
     return write_element(data_element(tag, vr, value), implicit)
 
 
-@lru_cache(maxsize=8192)
+@lru_cache(maxsize=1 << 16)
 def encode_cached(tag: int, vr: str, value, implicit: bool = False) -> bytes:
-    """encode_element for hashable values that recur (instance numbers, lengths)."""
+    """encode_element for hashable values that recur (study-level elements, numbers)."""
     return encode_element(tag, vr, value, implicit)
+
+
+def _hashable(value):
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return tuple(_hashable(v) for v in value)
+    return value
 
 
 def encode_elements(elements: Iterable[Element], implicit: bool = False) -> bytes:
@@ -111,7 +124,39 @@ def encode_elements(elements: Iterable[Element], implicit: bool = False) -> byte
 
 def encoded_parts(elements: Iterable[Element], implicit: bool) -> dict[int, bytes]:
     """Each element encoded on its own, keyed by tag (for per-file merging in tag order)."""
-    return {t: encode_element(t, vr, v, implicit) for t, vr, v in elements}
+    return {t: encode_cached(t, vr, _hashable(v), implicit) if vr != "SQ"
+            else encode_element(t, vr, v, implicit) for t, vr, v in elements}
+
+
+def encode_item(elements: Iterable[Element], implicit: bool = False) -> bytes:
+    """One sequence item (Item tag, length, dataset), pydicom's write_sequence_item."""
+    fp = _buffer(implicit)
+    write_sequence_item(fp, dataset(elements), [default_encoding])
+    return fp.getvalue()
+
+
+def raw_sequence(tag: int, items: Iterable[bytes], implicit: bool = False) -> RawDataElement:
+    """A sequence element whose items are already encoded (by encode_item / raw_item).
+
+    pydicom writes a RawDataElement's value as it is, with its own tag, VR and length.
+    """
+    value = b"".join(items)
+    return RawDataElement(BaseTag(tag), "SQ", len(value), value, 0, implicit, True)
+
+
+def raw_item(elements: Iterable[RawDataElement], implicit: bool = False) -> bytes:
+    """One sequence item of already encoded sequence elements (pydicom writes it).
+
+    The item's original encoding is set to the one written, so that pydicom writes
+    the raw elements without decoding them.
+    """
+    ds = Dataset()
+    for elem in elements:
+        ds[elem.tag] = elem
+    ds.set_original_encoding(implicit, True, default_encoding)
+    fp = _buffer(implicit)
+    write_sequence_item(fp, ds, [default_encoding])
+    return fp.getvalue()
 
 
 def _file_meta_dataset(sop_class: str, sop_instance: str, transfer_syntax: str):
@@ -133,6 +178,7 @@ def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes:
     return fp.getvalue()
 
 
+@lru_cache(maxsize=64)
 def meta_template(sop_class: str, transfer_syntax: str) -> tuple[bytes, bytes]:
     """The meta elements before and after (0002,0003), which differs per file.
 
@@ -164,20 +210,46 @@ def file_meta_from(before: bytes, after: bytes, sop_instance: str) -> bytes:
     return b"".join((PREAMBLE, length, before, instance, after))
 
 
-def native_pixel_data(pixels: np.ndarray, implicit: bool) -> bytes:
+def native_pixel_element(pixels: np.ndarray) -> DataElement:
     """(7FE0,0010) OW with uncompressed little-endian 16-bit pixels."""
-    data = np.ascontiguousarray(pixels, dtype="<u2").tobytes()
-    return write_element(DataElement(0x7FE00010, "OW", data), implicit)
+    return DataElement(0x7FE00010, "OW", np.ascontiguousarray(pixels, dtype="<u2").tobytes())
 
 
-def encapsulated_pixel_data(frames: Sequence[bytes]) -> bytes:
+def native_pixel_data(pixels: np.ndarray, implicit: bool) -> bytes:
+    """native_pixel_element, encoded by pydicom."""
+    return write_element(native_pixel_element(pixels), implicit)
+
+
+def encapsulated_pixel_element(frames: Sequence[bytes]) -> DataElement:
     """(7FE0,0010) OB, undefined length: pydicom's encapsulation, one fragment per frame.
 
     The Basic Offset Table is filled for multi-frame data and left empty for one frame.
     """
     value = encapsulate(list(frames), has_bot=len(frames) > 1)
-    elem = DataElement(0x7FE00010, "OB", value, is_undefined_length=True)
-    return write_element(elem, False)
+    return DataElement(0x7FE00010, "OB", value, is_undefined_length=True)
+
+
+def encapsulated_pixel_data(frames: Sequence[bytes]) -> bytes:
+    """encapsulated_pixel_element, encoded by pydicom."""
+    return write_element(encapsulated_pixel_element(frames), False)
+
+
+def encode_file(meta: bytes, pieces: Iterable[bytes | DataElement | RawDataElement],
+                implicit: bool) -> bytes:
+    """A file from its file meta and its dataset's pieces, already in tag order.
+
+    A piece is either already encoded (bytes, from the functions above) or a
+    (Raw)DataElement that pydicom encodes here, into the same buffer.
+    """
+    fp = _buffer(False)
+    fp.write(meta)
+    fp.is_implicit_VR = implicit
+    for piece in pieces:
+        if isinstance(piece, bytes):
+            fp.write(piece)
+        else:
+            write_data_element(fp, piece)
+    return fp.getvalue()
 
 
 def compress_frame(frame: np.ndarray, transfer_syntax: str, bits_stored: int = 12) -> bytes:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import uuid
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -19,16 +20,21 @@ from evals.synth.dicom_encode import (
     IMPLICIT_VR_LE,
     Element,
     compress_frame,
-    encapsulated_pixel_data,
+    data_element,
+    encapsulated_pixel_element,
     encode_cached,
     encode_element,
     encode_elements,
+    encode_file,
+    encode_item,
     encoded_parts,
+    file_meta,
     file_meta_from,
     format_ds,
     meta_template,
-    native_pixel_data,
-    part10,
+    native_pixel_element,
+    raw_item,
+    raw_sequence,
 )
 from evals.synth.params import StudyParams
 from evals.synth.protocol import SeriesPlan, StudyProtocol
@@ -266,32 +272,42 @@ def _write_classic(series_dir, ident, plan, common, stored, times) -> None:
     numbers = _instance_numbers(plan)
     triggered = plan.kind != "localizer" and not plan.private_phase
     meta = meta_template(MR_IMAGE_STORAGE, ts)
-    trigger = [encode_element(0x00181060, "DS", format_ds(t), implicit) for t in times]
+    trigger = [encode_cached(0x00181060, "DS", format_ds(t), implicit) for t in times]
     phase = [encode_cached(0x20011008, "IS", k + 1, implicit) for k in range(len(times))]
+    per_file = (0x00080018, 0x00200013) + ((0x00181060,) if triggered else ()) + (
+        (0x20011008,) if plan.private_phase else ())
     for p, plane in enumerate(plan.planes):
         parts = dict(static)
         parts[0x00200032] = encode_element(0x00200032, "DS", list(plane.position), implicit)
         parts[0x00201041] = encode_element(0x00201041, "DS", _slice_location(plane), implicit)
-        for tag in (0x00080018, 0x00200013) + ((0x00181060,) if triggered else ()) + (
-                (0x20011008,) if plan.private_phase else ()):
-            parts[tag] = b""
-        order = sorted(parts)
+        layout = _layout(parts, per_file)
         for k in range(len(times)):
             n = int(numbers[p, k])
             sop = uid(ident.seed, "sop", ident.study_index, plan.series_number, plan.repeat, n)
-            parts[0x00080018] = encode_element(0x00080018, "UI", sop, implicit)
-            parts[0x00200013] = encode_cached(0x00200013, "IS", n, implicit)
-            if triggered:
-                parts[0x00181060] = trigger[k]
-            if plan.private_phase:
-                parts[0x20011008] = phase[k]
+            changing = {0x00080018: data_element(0x00080018, "UI", sop),
+                        0x00200013: encode_cached(0x00200013, "IS", n, implicit),
+                        0x00181060: trigger[k], 0x20011008: phase[k]}
             frame = stored[p, k]
             if ts in ENCAPSULATED:
-                pixels = encapsulated_pixel_data([compress_frame(frame, ts, BITS_STORED)])
+                pixels = encapsulated_pixel_element([compress_frame(frame, ts, BITS_STORED)])
             else:
-                pixels = native_pixel_data(frame, implicit)
-            _write_file(series_dir / f"IM_{n:04d}.dcm", b"".join(
-                [file_meta_from(*meta, sop), *(parts[t] for t in order), pixels]))
+                pixels = native_pixel_element(frame)
+            pieces = [changing[x] if isinstance(x, int) else x for x in layout]
+            _write_file(series_dir / f"IM_{n:04d}.dcm", encode_file(
+                file_meta_from(*meta, sop), [*pieces, pixels], implicit))
+
+
+def _layout(static: dict[int, bytes], per_file: tuple[int, ...]) -> list:
+    """Tag order of a file: runs of encoded static elements joined, per-file tags between."""
+    layout: list = []
+    for tag in sorted({*static, *per_file}):
+        if tag in per_file:
+            layout.append(tag)
+        elif layout and isinstance(layout[-1], bytes):
+            layout[-1] += static[tag]
+        else:
+            layout.append(static[tag])
+    return layout
 
 
 def _write_enhanced(series_dir, ident, plan, common, stored, times) -> None:
@@ -319,14 +335,15 @@ def _write_enhanced(series_dir, ident, plan, common, stored, times) -> None:
     # frames in the file: phase-major or slice-major; in-stack positions base -> apex
     order = ([(p, k) for k in range(n_t) for p in range(n_p)] if plan.order == "phase_major"
              else [(p, k) for p in range(n_p) for k in range(n_t)])
-    per_frame = []
-    for p, k in order:
-        per_frame.append([
-            (0x00189118, "SQ", [[(0x00209153, "FD", float(times[k]))]]),
-            (0x00209111, "SQ", [[(0x00209056, "SH", "1"), (0x00209057, "UL", p + 1),
-                                 (0x00209128, "UL", k + 1), (0x00209157, "UL", [p + 1, k + 1])]]),
-            (0x00209113, "SQ", [[(0x00200032, "DS", list(plan.planes[p].position))]]),
-        ])
+    # per-frame functional groups: pydicom encodes each distinct item once (a trigger
+    # time, a position, a frame content) and writes the frames' items from them
+    cardiac = [encode_item([(0x00209153, "FD", float(t))]) for t in times]
+    position = [encode_item([(0x00200032, "DS", list(pl.position))]) for pl in plan.planes]
+    per_frame = raw_sequence(0x52009230, [
+        raw_item([raw_sequence(0x00189118, [cardiac[k]]),
+                  raw_sequence(0x00209111, [_frame_content(p + 1, k + 1)]),
+                  raw_sequence(0x00209113, [position[p]])])
+        for p, k in order])
     sop = uid(ident.seed, "sop", ident.study_index, plan.series_number, plan.repeat, 1)
     top += [
         (0x00080018, "UI", sop),
@@ -344,16 +361,26 @@ def _write_enhanced(series_dir, ident, plan, common, stored, times) -> None:
         (0x00089206, "CS", "VOLUME"),
         (0x00089207, "CS", "NONE"),
         (0x52009229, "SQ", [shared_item]),
-        (0x52009230, "SQ", per_frame),
     ]
     top = [el for el in {el[0]: el for el in top}.values()]  # later entries win
+    assert max(el[0] for el in top) < per_frame.tag  # per-frame groups follow, in tag order
     frames = np.stack([stored[p, k] for p, k in order])
-    body = encode_elements(top)
     if ts in ENCAPSULATED:
-        body += encapsulated_pixel_data([compress_frame(f, ts, BITS_STORED) for f in frames])
+        pixels = encapsulated_pixel_element([compress_frame(f, ts, BITS_STORED) for f in frames])
     else:
-        body += native_pixel_data(frames, False)
-    _write_file(series_dir / "IM_0001.dcm", part10(ENHANCED_MR_IMAGE_STORAGE, sop, ts, body))
+        pixels = native_pixel_element(frames)
+    _write_file(series_dir / "IM_0001.dcm", encode_file(
+        file_meta(ENHANCED_MR_IMAGE_STORAGE, sop, ts),
+        [encode_elements(top), per_frame, pixels], False))
+
+
+@lru_cache(maxsize=4096)
+def _frame_content(stack_position: int, temporal_position: int) -> bytes:
+    """Frame Content Sequence item of a frame (the same in every series)."""
+    return encode_item([
+        (0x00209056, "SH", "1"), (0x00209057, "UL", stack_position),
+        (0x00209128, "UL", temporal_position),
+        (0x00209157, "UL", [stack_position, temporal_position])])
 
 
 def top_datetime(common: list) -> str:

@@ -2,33 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pydicom
 import pytest
 
+from evals.synth.variants import strip_view_names
 from indexer import ClipStore, IngestConfig, ingest
-
-
-def anonymise_descriptions(src: Path, dst: Path, n_studies: int) -> None:
-    """Copy a DICOM tree, replacing SeriesDescription/ProtocolName with 'Series N' and
-    folder names with neutral ones, so only the geometry tells the view."""
-    for i, study in enumerate(sorted(p for p in src.iterdir() if p.is_dir())[:n_studies]):
-        for j, series in enumerate(sorted(p for p in study.iterdir() if p.is_dir())):
-            out = dst / f"s{i:03d}" / f"x{j:03d}"
-            out.mkdir(parents=True)
-            for f in sorted(series.glob("*.dcm")):
-                ds = pydicom.dcmread(f)
-                ds.SeriesDescription = f"Series {ds.get('SeriesNumber', j)}"
-                if "ProtocolName" in ds:
-                    del ds.ProtocolName
-                ds.save_as(out / f.name)
 
 
 @pytest.fixture(scope="module")
 def renamed_store(cohort, tmp_path_factory, salt):
     root = tmp_path_factory.mktemp("renamed")
-    anonymise_descriptions(cohort / "dicom", root / "dicom", n_studies=6)
+    strip_view_names(cohort / "dicom", root / "dicom", n_studies=6)
     store = ClipStore.open(root / "store", create=True)
     report = ingest([root / "dicom"], store, IngestConfig(workers=2), salt, progress=False)
     return store, report
