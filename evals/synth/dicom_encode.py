@@ -53,14 +53,17 @@ def format_ds(x: float) -> str:
     return format_number_as_ds(float(x))
 
 
+def _ds(value) -> str:
+    return value if isinstance(value, str) else format_ds(value)
+
+
 def _value(vr: str, value):
     """A Python value pydicom accepts for `vr` (numpy scalars, DS floats formatted)."""
     if vr == "SQ":
         return DicomSequence([dataset(item) for item in value])
     many = isinstance(value, (list, tuple, np.ndarray))
     if vr == "DS":
-        fmt = lambda v: v if isinstance(v, str) else format_ds(v)
-        return [fmt(v) for v in value] if many else fmt(value)
+        return [_ds(v) for v in value] if many else _ds(value)
     if vr in _NUMBERS:
         cast = _NUMBERS[vr]
         return [cast(v) for v in value] if many else cast(value)
@@ -103,7 +106,7 @@ def encode_element(tag: int, vr: str, value, implicit: bool = False) -> bytes:
     return write_element(data_element(tag, vr, value), implicit)
 
 
-@lru_cache(maxsize=1 << 16)
+@lru_cache(maxsize=1 << 16, typed=True)
 def encode_cached(tag: int, vr: str, value, implicit: bool = False) -> bytes:
     """encode_element for hashable values that recur (study-level elements, numbers)."""
     return encode_element(tag, vr, value, implicit)
@@ -159,7 +162,8 @@ def raw_item(elements: Iterable[RawDataElement], implicit: bool = False) -> byte
     return fp.getvalue()
 
 
-def _file_meta_dataset(sop_class: str, sop_instance: str, transfer_syntax: str):
+def _file_meta_dataset(sop_class: str, sop_instance: str,
+                       transfer_syntax: str) -> FileMetaDataset:
     fm = FileMetaDataset()
     fm.FileMetaInformationVersion = b"\x00\x01"
     fm.MediaStorageSOPClassUID = sop_class
@@ -182,8 +186,8 @@ def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes:
 def meta_template(sop_class: str, transfer_syntax: str) -> tuple[bytes, bytes]:
     """The meta elements before and after (0002,0003), which differs per file.
 
-    Encoded once per series by pydicom from the same FileMetaDataset that
-    write_file_meta_info writes; file_meta_from adds the per-file elements.
+    Encoded by pydicom once per (SOP class, transfer syntax) from the same
+    FileMetaDataset that file_meta writes; file_meta_from adds the per-file elements.
     """
     fm = _file_meta_dataset(sop_class, "", transfer_syntax)
     before, after = Dataset(), Dataset()

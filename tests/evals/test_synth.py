@@ -41,6 +41,9 @@ from evals.synth.dicom_encode import (
     compress_frame,
     encapsulated_pixel_data,
     encode_elements,
+    file_meta,
+    file_meta_from,
+    meta_template,
     native_pixel_data,
     part10,
 )
@@ -596,6 +599,14 @@ def test_native_implicit_vr_round_trip(tmp_path):
     np.testing.assert_array_equal(ds.pixel_array, frame)
     assert [float(x) for x in ds.ImagePositionPatient] == pytest.approx([-12.3456789, 1e-7, 250])
     assert float(ds.RescaleSlope) == 2.44
+
+
+@pytest.mark.parametrize("syntax", [EXPLICIT_VR_LE, IMPLICIT_VR_LE, RLE_LOSSLESS])
+def test_cached_file_meta_matches_pydicom_file_meta(syntax):
+    sop_class, sop = "1.2.840.10008.5.1.4.1.1.4", "2.25.12345678901234567890123"
+    for uid in (sop, sop + "4"):  # odd and even lengths
+        assert file_meta_from(*meta_template(sop_class, syntax), uid) == file_meta(
+            sop_class, uid, syntax)
 
 
 # ---------------------------------------------------------------- slow
