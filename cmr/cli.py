@@ -107,7 +107,7 @@ def ingest(
 
 def _run_ingest(paths, root, cfg, settings: Settings, reports=None, labels=None):
     from indexer.clip_store import ClipStore
-    from indexer.ingest import ingest as run_ingest
+    from indexer.ingestion import ingest as run_ingest
 
     try:
         clip_store = ClipStore.open(root, cfg.clip, create=True)

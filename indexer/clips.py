@@ -16,7 +16,7 @@ from indexer.discover import FileRef
 from indexer.headers import read_dataset
 from indexer.series import ClipPlan
 
-__all__ = ["resample_cycle", "fixed_fov", "robust_uint8", "make_clip", "read_frames", "decode_stack", "PixelError"]
+__all__ = ["cycle_indices", "clip_frames", "fixed_fov", "robust_uint8", "make_clip", "read_frames", "decode_stack", "PixelError"]
 
 
 class PixelError(ValueError):
@@ -27,17 +27,14 @@ class PixelError(ValueError):
         self.where = where  # the file at fault, when one is
 
 
-def resample_cycle(stack: np.ndarray, frames: int) -> np.ndarray:
-    """Sample ``frames`` time points uniformly over the cycle that ``stack`` [N, H, W] spans.
+def cycle_indices(n: int, frames: int) -> np.ndarray:
+    """Which of ``n`` acquired frames (one cycle, in order) make ``frames`` time points spread
+    uniformly over the cycle: the nearest acquired frame to each, repeated when n < frames.
 
-    The cycle is periodic, so the sample after the last frame interpolates towards frame 0.
+    Choosing acquired frames rather than blending neighbours keeps every clip frame a real
+    image, and lets ingestion decode only these frames.
     """
-    n = stack.shape[0]
-    t = np.arange(frames) * (n / frames)
-    lo = np.floor(t).astype(int) % n
-    hi = (lo + 1) % n
-    w = (t - np.floor(t)).astype(np.float32)[:, None, None]
-    return stack[lo] * (1 - w) + stack[hi] * w
+    return np.floor(np.arange(frames) * (n / frames) + 0.5).astype(int) % n
 
 
 def fixed_fov(stack: np.ndarray, pixel_spacing: tuple[float, float], size: int, fov_mm: float) -> np.ndarray:
@@ -74,8 +71,10 @@ def robust_uint8(clip: np.ndarray, low_percentile: float, high_percentile: float
 
 
 def make_clip(stack: np.ndarray, pixel_spacing: tuple[float, float], cfg: ClipConfig) -> np.ndarray:
-    """Decoded frames [N, H, W] of one slice, in cycle order -> canonical uint8 clip [T, S, S]."""
-    cycle = resample_cycle(stack.astype(np.float32, copy=False), cfg.frames)
+    """Decoded frames [N, H, W] of one slice, in cycle order -> canonical uint8 clip [T, S, S].
+
+    A stack of exactly T frames is taken as already chosen by ``cycle_indices``."""
+    cycle = stack[cycle_indices(len(stack), cfg.frames)].astype(np.float32, copy=False)
     return robust_uint8(fixed_fov(cycle, pixel_spacing, cfg.size, cfg.fov_mm), cfg.low_percentile, cfg.high_percentile)
 
 
@@ -132,6 +131,11 @@ def decode_stack(
     return out
 
 
-def read_frames(plan: ClipPlan) -> np.ndarray:
-    """Decode a planned clip's frames from disk (used when no worker has them in memory)."""
-    return decode_stack(plan.frames, plan.rows, plan.columns, lambda ref: read_dataset(ref, pixels=True))
+def clip_frames(frames: list[tuple[FileRef, int]], cfg: ClipConfig) -> list[tuple[FileRef, int]]:
+    """The (file, frame) pairs a clip needs out of a slice's full cycle."""
+    return [frames[i] for i in cycle_indices(len(frames), cfg.frames)]
+
+
+def read_frames(plan: ClipPlan, cfg: ClipConfig) -> np.ndarray:
+    """Decode from disk the frames a planned clip needs (when no worker has them in memory)."""
+    return decode_stack(clip_frames(plan.frames, cfg), plan.rows, plan.columns, lambda ref: read_dataset(ref, pixels=True))

@@ -68,6 +68,7 @@ class FileHeader:
     age: float | None
     study_date: str
     frames: list[FrameGeom] = field(default_factory=list)
+    pixel_problem: str = ""  # set when the file was read with pixels and they are absent or short
 
 
 @dataclass(frozen=True)
@@ -272,6 +273,21 @@ def header_from_dataset(ds: Dataset, ref: FileRef, salt: bytes) -> FileHeader | 
     )
 
 
+def pixel_problem(ds: Dataset, header: FileHeader) -> str:
+    """What is wrong with a file's pixel data that can be seen without decoding it: absent,
+    or (uncompressed) shorter than rows x columns x frames. Every frame of a series is
+    checked, including the ones a clip does not decode, so a damaged series is never
+    written as if it were whole."""
+    if "PixelData" not in ds:
+        return "missing pixel data" if "FloatPixelData" not in ds else ""
+    if ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2").is_compressed:
+        return ""
+    bits = _int(_text(ds, "BitsAllocated"), 16)
+    expected = header.rows * header.columns * len(header.frames) * bits // 8
+    got = len(ds.PixelData)
+    return f"truncated pixel data ({got} of {expected} bytes)" if got < expected else ""
+
+
 def read_dataset(ref: FileRef, pixels: bool) -> Dataset:
     """Parse one file (with its pixel bytes, undecoded, when ``pixels``). Files without the
     128-byte preamble (old ACR-NEMA style exports) are retried leniently but only accepted
@@ -302,6 +318,9 @@ def read_header(ref: FileRef, salt: bytes, pixels: bool = False) -> tuple[FileHe
     try:
         with warnings.catch_warnings():  # vendor quirks warn per element; the report is what counts
             warnings.simplefilter("ignore")
-            return header_from_dataset(ds, ref, salt), ds
+            header = header_from_dataset(ds, ref, salt)
+            if pixels and isinstance(header, FileHeader):
+                header.pixel_problem = pixel_problem(ds, header)
+            return header, ds
     except Exception as err:
         return Rejection(str(ref), f"unusable DICOM header: {type(err).__name__}: {err}"), None

@@ -170,6 +170,9 @@ def plan_series(files: list[FileHeader], min_frames: int = 8) -> tuple[list[_Sli
         return [], Rejection(where, f"not a cine: {reason}", by_design=True, **base)
     if len({(h.rows, h.columns) for h in files}) > 1:
         return [], Rejection(where, "ragged frame sizes within the series; re-export it", **base)
+    damaged = [h for h in files if h.pixel_problem]
+    if damaged:
+        return [], Rejection(str(damaged[0].ref), f"series {first.series_number} '{desc}': {len(damaged)} file(s) with bad pixel data, e.g. {damaged[0].pixel_problem}", **base)
     slices = _split_slices(files)
     for i, sl in enumerate(slices):
         sl.series_slice = i

@@ -90,6 +90,8 @@ def test_frames_follow_trigger_time_not_instance_number(ingested, truth, cohort)
     stack = np.stack([d.pixel_array * float(d.get("RescaleSlope", 1)) + float(d.get("RescaleIntercept", 0)) for d in by_time])
     expected = make_clip(stack, tuple(float(v) for v in by_time[0].PixelSpacing), store.clip_config)
     assert np.array_equal(stored, expected)
+    # and the clip frames are acquired frames spread over the cycle, not the first 16
+    assert not np.array_equal(stored, make_clip(stack[: len(stored)], tuple(float(v) for v in by_time[0].PixelSpacing), store.clip_config))
     # the heart beats: frames differ, and the cycle closes (last frame near the first)
     diffs = np.abs(np.diff(stored.astype(float), axis=0)).mean(axis=(1, 2))
     assert diffs.max() > 1.0

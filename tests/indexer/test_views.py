@@ -75,3 +75,14 @@ def test_lax_geometry(rotation, view):
 def test_plane_not_containing_long_axis_is_other():
     axis, _, _ = _heart_axes()
     assert lax_view_from_geometry(axis, axis) == "OTHER"
+
+
+def test_cycle_indices_spread_over_one_cycle():
+    from indexer.clips import cycle_indices
+
+    idx = cycle_indices(30, 16)
+    assert len(idx) == 16 and idx[0] == 0 and np.all(np.diff(idx) > 0) and idx[-1] < 30
+    assert np.allclose(np.diff(idx), 30 / 16, atol=1)
+    assert list(cycle_indices(16, 16)) == list(range(16))
+    short = cycle_indices(10, 16)  # fewer acquired frames than clip frames: repeats, in order
+    assert len(short) == 16 and np.all(np.diff(short) >= 0) and set(short) == set(range(10))

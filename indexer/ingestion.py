@@ -19,22 +19,25 @@ import shutil
 import time
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from indexer.clip_store import ClipStore
 import numpy as np
 
-from indexer.clips import PixelError, decode_stack, make_clip, read_frames
+from indexer.clips import PixelError, clip_frames, decode_stack, make_clip, read_frames
 from indexer.config import IngestConfig
 from indexer.discover import FileRef, discover
 from indexer.headers import FileHeader, Rejection, read_header
 from indexer.series import ClipPlan, StudyPlan, group_by_series, group_by_study, plan_series, plan_study
+
+if TYPE_CHECKING:
+    from indexer.clip_store import ClipStore
 
 __all__ = ["IngestReport", "ingest", "clip_id", "build_study", "scan_unit", "units_of", "frames_key"]
 
@@ -58,6 +61,7 @@ class IngestReport:
     labels_imported: int = 0
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per stage: read, plan, write, tables
 
     @property
     def exit_code(self) -> int:
@@ -150,7 +154,8 @@ def scan_unit(refs: list[FileRef], salt: bytes, cfg: IngestConfig, scratch: Path
             frames = [(h.ref, f.file_frame) for h, f in sl.ordered]
             key = frames_key(files[0].series_uid, sl.series_slice, frames)
             try:
-                stack = decode_stack(frames, files[0].rows, files[0].columns, datasets.__getitem__)
+                # only the frames the clip keeps are decoded; the rest were parsed, never decoded
+                stack = decode_stack(clip_frames(frames, cfg.clip), files[0].rows, files[0].columns, datasets.__getitem__)
                 np.save(scratch / f"{key}.npy", make_clip(stack, files[0].pixel_spacing, cfg.clip))
             except PixelError as err:
                 out.failures[key] = (err.where, str(err))
@@ -167,7 +172,7 @@ def build_study(plan: StudyPlan, cfg: IngestConfig, scratch: Path, failures: dic
         try:
             if key in failures:
                 raise PixelError(failures[key][1], failures[key][0])
-            clip = np.load(path) if path.exists() else make_clip(read_frames(cp), cp.pixel_spacing, cfg.clip)
+            clip = np.load(path) if path.exists() else make_clip(read_frames(cp, cfg.clip), cp.pixel_spacing, cfg.clip)
             rows.append(_row(cp, clip, cfg))
         except PixelError as err:
             where = err.where or f"series {cp.series_number} '{cp.series_description}'"
@@ -191,14 +196,22 @@ def units_of(refs: list[FileRef], max_files: int) -> list[list[FileRef]]:
     return units
 
 
-def _pool_map(fn: Callable, items: list, workers: int, chunksize: int) -> Iterator:
-    if workers <= 1 or len(items) <= 1:
-        yield from map(fn, items)
+@contextmanager
+def _pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
+    """One process pool for the whole run (None: work in this process)."""
+    if workers <= 1:
+        yield None
         return
-    # forkserver: the parent holds Lance's native threads, which fork() would copy mid-lock
+    # forkserver: the parent holds Lance's native threads, which fork() would copy mid-lock.
+    # Preloading this module in the server makes each worker a cheap fork, not a fresh import.
     ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        yield from pool.map(fn, items, chunksize=chunksize)
+        yield pool
+
+
+def _map(pool: ProcessPoolExecutor | None, fn: Callable, items: list, chunksize: int) -> Iterator:
+    return map(fn, items) if pool is None else pool.map(fn, items, chunksize=chunksize)
 
 
 def _progress(enabled: bool) -> Progress:
@@ -242,11 +255,12 @@ def ingest(
     report.files_found = len(refs)
     scratch = store.scratch_dir()
     try:
-        with _progress(progress) as bar:
-            plans, failures = _scan(refs, cfg, salt, scratch, report, bar)
+        with _progress(progress) as bar, _pool(cfg.workers) as pool:
+            plans, failures = _scan(pool, refs, cfg, salt, scratch, report, bar)
+            t_write = time.perf_counter()
             task = bar.add_task("studies", total=len(plans))
             jobs = [(p, {k: failures[k] for c in p.clips if (k := frames_key(c.series_uid, c.series_slice, c.frames)) in failures}) for p in plans]
-            results = _pool_map(partial(_build_job, cfg=cfg, scratch=scratch), jobs, cfg.workers, chunksize=4)
+            results = _map(pool, partial(_build_job, cfg=cfg, scratch=scratch), jobs, chunksize=4)
             for batch in _batches(results, cfg.studies_per_commit):
                 rows = []
                 for study_rows, failed in batch:
@@ -264,31 +278,38 @@ def ingest(
         shutil.rmtree(scratch, ignore_errors=True)
     if report.studies_written:
         store.optimize()
+    report.phases["write"] = round(time.perf_counter() - t_write, 2)
+    t_tables = time.perf_counter()
     _import_tables(store, report, reports, labels)
+    report.phases["tables"] = round(time.perf_counter() - t_tables, 2)
     report.seconds = round(time.perf_counter() - t0, 2)
     _save(store, report)
     return report
 
 
-def _scan(refs, cfg: IngestConfig, salt: bytes, scratch: Path, report: IngestReport, bar) -> tuple[list[StudyPlan], dict]:
+def _scan(pool, refs, cfg: IngestConfig, salt: bytes, scratch: Path, report: IngestReport, bar) -> tuple[list[StudyPlan], dict]:
     """Pass over all files (one read each) and plan every study from the headers."""
+    t0 = time.perf_counter()
     task = bar.add_task("files", total=len(refs))
     headers: list[FileHeader] = []
     failures: dict = {}
     units = units_of(refs, max_files=cfg.max_files_per_unit)
-    for result in _pool_map(partial(scan_unit, salt=salt, cfg=cfg, scratch=scratch), units, cfg.workers, chunksize=1):
+    for result in _map(pool, partial(scan_unit, salt=salt, cfg=cfg, scratch=scratch), units, chunksize=1):
         headers += result.headers
         failures.update(result.failures)
         for r in result.rejections:
             (report.skipped if r.by_design else report.rejected).append(asdict(r))
         bar.advance(task, result.files)
     report.files_read = len(headers)
+    report.phases["read"] = round(time.perf_counter() - t0, 2)
+    t0 = time.perf_counter()
     studies = group_by_study(headers)
     report.studies_found = len(studies)
     plans = [plan_study(h, cfg.min_frames) for h in studies.values()]
     for plan in plans:
         report.skipped += [asdict(r) for r in plan.skipped]
         report.rejected += [asdict(r) for r in plan.rejected]
+    report.phases["plan"] = round(time.perf_counter() - t0, 2)
     return [p for p in plans if p.clips], failures
 
 
