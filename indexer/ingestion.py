@@ -305,7 +305,7 @@ def _scan(pool, refs, cfg: IngestConfig, salt: bytes, scratch: Path, report: Ing
     t0 = time.perf_counter()
     studies = group_by_study(headers)
     report.studies_found = len(studies)
-    plans = [plan_study(h, cfg.min_frames) for h in studies.values()]
+    plans = [plan_study(h, cfg.min_frames, cfg.allow_partial) for h in studies.values()]
     for plan in plans:
         report.skipped += [asdict(r) for r in plan.skipped]
         report.rejected += [asdict(r) for r in plan.rejected]

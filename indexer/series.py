@@ -208,8 +208,11 @@ def group_by_series(headers: list[FileHeader]) -> dict[str, list[FileHeader]]:
     return dict(series)
 
 
-def plan_study(headers: list[FileHeader], min_frames: int = 8) -> StudyPlan:
-    """Decide the clips of one study from its file headers (pure; no pixels are read)."""
+def plan_study(headers: list[FileHeader], min_frames: int = 8, allow_partial: bool = False) -> StudyPlan:
+    """Decide the clips of one study from its file headers (pure; no pixels are read).
+
+    A study with a rejected (damaged) series plans no clips unless ``allow_partial``:
+    it is stored whole or not at all."""
     plan = StudyPlan(headers[0].study_uid, headers[0].patient_key)
     candidates: list[_Slice] = []
     for files in group_by_series(headers).values():
@@ -220,6 +223,11 @@ def plan_study(headers: list[FileHeader], min_frames: int = 8) -> StudyPlan:
     _classify_by_geometry(candidates)
     _keep_last_repeats(plan, candidates)
     plan.clips = _to_clips(plan, candidates)
+    if plan.rejected and plan.clips and not allow_partial:
+        plan.rejected.append(
+            Rejection(f"study {plan.study_uid}", f"not written: {len(plan.rejected)} series rejected (use --allow-partial to keep the rest)", plan.study_uid)
+        )
+        plan.clips = []
     return plan
 
 

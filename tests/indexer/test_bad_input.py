@@ -61,6 +61,7 @@ def damaged(cohort, tmp_path) -> dict:
     ds.save_as(f)
     # 4. a cine with a single frame
     ds = pydicom.dcmread(sorted(_classic_cine_series(good).glob("*.dcm"))[0])
+    ds.StudyInstanceUID = pydicom.uid.generate_uid(entropy_srcs=["loose-study"])  # not the good study's
     ds.SeriesInstanceUID = pydicom.uid.generate_uid(entropy_srcs=["one-frame"])
     ds.SeriesDescription = "cine_2ch_single"
     ds.save_as(bad / "one_frame.dcm")
