@@ -87,6 +87,9 @@ def patient_key(patient_id: str, salt: bytes) -> str:
     return hmac.new(salt, patient_id.strip().encode(), hashlib.sha256).hexdigest()[:20]
 
 
+_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "SH", "TM", "UI"})
+
+
 def _text(ds: Dataset, keyword: str) -> str:
     """An element's value as text, without pydicom's per-element conversion.
 
@@ -100,7 +103,9 @@ def _text(ds: Dataset, keyword: str) -> str:
         return ""
     value = elem.value
     if isinstance(value, bytes):
-        return value.decode("latin-1").strip(" \x00")
+        if elem.VR in _TEXT_VRS:
+            return value.decode("latin-1").strip(" \x00")
+        value = ds[tag].value  # binary (FD, UL, US...) or implicit VR: let pydicom convert it
     if isinstance(value, (list, tuple, MultiValue)):
         return "\\".join(str(v) for v in value)
     return str(value).strip()

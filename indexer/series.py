@@ -183,7 +183,8 @@ def plan_series(files: list[FileHeader], min_frames: int = 8) -> tuple[list[_Sli
         if looks_like_cine(desc):
             return [], Rejection(where, "a cine series with a single frame per slice; the acquisition is incomplete", **base)
         return [], Rejection(where, "not a cine: no temporal dimension (one frame per slice)", by_design=True, **base)
-    timed = any(sl.time_source in ("trigger_time", "philips_phase") for sl in slices)
+    # an explicit time axis: trigger times, or temporal position numbers (Philips, Enhanced MR)
+    timed = any(sl.time_source != "instance_number" for sl in slices)
     if not (timed or looks_like_cine(desc) or view_from_text(first.ref.folder_name)):
         return [], Rejection(where, "not a cine: no cardiac phase information (no trigger times, no cine description)", by_design=True, **base)
     if first.pixel_spacing is None:

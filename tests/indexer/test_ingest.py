@@ -80,7 +80,8 @@ def test_frames_follow_trigger_time_not_instance_number(ingested, truth, cohort)
     store, _ = ingested
     clips = _clips(store)
     # a classic single-slice long-axis cine with TriggerTime
-    candidates = [c for c in clips if c["view"] == "4CH" and c["time_source"] == "trigger_time" and c["n_slices"] == 1]
+    classic = {r["series_uid"] for r in truth if r["enhanced"] == "0"}
+    candidates = [c for c in clips if c["view"] == "4CH" and c["time_source"] == "trigger_time" and c["series_uid"] in classic]
     assert candidates
     meta, stored = store.get_clip(candidates[0]["clip_id"])
     files = _series_files(cohort, meta["series_uid"])
@@ -143,3 +144,17 @@ def test_repeat_visits_share_a_patient_key(ingested, cohort):
     for a in key_of:
         for b in key_of:
             assert (key_of[a] == key_of[b]) == (patient_of[a] == patient_of[b])
+
+
+def test_every_clip_is_ordered_by_cardiac_timing(ingested, truth):
+    store, _ = ingested
+    enhanced = {r["series_uid"] for r in truth if r["enhanced"] == "1"}
+    clips = _clips(store)
+    assert any(c["series_uid"] in enhanced for c in clips), "the cohort should hold Enhanced MR cines"
+    for c in clips:
+        # Enhanced MR carries NominalCardiacTriggerDelayTime (FD) per frame; classic files
+        # TriggerTime, or the Philips private phase number when it is missing
+        assert c["time_source"] in ("trigger_time", "philips_phase"), (c["series_description"], c["time_source"])
+        if c["series_uid"] in enhanced:
+            assert c["time_source"] == "trigger_time"
+        assert c["rr_ms"] is None or 300 < c["rr_ms"] < 2000
