@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import multiprocessing
 import os
 import shutil
@@ -25,10 +24,9 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
+import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-import numpy as np
 
 from indexer.clips import PixelError, clip_frames, decode_stack, make_clip, read_frames
 from indexer.config import IngestConfig
@@ -40,8 +38,6 @@ if TYPE_CHECKING:
     from indexer.clip_store import ClipStore
 
 __all__ = ["IngestReport", "ingest", "clip_id", "build_study", "scan_unit", "units_of", "frames_key"]
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

@@ -23,7 +23,7 @@ VIEWS = ("4CH", "3CH", "2CH", "SAX", "LVOT", "OTHER")
 _B, _E = r"(?<![a-z])", r"(?![a-z])"
 _VIEW_PATTERNS: list[tuple[str, re.Pattern]] = [
     ("4CH", re.compile(rf"4\s*-?\s*ch|four.?ch|4.?chamber|{_B}hla{_E}|lax.?4")),
-    ("3CH", re.compile(rf"3\s*-?\s*ch|three.?ch|3.?chamber|lax.?3")),
+    ("3CH", re.compile(r"3\s*-?\s*ch|three.?ch|3.?chamber|lax.?3")),
     ("2CH", re.compile(rf"2\s*-?\s*ch|two.?ch|2.?chamber|{_B}vla{_E}|lax.?2")),
     ("LVOT", re.compile(r"lvot")),
     ("SAX", re.compile(rf"sax|short.?ax|{_B}sa{_E}|{_B}sa\d")),
