@@ -189,7 +189,8 @@ def units_of(refs: list[FileRef], max_files: int) -> list[list[FileRef]]:
     units = []
     for members in groups.values():
         units += [members[i : i + max_files] for i in range(0, len(members), max_files)]
-    return units
+    # largest first: the pool then ends on small units and no worker idles at the end
+    return sorted(units, key=len, reverse=True)
 
 
 @contextmanager
