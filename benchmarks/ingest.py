@@ -21,9 +21,11 @@ from pathlib import Path
 
 import pydicom
 
-from evals.synth import generate_cohort
-from indexer import ClipStore, IngestConfig, ingest
 from indexer.discover import discover
+
+# Pool workers re-import this script (as multiprocessing does with __main__): importing
+# lancedb here would load it into every worker, which the `cmr` command never does and
+# which costs the workers about 20 % (measured). So the store is imported in functions.
 
 
 def floor(paths: list[Path]) -> float:
@@ -38,6 +40,8 @@ def floor(paths: list[Path]) -> float:
 
 def pipeline(data: Path, workers: int) -> tuple[float, int, dict]:
     """Seconds for a full ingest into a fresh store, the clips written, seconds per stage."""
+    from indexer import ClipStore, IngestConfig, ingest
+
     with tempfile.TemporaryDirectory() as tmp:
         store = ClipStore.open(Path(tmp) / "store", create=True)
         t0 = time.perf_counter()
@@ -57,6 +61,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data
         if data is None:
+            from evals.synth import generate_cohort
+
             generate_cohort(args.studies, Path(tmp) / "cohort", seed=1, progress=False)
             data = Path(tmp) / "cohort" / "dicom"
         files = [Path(r.path) for r in discover([data])]
