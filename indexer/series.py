@@ -43,7 +43,6 @@ class ClipPlan:
     columns: int
     pixel_spacing: tuple[float, float]
     position_mm: float  # position of the slice along its normal
-    normal: tuple[float, float, float]
     series_number: int
     series_description: str
     manufacturer: str
@@ -316,7 +315,6 @@ def _to_clips(plan: StudyPlan, slices: list[_Slice]) -> list[ClipPlan]:
                 columns=h.columns,
                 pixel_spacing=h.pixel_spacing,
                 position_mm=s.position,
-                normal=tuple(float(x) for x in (s.normal if s.normal is not None else (0, 0, 0))),
                 series_number=h.series_number,
                 series_description=h.series_description,
                 manufacturer=h.manufacturer,
