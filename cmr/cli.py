@@ -11,18 +11,18 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 # Lance's native logger warns on routine events (a table created on first write); keep
 # stderr for what the user must read. Must be set before lancedb is imported.
 os.environ.setdefault("LANCE_LOG", "error")
 
-import typer  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+import typer
+from rich.console import Console
+from rich.table import Table
 
-from cmr.exceptions import CmrError  # noqa: E402
-from cmr.settings import Settings  # noqa: E402
+from cmr.exceptions import CmrError
+from cmr.settings import Settings
 
 app = typer.Typer(
     help="cmr-search: embedding store and similarity search for cine cardiac MRI.",
@@ -32,7 +32,7 @@ app = typer.Typer(
 )
 err = Console(stderr=True, soft_wrap=True)  # soft wrap: messages stay greppable
 
-StoreOpt = Annotated[Optional[Path], typer.Option("--store", help="Store directory (default: $CMR_STORE).")]
+StoreOpt = Annotated[Path | None, typer.Option("--store", help="Store directory (default: $CMR_STORE).")]
 
 
 def _store_dir(store: Path | None, settings: Settings) -> Path:
@@ -61,7 +61,7 @@ def synth(
     studies: Annotated[int, typer.Option("--studies", min=1, help="Number of studies to generate.")] = 50,
     out: Annotated[Path, typer.Option("--out", help="Output directory (dicom/, reports.csv, labels.csv).")] = Path("synthetic"),
     seed: Annotated[int, typer.Option("--seed", help="Random seed; the output is deterministic per seed.")] = 0,
-    workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Processes (default: all cores).")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", min=1, help="Processes (default: all cores).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
 ) -> None:
     """Generate a synthetic cine CMR cohort as real DICOM, with reports and labels."""
@@ -78,9 +78,9 @@ def synth(
 def ingest(
     paths: Annotated[list[Path], typer.Argument(help="DICOM folders, zip files or single files.")],
     store: StoreOpt = None,
-    reports: Annotated[Optional[Path], typer.Option("--reports", help="CSV/Parquet: study_uid, report.")] = None,
-    labels: Annotated[Optional[Path], typer.Option("--labels", help="CSV/Parquet keyed by study_uid.")] = None,
-    workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Processes (default: $CMR_WORKERS or all cores).")] = None,
+    reports: Annotated[Path | None, typer.Option("--reports", help="CSV/Parquet: study_uid, report.")] = None,
+    labels: Annotated[Path | None, typer.Option("--labels", help="CSV/Parquet keyed by study_uid.")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", min=1, help="Processes (default: $CMR_WORKERS or all cores).")] = None,
     frames: Annotated[int, typer.Option("--frames", min=4, help="Frames per clip over one cycle.")] = 16,
     size: Annotated[int, typer.Option("--size", min=32, help="Clip height and width in pixels (224 for MViT-B).")] = 128,
     fov_mm: Annotated[float, typer.Option("--fov-mm", min=50.0, help="Square field of view of a clip, mm.")] = 240.0,
@@ -115,6 +115,79 @@ def _run_ingest(paths, root, cfg, settings: Settings, reports=None, labels=None)
         return run_ingest(paths, clip_store, cfg, salt, reports=reports, labels=labels)
     except CmrError as error:
         _fail(error)
+
+
+@app.command("train-encoder", rich_help_panel="2. Encoder")
+def train_encoder(
+    store: StoreOpt = None,
+    config: Annotated[str, typer.Option("--config", help="Named config (encoder/configs/*.json) or a JSON path.")] = "mvit_xs_cpu",
+    max_minutes: Annotated[float | None, typer.Option("--max-minutes", min=0.1, help="Stop after this long (a checkpoint is written).")] = None,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", min=1, help="Stop at this step (default: the config's).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run from its last checkpoint.")] = False,
+    seed: Annotated[int | None, typer.Option("--seed", help="Override the config's seed.")] = None,
+    run_name: Annotated[str | None, typer.Option("--run-name", help="Run folder under STORE/encoders/runs.")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1 (default: cuda if present).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+) -> None:
+    """Train the contrastive video-report encoder on the store's clips and reports.
+
+    Checkpoints (model + optimizer) every N steps under STORE/encoders/runs/NAME; the
+    finished model goes to STORE/encoders/<model_id> and becomes the store's LATEST.
+    Multi-GPU: `torchrun --nproc-per-node G -m cmr.cli train-encoder ...`.
+    """
+    from dataclasses import replace
+
+    from encoder.config import load_config
+    from encoder.train import Trainer
+
+    root = _store_dir(store, Settings())
+    try:
+        cfg = load_config(config)
+        if seed is not None:
+            cfg.train = replace(cfg.train, seed=seed)
+        run_dir = root / "encoders" / "runs" / run_name if run_name else None
+        trainer = Trainer(root, cfg, run_dir=run_dir, device=device, resume=resume, log=err.print)
+        result = trainer.fit(max_minutes=max_minutes, max_steps=max_steps)
+    except CmrError as error:
+        _fail(error)
+    if result is None:  # a DDP rank other than 0
+        return
+    summary = {"model_id": result.model_id, "checkpoint": str(result.checkpoint), "step": result.step,
+               "seconds": round(result.seconds, 1), "val": result.val}
+    if as_json:
+        print(json.dumps(summary))
+    else:
+        err.print(f"validation text->study retrieval: {result.val}")
+
+
+@app.command(rich_help_panel="2. Encoder")
+def embed(
+    store: StoreOpt = None,
+    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="Encoder folder or the published .ckpt (default: the store's LATEST).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
+    device: Annotated[str | None, typer.Option("--device", help="cpu, cuda (default: cuda if present).")] = None,
+    allow_partial: Annotated[bool, typer.Option("--allow-partial", help="Accept a checkpoint that fills only part of the model.")] = False,
+    trust_checkpoint: Annotated[bool, typer.Option("--trust-checkpoint", help="Unpickle a .ckpt that holds Python objects (only for files you trust).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+) -> None:
+    """Embed every clip into the `views` table and pool each study into `studies`.
+
+    Resumable: clips already embedded with this checkpoint's model_id are skipped.
+    """
+    from encoder.embed import embed_store
+    from encoder.train import latest_checkpoint
+
+    root = _store_dir(store, Settings())
+    try:
+        report = embed_store(root, checkpoint or latest_checkpoint(root), batch_size=batch_size, device=device,
+                             allow_partial=allow_partial, trust_pickle=trust_checkpoint)
+    except CmrError as error:
+        _fail(error)
+    if as_json:
+        print(json.dumps(report.to_dict()))
+    else:
+        err.print(f"model {report.model_id}: {report.clips_embedded} clips embedded, {report.clips_skipped} already done, "
+                  f"{report.studies} studies pooled in {report.seconds:.1f} s")
 
 
 @app.command(rich_help_panel="9. Everything")

@@ -193,7 +193,9 @@ def _pool(x: torch.Tensor, pool: nn.Module | None, thw: Grid, norm: nn.Module | 
         return x, thw
     cls_tok, x = x[:, :, :1], x[:, :, 1:]
     B, N, _, C = x.shape
-    x = x.reshape(B * N, *thw, C).permute(0, 4, 1, 2, 3).contiguous()
+    # channels-last (the permuted view as it is): the depthwise Conv3d's backward on the CPU
+    # runs about 3x faster in this layout than after .contiguous() (measured: docs/encoder.md)
+    x = x.reshape(B * N, *thw, C).permute(0, 4, 1, 2, 3).contiguous(memory_format=torch.channels_last_3d)
     x = pool(x)
     thw = list(x.shape[2:])
     x = torch.cat((cls_tok, x.reshape(B, N, C, -1).transpose(2, 3)), dim=2)

@@ -1,0 +1,169 @@
+"""``cmr embed``: every clip of a store -> the ``views`` table, every study -> ``studies``;
+and ``encode_study`` for a new study's clips (the search service's uploads)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cmr.exceptions import InputError
+from encoder.checkpoint import load_checkpoint, load_video_encoder
+from encoder.video import preprocess_batch
+
+__all__ = ["EmbedReport", "Embedder", "embed_store", "encode_study"]
+
+
+class Embedder:
+    """A loaded vision tower with its preprocessing and study pooling, ready for inference.
+
+    From our checkpoint folder the study embedding uses the trained attention pooling; the
+    published checkpoint has no pooling, so its study embedding is the normalised mean.
+    """
+
+    def __init__(self, checkpoint: Path, device: str | None = None, allow_partial: bool = False,
+                 trust_pickle: bool = False):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        checkpoint = Path(checkpoint)
+        if checkpoint.is_dir():
+            model, cfg, self.model_id, _ = load_checkpoint(checkpoint, text=False)
+            self.video, self.pool, self.preprocess, self.dim = model.video, model, cfg.preprocess, cfg.dim
+        else:
+            self.video = load_video_encoder(checkpoint, allow_partial=allow_partial, trust_pickle=trust_pickle)
+            self.pool, self.preprocess, self.model_id = None, self.video.preprocess, self.video.model_id
+            self.dim = self.video.video_proj.out_features
+        self.video.to(self.device).eval()
+        if self.pool is not None:
+            self.pool.to(self.device).eval()
+        self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+
+    @torch.inference_mode()
+    def encode_clips(self, clips: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 clips [N, T, H, W] -> float32 [N, dim] on the CPU."""
+        x = preprocess_batch(torch.as_tensor(np.asarray(clips)), self.preprocess).to(self.device, non_blocking=True)
+        with self.amp:
+            return self.video(x).float().cpu()
+
+    @torch.inference_mode()
+    def pool_views(self, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One study's view embeddings [N, dim] -> (study embedding [dim], attention [N])."""
+        if self.pool is None:
+            return F.normalize(views.mean(0), dim=0), torch.full((len(views),), 1.0 / len(views))
+        study, attention = self.pool.pool_study(views[None].to(self.device), torch.ones(1, len(views), dtype=torch.bool,
+                                                                                         device=self.device))
+        return study[0].float().cpu(), attention[0].float().cpu()
+
+
+def encode_study(clips: list[np.ndarray] | np.ndarray, embedder: Embedder, batch_size: int = 16):
+    """A new study's uint8 clips [N, T, H, W] -> (view embeddings [N, 512], study embedding
+    [512], attention [N]) as numpy arrays."""
+    clips = np.stack([np.asarray(c) for c in clips]) if isinstance(clips, list) else np.asarray(clips)
+    if clips.ndim != 4 or len(clips) == 0:
+        raise InputError(f"a study needs one or more clips [N, T, H, W]; got shape {clips.shape}")
+    views = torch.cat([embedder.encode_clips(clips[i : i + batch_size]) for i in range(0, len(clips), batch_size)])
+    study, attention = embedder.pool_views(views)
+    return views.numpy(), study.numpy(), attention.numpy()
+
+
+@dataclass
+class EmbedReport:
+    """What one ``cmr embed`` run did."""
+
+    model_id: str
+    clips_embedded: int
+    clips_skipped: int  # already embedded with this model_id
+    studies: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        """JSON-able summary."""
+        return dict(self.__dict__)
+
+
+def embed_store(store_root: Path, checkpoint: Path, batch_size: int = 32, commit_every: int = 512,
+                device: str | None = None, progress: bool = True, **load_options) -> EmbedReport:
+    """Embed the clips not yet embedded with this checkpoint's model_id (so a killed run
+    resumes where its last commit ended), then pool every study of the model again."""
+    import time
+
+    from indexer import ClipStore
+    from indexer.embedding_tables import EmbeddingTables
+
+    started = time.monotonic()
+    store = ClipStore.open(store_root)
+    embedder = Embedder(checkpoint, device=device, **load_options)
+    tables = EmbeddingTables(store, embedder.dim)
+    meta_cols = ["clip_id", "study_uid", "patient_key", "view", "slice_index", "sex", "age", "vendor", "site",
+                 "study_date"]
+    meta = store.clips.search().select(meta_cols).with_row_id(True).limit(None).to_arrow().to_pylist()
+    done = tables.embedded_clip_ids(embedder.model_id)
+    todo = [m for m in meta if m["clip_id"] not in done]
+    bar = _progress(progress, len(todo))
+    pending: list[dict] = []
+    for i in range(0, len(todo), batch_size):
+        chunk = todo[i : i + batch_size]
+        got = store.clips.take_row_ids([m["_rowid"] for m in chunk]).select(["clip_id", "clip", "frames", "height", "width"]).to_arrow()
+        by_id = {r["clip_id"]: r for r in got.to_pylist()}
+        arrays = []
+        for m in chunk:
+            r = by_id[m["clip_id"]]
+            arrays.append(np.frombuffer(r["clip"], np.uint8).reshape(r["frames"], r["height"], r["width"]))
+        vectors = embedder.encode_clips(np.stack(arrays)).numpy()
+        for m, v in zip(chunk, vectors):
+            row = {k: m[k] for k in meta_cols}
+            pending.append(row | {"model_id": embedder.model_id, "vector": v.tolist()})
+        if len(pending) >= commit_every:
+            tables.upsert_views(pending)
+            pending = []
+        if bar:
+            bar[0].update(bar[1], advance=len(chunk))
+    tables.upsert_views(pending)
+    if bar:
+        bar[0].stop()
+    n_studies = _pool_studies(tables, embedder)
+    return EmbedReport(embedder.model_id, len(todo), len(meta) - len(todo), n_studies, time.monotonic() - started)
+
+
+def _pool_studies(tables, embedder: Embedder) -> int:
+    rows = tables.view_rows(embedder.model_id)
+    vectors = tables.vectors(rows)
+    cols = rows.drop_columns(["vector"]).to_pylist()
+    by_study: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(cols):
+        by_study[r["study_uid"]].append(i)
+    out = []
+    for uid, idx in by_study.items():
+        idx.sort(key=lambda i: (cols[i]["view"], cols[i]["slice_index"] or 0))
+        study, attention = embedder.pool_views(torch.from_numpy(vectors[idx]))
+        first = cols[idx[0]]
+        out.append({
+            "study_uid": uid, "patient_key": first["patient_key"], "model_id": embedder.model_id,
+            "vector": study.tolist(), "views_present": sorted({cols[i]["view"] for i in idx}), "n_views": len(idx),
+            "clip_ids": [cols[i]["clip_id"] for i in idx], "attention": attention.tolist(),
+            **{k: first[k] for k in ("sex", "age", "vendor", "site", "study_date")},
+        })
+    tables.upsert_studies(out)
+    return len(out)
+
+
+def _progress(enabled: bool, total: int):
+    if not enabled or total == 0:
+        return None
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    bar = Progress(TextColumn("embedding clips"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   console=Console(stderr=True))
+    bar.start()
+    return bar, bar.add_task("embed", total=total)

@@ -1,0 +1,76 @@
+"""The contrastive loss on hand-computed cases."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from encoder.loss import ContrastiveLoss, pair_infonce
+
+
+def nll(pos, *others):
+    return -pos + math.log(sum(math.exp(x) for x in (pos, *others)))
+
+
+def test_pair_infonce_matches_hand_computation_with_same_study_mask():
+    # views 0 and 1 belong to study 0, view 2 to study 1
+    a, b, c, d, e, f = 2.0, -1.0, 1.5, 0.5, 0.3, 1.2
+    logits = torch.tensor([[a, b], [c, d], [e, f]])
+    lam = 0.7
+    loss, v2t, t2v = pair_infonce(logits, torch.tensor([0, 0, 1]), lam)
+    l_vu = [nll(a, b), nll(c, d), nll(f, e)]
+    # report 0's other view (1) is not a negative of the pair (0, view 0), and vice versa
+    l_uv = [nll(a, e), nll(c, e), nll(f, b, d)]
+    assert v2t.item() == pytest.approx(sum(l_vu) / 3, abs=1e-6)
+    assert t2v.item() == pytest.approx(sum(l_uv) / 3, abs=1e-6)
+    expected = sum(lam * x + (1 - lam) * y for x, y in zip(l_vu, l_uv)) / 3
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_one_view_per_study_is_the_asymmetric_clip_loss():
+    torch.manual_seed(0)
+    v, u = F.normalize(torch.randn(6, 8), dim=1), F.normalize(torch.randn(6, 8), dim=1)
+    logits = 10 * v @ u.t()
+    loss, _, _ = pair_infonce(logits, torch.arange(6), 0.25)
+    ref = 0.25 * F.cross_entropy(logits, torch.arange(6)) + 0.75 * F.cross_entropy(logits.t(), torch.arange(6))
+    assert loss.item() == pytest.approx(ref.item(), abs=1e-5)
+
+
+def test_flooding_turns_the_gradient_around_below_the_level():
+    v = torch.eye(3, requires_grad=True)
+    u = torch.eye(3)
+    scale = torch.tensor(20.0)
+    plain = ContrastiveLoss(lam=0.5, flood=0.0)(v, u, torch.arange(3), scale)
+    flooded = ContrastiveLoss(lam=0.5, flood=0.05)(v, u, torch.arange(3), scale)
+    raw = plain["loss"].item()
+    assert raw < 0.05
+    assert flooded["loss"].item() == pytest.approx(0.1 - raw, abs=1e-7)
+    g_plain = torch.autograd.grad(plain["loss"], v)[0]
+    g_flood = torch.autograd.grad(flooded["loss"], v)[0]
+    assert torch.allclose(g_flood, -g_plain)
+
+
+def test_flooding_leaves_a_loss_above_the_level_unchanged():
+    torch.manual_seed(1)
+    v, u = F.normalize(torch.randn(4, 8), dim=1), F.normalize(torch.randn(4, 8), dim=1)
+    out = ContrastiveLoss(flood=0.05)(v, u, torch.arange(4), torch.tensor(10.0))
+    assert out["loss"].item() == pytest.approx(out["raw"].item())
+
+
+def test_study_term_is_added_with_its_weight():
+    torch.manual_seed(2)
+    views = F.normalize(torch.randn(6, 8), dim=1)
+    reports = F.normalize(torch.randn(3, 8), dim=1)
+    studies = F.normalize(torch.randn(3, 8), dim=1)
+    sov = torch.tensor([0, 0, 1, 1, 2, 2])
+    out = ContrastiveLoss(lam=0.75, flood=0.0, study_weight=0.5)(views, reports, sov, torch.tensor(10.0), studies)
+    logits = 10.0 * studies @ reports.t()
+    ref_study = 0.75 * F.cross_entropy(logits, torch.arange(3)) + 0.25 * F.cross_entropy(logits.t(), torch.arange(3))
+    assert out["study"].item() == pytest.approx(ref_study.item(), abs=1e-5)
+    assert out["loss"].item() == pytest.approx(out["pair"].item() + 0.5 * ref_study.item(), abs=1e-5)
+
+
+def test_lambda_out_of_range_is_refused():
+    with pytest.raises(ValueError, match="lambda"):
+        ContrastiveLoss(lam=1.5)
