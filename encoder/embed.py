@@ -27,14 +27,16 @@ class Embedder:
     """
 
     def __init__(self, checkpoint: Path, device: str | None = None, allow_partial: bool = False,
-                 trust_pickle: bool = False):
+                 trust_pickle: bool = False, config: str | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         checkpoint = Path(checkpoint)
         if checkpoint.is_dir():
             model, cfg, self.model_id, _ = load_checkpoint(checkpoint, text=False)
             self.video, self.pool, self.preprocess, self.dim = model.video, model, cfg.preprocess, cfg.dim
         else:
-            self.video = load_video_encoder(checkpoint, allow_partial=allow_partial, trust_pickle=trust_pickle)
+            # config: which architecture a published .ckpt holds (default: MViT-B 16x4)
+            self.video = load_video_encoder(checkpoint, allow_partial=allow_partial, trust_pickle=trust_pickle,
+                                            config=config)
             self.pool, self.preprocess, self.model_id = None, self.video.preprocess, self.video.model_id
             self.dim = self.video.video_proj.out_features
         self.video.to(self.device).eval()

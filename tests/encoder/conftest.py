@@ -35,3 +35,15 @@ TINY_VISION = {
     "crop_size": 48, "embed_dim": 16, "depth": 3, "embed_dim_mul": [[1, 2.0]], "atten_head_mul": [[1, 2.0]],
     "pool_q_stride_size": [[1, 1, 2, 2]], "pool_kv_stride_adaptive": [1, 4, 4],
 }
+
+
+@pytest.fixture()
+def tiny_cfg_file(tiny_cfg, tmp_path):
+    """The tiny config as a named JSON file (what the CLI takes)."""
+    import json
+
+    path = tmp_path / "tiny.json"
+    data = tiny_cfg.to_dict()
+    data.pop("name")
+    path.write_text(json.dumps(data))
+    return path
