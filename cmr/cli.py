@@ -195,6 +195,7 @@ def demo(
     store: StoreOpt = None,
     studies: Annotated[int, typer.Option("--studies", min=4, help="Synthetic studies to generate.")] = 60,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    encoder_minutes: Annotated[float, typer.Option("--encoder-minutes", min=0.1, help="Training budget of the CPU encoder.")] = 5.0,
 ) -> None:
     """Run the whole pipeline that exists so far on the embedded synthetic cohort."""
     from evals.synth import generate_cohort
@@ -211,6 +212,26 @@ def demo(
     report = _run_ingest([data / "dicom"], root, cfg, settings, data / "reports.csv", data / "labels.csv")
     _print_ingest(report)
     err.print(f"store ready at {root}: {report.clips_inserted + report.clips_updated} clips from {report.studies_written} studies")
+    from encoder.config import load_config
+    from encoder.embed import embed_store
+    from encoder.train import Trainer
+
+    try:
+        if (root / "encoders" / "LATEST").exists():
+            err.rule("3. encoder: already trained (STORE/encoders/LATEST), skipped")
+        else:
+            err.rule(f"3. train the CPU encoder for {encoder_minutes:g} min")
+            cfg_enc = load_config("mvit_xs_cpu")
+            run = root / "encoders" / "runs" / "demo"
+            trainer = Trainer(root, cfg_enc, run_dir=run, resume=(run / "checkpoint").exists(), log=err.print)
+            trainer.fit(max_minutes=encoder_minutes)
+        err.rule("4. embed every clip and study")
+        from encoder.train import latest_checkpoint
+
+        emb = embed_store(root, latest_checkpoint(root))
+        err.print(f"model {emb.model_id}: {emb.clips_embedded} clips embedded ({emb.clips_skipped} already), {emb.studies} studies")
+    except CmrError as error:
+        _fail(error)
     raise typer.Exit(report.exit_code)
 
 

@@ -68,6 +68,10 @@ class TrainConfig:
 
     studies_per_batch: int = 16  # reports (and negatives) per step
     views_per_study: int = 4  # clips sampled per study per step, all paired with its report
+    # fraction of steps whose studies all contribute the same view type (4CH, 3CH, 2CH or SAX);
+    # with little data and time, mixed-view batches let view identity drown the report signal
+    # (measured: docs/encoder.md), so the CPU configuration stratifies every batch
+    stratify_views: float = 0.0
     accum_steps: int = 1  # micro-batches per optimizer step
     lr: float = 3e-4  # peak learning rate of the vision tower, pooling and projections
     text_lr: float = 3e-5  # peak learning rate of the unfrozen BERT layers

@@ -25,6 +25,7 @@ from encoder.video import PreprocessConfig, preprocess_batch
 __all__ = ["ClipCorpus", "ContrastiveBatches", "Study", "augment_batch", "eval_clips", "patient_split", "sample_report"]
 
 META_COLUMNS = ["clip_id", "study_uid", "patient_key", "view", "slice_index"]
+STRATA = ("4CH", "3CH", "2CH", "SAX")  # view types a stratified batch is drawn from
 
 
 @dataclass
@@ -159,12 +160,14 @@ class ContrastiveBatches(torch.utils.data.Dataset):
     clips each, a sampled report per study, augmented clips."""
 
     def __init__(self, corpus: ClipCorpus, studies: list[Study], studies_per_batch: int, views_per_study: int,
-                 sentences: int, augment: AugmentConfig, pre: PreprocessConfig, seed: int, length: int):
+                 sentences: int, augment: AugmentConfig, pre: PreprocessConfig, seed: int, length: int,
+                 stratify_views: float = 0.0):
         if not studies:
             raise StoreError("no training studies with a report; import reports with `cmr ingest --reports CSV`")
         self.corpus, self.studies = corpus, studies
         self.s, self.v, self.k = min(studies_per_batch, len(studies)), views_per_study, sentences
         self.augment, self.pre, self.seed, self.length = augment, pre, seed, length
+        self.stratify_views = stratify_views
 
     def __len__(self) -> int:
         return self.length
@@ -181,13 +184,16 @@ class ContrastiveBatches(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, step, 1])
         gen = torch.Generator().manual_seed(int(rng.integers(1 << 62)))
         rows, study_of_view, texts = [], [], []
+        group = STRATA[rng.integers(len(STRATA))] if rng.random() < self.stratify_views else None
         for j, i in enumerate(self.study_indices(step)):
             st = self.studies[i]
+            # a study without the step's view type falls back to all its clips
+            pool = [r for r, v in zip(st.row_ids, st.views) if v == group] if group else []
+            pool = pool or st.row_ids
             # exactly v clips per study (a short study repeats clips, each augmented anew), so the
             # batch reshapes to [studies, v] for pooling and gathers evenly across ranks
-            n = len(st.row_ids)
-            pick = rng.choice(n, size=self.v, replace=n < self.v)
-            rows += [st.row_ids[p] for p in pick]
+            pick = rng.choice(len(pool), size=self.v, replace=len(pool) < self.v)
+            rows += [pool[p] for p in pick]
             study_of_view += [j] * len(pick)
             texts.append(sample_report(st.report, self.k, rng))
         clips = torch.from_numpy(self.corpus.read_clips(rows))

@@ -27,6 +27,7 @@ class TextConfig:
     model: str = DEFAULT_TEXT_MODEL  # the packaged default, or a local Hugging Face folder
     sha256: str | None = DEFAULT_TEXT_SHA256  # of model.safetensors; checked on load when set
     frozen_layers: int = 3  # embeddings and the first N transformer layers do not train
+    freeze_projection: bool = False  # lock the whole text tower (LiT-style, for small data)
     max_tokens: int = 128  # reports are truncated to this many word pieces
     sentences: int = 5  # report sentences sampled per training step (paper: 5)
 
@@ -74,8 +75,11 @@ class TextEncoder(nn.Module):
         self.cfg = cfg
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.bert = AutoModel.from_pretrained(path, local_files_only=True)
-        self.text_proj = nn.Linear(self.bert.config.hidden_size, dim)
+        self.text_proj = nn.Linear(self.bert.config.hidden_size, dim, bias=False)
         self.freeze(cfg.frozen_layers)
+        if cfg.freeze_projection:
+            self.freeze(len(self.bert.encoder.layer))
+            self.text_proj.requires_grad_(False)
 
     def freeze(self, layers: int) -> None:
         """Freeze the embeddings and the first ``layers`` transformer layers."""
@@ -83,6 +87,10 @@ class TextEncoder(nn.Module):
         for module in frozen:
             for p in module.parameters():
                 p.requires_grad = False
+
+    def train(self, mode: bool = True) -> TextEncoder:
+        """A locked tower stays in eval mode: its dropout would only add noise to fixed targets."""
+        return super().train(mode and not self.cfg.freeze_projection)
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """Word pieces, padded to the longest text, truncated at ``max_tokens``."""

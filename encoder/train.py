@@ -192,7 +192,7 @@ class Trainer:
         micro = t.accum_steps * self.world
         data = ContrastiveBatches(self.corpus, self.train_studies, t.studies_per_batch, t.views_per_study,
                                   self.cfg.text.sentences, self.cfg.augment, self.cfg.preprocess, t.seed,
-                                  length=t.max_steps * micro)
+                                  length=t.max_steps * micro, stratify_views=t.stratify_views)
         indices = [s * micro + a * self.world + self.rank for s in range(self.step, end_step) for a in range(t.accum_steps)]
         loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=indices, num_workers=t.num_workers,
                                              persistent_workers=False)
