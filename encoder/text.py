@@ -77,6 +77,8 @@ class TextEncoder(nn.Module):
         self.bert = AutoModel.from_pretrained(path, local_files_only=True)
         self.text_proj = nn.Linear(self.bert.config.hidden_size, dim, bias=False)
         self.freeze(cfg.frozen_layers)
+        if getattr(self.bert, "pooler", None) is not None:  # unused (mean pooling); DDP needs every
+            self.bert.pooler.requires_grad_(False)  # trainable parameter to receive a gradient
         if cfg.freeze_projection:
             self.freeze(len(self.bert.encoder.layer))
             self.text_proj.requires_grad_(False)

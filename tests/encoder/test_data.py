@@ -83,3 +83,30 @@ def test_batches_come_from_the_store_and_repeat_per_step(enc_store):
     # an epoch visits every study once
     seen = np.concatenate([data.study_indices(step) for step in range(len(studies) // 4)])
     assert len(set(seen.tolist())) == len(seen)
+
+
+def test_stratified_batches_draw_one_view_type_per_step(enc_store):
+    corpus = ClipCorpus(enc_store)
+    studies = corpus.with_reports()
+    view_of = {r: v for s in studies for r, v in zip(s.row_ids, s.views)}
+    data = ContrastiveBatches(corpus, studies, 4, 2, 5, AugmentConfig(), PreprocessConfig(crop=48, resize=48), 0, 40,
+                              stratify_views=1.0)
+    kinds = set()
+    for step in range(8):
+        rows = _rows_of_step(data, step)
+        views = {view_of[r] for r in rows}
+        assert len(views) == 1, views  # every study of the step gave the same view type
+        kinds |= views
+    assert len(kinds) >= 2  # ... and the type changes from step to step
+
+
+def _rows_of_step(data, step):
+    """The store rows a step picks (the same draws as __getitem__, without the pixels)."""
+    read = data.corpus.read_clips
+    picked = []
+    data.corpus.read_clips = lambda rows: (picked.extend(rows), read(rows))[1]
+    try:
+        data[step]
+    finally:
+        data.corpus.read_clips = read
+    return picked
