@@ -111,6 +111,41 @@ def run_seed(store: Path, seed: int, steps: int, config: str, work: Path) -> dic
             "train_studies": len(train), "contrastive": trained, "random": baseline}
 
 
+def throughput(configs: list[str], batch: int, repeats: int) -> list[dict]:
+    """Embedding clips/s of each configuration's vision tower (inference mode; bf16 on CUDA)
+    and the time for one study of 14 clips (3 long-axis views + 11 SAX slices)."""
+    from contextlib import nullcontext
+
+    from encoder.config import load_config
+    from encoder.video import VideoEncoder
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = []
+    for name in configs:
+        cfg = load_config(name)
+        model = VideoEncoder(cfg.vision).to(device).eval()
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+        x = torch.randn(batch, 3, cfg.vision.frames, cfg.vision.crop_size, cfg.vision.crop_size, device=device)
+        study = torch.randn(14, *x.shape[1:], device=device)
+        with torch.inference_mode(), amp:
+            model(x)  # warm-up
+            sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                model(x)
+            sync()
+            per_clip = (time.perf_counter() - t0) / (repeats * batch)
+            t0 = time.perf_counter()
+            model(study)
+            sync()
+            per_study = time.perf_counter() - t0
+        out.append({"config": name, "device": str(device), "batch": batch, "clips_per_s": 1 / per_clip,
+                    "ms_per_study_14_clips": 1000 * per_study,
+                    "params_M": sum(p.numel() for p in model.parameters()) / 1e6})
+    return out
+
+
 def _labels(store: Path) -> dict:
     from indexer import ClipStore
 
@@ -139,7 +174,15 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--config", default="mvit_xs_cpu")
     parser.add_argument("--json", type=Path, help="write every figure here")
+    parser.add_argument("--throughput", action="store_true", help="only measure embedding throughput")
+    parser.add_argument("--batch", type=int, default=8, help="clips per forward for --throughput")
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    if args.throughput:
+        for row in throughput(["mvit_xs_cpu", "mvit_b_16x4"], args.batch, args.repeats):
+            print(f"{row['config']:<14} {row['device']:<5} {row['params_M']:6.1f}M params  "
+                  f"{row['clips_per_s']:8.1f} clips/s  {row['ms_per_study_14_clips']:9.1f} ms per 14-clip study")
+        return
     torch.set_num_threads(torch.get_num_threads())
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
