@@ -156,16 +156,8 @@ def _pool_studies(tables, embedder: Embedder) -> int:
 def _progress(enabled: bool, total: int):
     if not enabled or total == 0:
         return None
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
+    from cmr.progress import progress_bar
 
-    bar = Progress(TextColumn("embedding clips"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   console=Console(stderr=True))
+    bar = progress_bar()
     bar.start()
-    return bar, bar.add_task("embed", total=total)
+    return bar, bar.add_task("embedding clips", total=total)

@@ -25,14 +25,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import numpy as np
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from cmr.progress import progress_bar
 from indexer.clips import PixelError, clip_frames, decode_stack, make_clip, read_frames
 from indexer.config import IngestConfig
 from indexer.discover import FileRef, discover
 from indexer.headers import FileHeader, Rejection, read_header
-from indexer.series import ClipPlan, StudyPlan, group_by_series, group_by_study, plan_series, plan_study
+from indexer.series import (
+    ClipPlan,
+    StudyPlan,
+    group_by_series,
+    group_by_study,
+    plan_series,
+    plan_study,
+)
 
 if TYPE_CHECKING:
     from indexer.clip_store import ClipStore
@@ -211,17 +217,6 @@ def _map(pool: ProcessPoolExecutor | None, fn: Callable, items: list, chunksize:
     return map(fn, items) if pool is None else pool.map(fn, items, chunksize=chunksize)
 
 
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("{task.description:<8}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        disable=not enabled,
-    )
-
-
 def _batches(results: Iterable, size: int) -> Iterator[list]:
     batch: list = []
     for item in results:
@@ -252,7 +247,7 @@ def ingest(
     report.files_found = len(refs)
     scratch = store.scratch_dir()
     try:
-        with _progress(progress) as bar, _pool(cfg.workers) as pool:
+        with progress_bar(progress) as bar, _pool(cfg.workers) as pool:
             plans, failures = _scan(pool, refs, cfg, salt, scratch, report, bar)
             t_write = time.perf_counter()
             task = bar.add_task("studies", total=len(plans))

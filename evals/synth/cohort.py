@@ -224,12 +224,9 @@ def _single_blas_thread():
 
 
 def _run(jobs: list[tuple], workers: int, progress: bool) -> list[StudyResult]:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+    from cmr.progress import progress_bar
 
-    bar = Progress("[progress.description]{task.description}", BarColumn(),
-                   MofNCompleteColumn(), TimeElapsedColumn(),
-                   console=Console(stderr=True), disable=not progress)
+    bar = progress_bar(progress)
     results = []
     with bar:
         task = bar.add_task("synthetic studies", total=len(jobs))
