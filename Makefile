@@ -29,6 +29,7 @@ test-all: setup
 
 bench: setup
 	$(BIN)/python benchmarks/ingest.py
+	$(BIN)/python benchmarks/encoder.py --throughput
 
 clean:
 	rm -rf $(VENV) demo .pytest_cache
