@@ -84,3 +84,13 @@ def test_cli_train_then_embed(enc_store, tiny_cfg_file):
     bad = subprocess.run([*cmr, "embed", "--store", str(enc_store), "--checkpoint", str(enc_store / "nope")],
                          capture_output=True, text=True, env=env, check=False)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+
+
+def test_text_tower_of_a_trained_checkpoint(trained):
+    from encoder import load_checkpoint, load_text_encoder
+
+    text = load_text_encoder(trained.checkpoint)
+    assert text.model_id == trained.model_id
+    model, *_ = load_checkpoint(trained.checkpoint)
+    query = ["severe LV dilatation with apical thrombus"]
+    assert torch.allclose(text.encode(query), model.text.encode(query), atol=1e-6)
