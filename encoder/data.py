@@ -57,7 +57,9 @@ class ClipCorpus:
         if not store.has_table("clips") or store.count_clips() == 0:
             raise StoreError(f"{store_root} holds no clips; run `cmr ingest ... --store {store_root}` first")
         self.version = store.clips.version
-        meta = store.clips.search().select(META_COLUMNS).with_row_id(True).limit(None).to_arrow().to_pydict()
+        self._table = None
+        self._pid = None
+        meta = self.metadata(META_COLUMNS).to_pydict()
         reports: dict[str, str] = {}
         if store.has_table("reports"):
             rep = store.db.open_table("reports").to_arrow().to_pydict()
@@ -72,8 +74,6 @@ class ClipCorpus:
             s.views.append(meta["view"][i])
             s.slice_index.append(int(meta["slice_index"][i] or 0))
         self.studies = [by_study[k] for k in sorted(by_study)]
-        self._table = None
-        self._pid = None
 
     def _clips_table(self):
         # lancedb's native runtime must not cross a fork: each process opens its own handle
@@ -84,6 +84,10 @@ class ClipCorpus:
             table.checkout(self.version)
             self._table, self._pid = table, os.getpid()
         return self._table
+
+    def metadata(self, columns: list[str]):
+        """Clip columns (no pixels) of every row at the pinned version, with ``_rowid``."""
+        return self._clips_table().search().select(columns).with_row_id(True).limit(None).to_arrow()
 
     def read_clips(self, row_ids: list[int]) -> np.ndarray:
         """uint8 clips [N, T, H, W] for store row ids, in the order given."""

@@ -93,6 +93,7 @@ def embed_store(store_root: Path, checkpoint: Path, batch_size: int = 32, commit
     resumes where its last commit ended), then pool every study of the model again."""
     import time
 
+    from encoder.data import ClipCorpus
     from indexer import ClipStore
     from indexer.embedding_tables import EmbeddingTables
 
@@ -102,20 +103,16 @@ def embed_store(store_root: Path, checkpoint: Path, batch_size: int = 32, commit
     tables = EmbeddingTables(store, embedder.dim)
     meta_cols = ["clip_id", "study_uid", "patient_key", "view", "slice_index", "sex", "age", "vendor", "site",
                  "study_date"]
-    meta = store.clips.search().select(meta_cols).with_row_id(True).limit(None).to_arrow().to_pylist()
+    corpus = ClipCorpus(store_root)  # pixels by row id at one pinned table version
+    meta = corpus.metadata(meta_cols).to_pylist()
     done = tables.embedded_clip_ids(embedder.model_id)
     todo = [m for m in meta if m["clip_id"] not in done]
     bar = _progress(progress, len(todo))
     pending: list[dict] = []
     for i in range(0, len(todo), batch_size):
         chunk = todo[i : i + batch_size]
-        got = store.clips.take_row_ids([m["_rowid"] for m in chunk]).select(["clip_id", "clip", "frames", "height", "width"]).to_arrow()
-        by_id = {r["clip_id"]: r for r in got.to_pylist()}
-        arrays = []
-        for m in chunk:
-            r = by_id[m["clip_id"]]
-            arrays.append(np.frombuffer(r["clip"], np.uint8).reshape(r["frames"], r["height"], r["width"]))
-        vectors = embedder.encode_clips(np.stack(arrays)).numpy()
+        clips = corpus.read_clips([m["_rowid"] for m in chunk])
+        vectors = embedder.encode_clips(clips).numpy()
         for m, v in zip(chunk, vectors):
             row = {k: m[k] for k in meta_cols}
             pending.append(row | {"model_id": embedder.model_id, "vector": v.tolist()})
