@@ -88,19 +88,20 @@ class EmbedReport:
 
 
 def embed_store(store_root: Path, checkpoint: Path, batch_size: int = 32, commit_every: int = 512,
-                device: str | None = None, progress: bool = True, **load_options) -> EmbedReport:
+                device: str | None = None, progress: bool = True, index_config=None, **load_options) -> EmbedReport:
     """Embed the clips not yet embedded with this checkpoint's model_id (so a killed run
     resumes where its last commit ended), then pool every study of the model again."""
     import time
 
     from encoder.data import ClipCorpus
     from indexer import ClipStore
-    from indexer.embedding_tables import EmbeddingTables
+    from indexer.embedding_store import EmbeddingStore
+    from indexer.vector_index import IndexConfig, VectorIndex
 
     started = time.monotonic()
     store = ClipStore.open(store_root)
     embedder = Embedder(checkpoint, device=device, **load_options)
-    tables = EmbeddingTables(store, embedder.dim)
+    tables = EmbeddingStore(store, embedder.dim)
     meta_cols = ["clip_id", "study_uid", "patient_key", "view", "slice_index", "sex", "age", "vendor", "site",
                  "study_date"]
     corpus = ClipCorpus(store_root)  # pixels by row id at one pinned table version
@@ -125,6 +126,8 @@ def embed_store(store_root: Path, checkpoint: Path, batch_size: int = 32, commit
     if bar:
         bar[0].stop()
     n_studies = _pool_studies(tables, embedder)
+    for table in ("views", "studies"):  # the FAISS indexes reflect the new rows before we return
+        VectorIndex.open(tables, table, embedder.model_id, index_config or IndexConfig())
     return EmbedReport(embedder.model_id, len(todo), len(meta) - len(todo), n_studies, time.monotonic() - started)
 
 

@@ -15,7 +15,7 @@ from encoder import Embedder, embed_store, encode_study
 from encoder.train import Trainer
 from encoder.video import VideoEncoder
 from indexer import ClipStore
-from indexer.embedding_tables import EmbeddingTables
+from indexer.embedding_store import EmbeddingStore
 
 
 @pytest.fixture()
@@ -26,14 +26,14 @@ def trained(enc_store, tiny_cfg, tmp_path):
 def test_embed_writes_every_clip_and_study_and_resumes(enc_store, trained):
     report = embed_store(enc_store, trained.checkpoint, progress=False)
     store = ClipStore.open(enc_store)
-    tables = EmbeddingTables(store)
+    tables = EmbeddingStore(store)
     n_clips = store.count_clips()
     assert report.model_id == trained.model_id and report.clips_embedded == n_clips and report.studies == 10
     views = tables.view_rows(trained.model_id)
     studies = tables.study_rows(trained.model_id)
     assert views.num_rows == n_clips and studies.num_rows == 10
     assert views.schema.field("vector").type.list_size == 512
-    v = EmbeddingTables.vectors(views)
+    v = EmbeddingStore.vectors(views)
     assert np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-4)
     assert set(views["study_uid"].to_pylist()) == store.study_uids()
     row = studies.to_pylist()[0]
@@ -46,7 +46,7 @@ def test_embed_writes_every_clip_and_study_and_resumes(enc_store, trained):
 def test_encode_study_matches_the_stored_embeddings(enc_store, trained):
     embed_store(enc_store, trained.checkpoint, progress=False)
     store = ClipStore.open(enc_store)
-    tables = EmbeddingTables(store)
+    tables = EmbeddingStore(store)
     study = tables.study_rows(trained.model_id).to_pylist()[0]
     clips = [store.get_clip(cid)[1] for cid in study["clip_ids"]]
     views, pooled, attention = encode_study(clips, Embedder(trained.checkpoint))

@@ -1,0 +1,193 @@
+"""Search one store's embeddings of one model: by vector, by study (scan-to-scan), by text.
+
+Study level searches the ``studies`` table; a filter that names a view column (``view``,
+``slice_index``, ``clip_id``) searches the ``views`` table and returns each study once,
+with its best-matching view. Hits carry no patient key.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from cmr.exceptions import InputError, StoreError
+from indexer.embedding_store import EmbeddingStore, vec_id
+from indexer.filters import FilterFrame, mentions
+from indexer.vector_index import IndexConfig, VectorIndex
+
+__all__ = ["Hit", "Searcher", "default_model_id"]
+
+VIEW_COLUMNS = {"view", "slice_index", "clip_id"}
+_HIT_FIELDS = ("views_present", "sex", "age", "vendor", "site", "study_date")
+
+
+@dataclass
+class Hit:
+    """One result: a study, its similarity, and (for view-level searches) its best view."""
+
+    study_uid: str
+    score: float
+    clip_id: str | None = None
+    view: str | None = None
+    slice_index: int | None = None
+    metadata: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """JSON-able form."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def default_model_id(store: EmbeddingStore) -> str:
+    """The model to search: the store's latest trained encoder when it has study embeddings,
+    else the only model that has them."""
+    present = store.model_ids("studies")
+    if not present:
+        raise StoreError(f"{store.root} has no study embeddings; run `cmr embed --store {store.root}` first")
+    pointer = store.root / "encoders" / "LATEST"
+    if pointer.exists() and pointer.read_text().strip() in present:
+        return pointer.read_text().strip()
+    if len(present) == 1:
+        return next(iter(present))
+    raise InputError(f"{store.root} holds embeddings of several models ({', '.join(sorted(present))}); "
+                     "name one with --model-id")
+
+
+class Searcher:
+    """Indexes of one model over one store, opened lazily and kept current.
+
+    Before each search the table's version is compared with the index's (at most every
+    ``check_interval_s``, 0 = every search); if the table moved on, the index applies
+    the difference first, so a search never answers from a stale index.
+    """
+
+    def __init__(self, root: Path, model_id: str | None = None, config: IndexConfig = IndexConfig(),
+                 check_interval_s: float = 0.0):
+        self.store = EmbeddingStore.open(root)
+        self.model_id = model_id or default_model_id(self.store)
+        self.config, self.check_interval_s = config, check_interval_s
+        self._indexes: dict[str, VectorIndex] = {}
+        self._checked: dict[str, float] = {}
+        self._frames: dict[str, tuple[tuple, FilterFrame]] = {}
+        self._open_lock = threading.Lock()
+        self._text = None
+
+    # -- indexes and filters ----------------------------------------------------------------
+    def index(self, table: str) -> VectorIndex:
+        """The current index of ``views`` or ``studies`` for this model."""
+        with self._open_lock:
+            index = self._indexes.get(table)
+            if index is None:
+                index = self._indexes[table] = VectorIndex.open(self.store, table, self.model_id, self.config)
+                self._checked[table] = time.monotonic()
+        now = time.monotonic()
+        if now - self._checked[table] >= self.check_interval_s:
+            if not index.is_current():
+                index.sync()
+            self._checked[table] = now
+        return index
+
+    def _frame(self, table: str, index: VectorIndex) -> FilterFrame:
+        labels_version = self.store.clip_store.db.open_table("labels").version if self.store.has("labels") else 0
+        key = (index.version, labels_version)
+        cached = self._frames.get(table)
+        if cached is None or cached[0] != key:
+            labels = self.store.clip_store.db.open_table("labels").to_arrow() if self.store.has("labels") else None
+            cached = self._frames[table] = (key, FilterFrame(index.meta, labels))
+        return cached[1]
+
+    def level_for(self, where: str | None) -> str:
+        """``views`` when the filter names a view column, else ``studies``."""
+        return "views" if where and mentions(where, VIEW_COLUMNS) else "studies"
+
+    # -- queries ----------------------------------------------------------------------------
+    def by_vector(self, vector: np.ndarray, k: int = 10, where: str | None = None, level: str | None = None,
+                  exclude_studies: tuple[str, ...] = (), exclude_patients: tuple[str, ...] = ()) -> list[Hit]:
+        """The k studies nearest to a 512-d query (inner product of unit vectors), best first."""
+        if k < 1:
+            raise InputError(f"k must be at least 1 (got {k})")
+        level = level or self.level_for(where)
+        index = self.index(level)
+        allowed = self._frame(level, index).ids(where) if where else None
+        excluded = self._excluded(index, level, exclude_studies, exclude_patients)
+        available = (len(index) if allowed is None else len(allowed))
+        fetch = k + len(excluded) if level == "studies" else 4 * k + len(excluded)
+        query = np.asarray(vector, np.float32).reshape(1, -1)
+        while True:
+            scores, ids = index.search(query, min(fetch, max(available, 1)), allowed)
+            keep = ids[0] >= 0
+            if len(excluded):
+                keep &= ~np.isin(ids[0], excluded)
+            hits = self._hits(index, level, scores[0][keep], ids[0][keep], k)
+            if len(hits) >= k or fetch >= available:
+                return hits
+            fetch *= 2
+
+    def by_study(self, study_uid: str, k: int = 10, where: str | None = None, level: str | None = None,
+                 exclude_same_patient: bool = False) -> list[Hit]:
+        """Scan-to-scan: the k nearest *other* studies to a stored study (its own excluded;
+        with ``exclude_same_patient`` the patient's other studies too)."""
+        index = self.index("studies")
+        pos = np.searchsorted(index.ids, vec_id(study_uid))
+        if pos >= len(index.ids) or index.ids[pos] != vec_id(study_uid):
+            raise InputError(f"study {study_uid} has no embedding of model {self.model_id} in {self.store.root}; "
+                             f"run `cmr embed --store {self.store.root}` or check the study_uid")
+        row = self.store.get_study(study_uid, self.model_id)
+        patients = (index.meta["patient_key"][int(pos)].as_py(),) if exclude_same_patient else ()
+        return self.by_vector(np.asarray(row["vector"], np.float32), k, where, level,
+                              exclude_studies=(study_uid,), exclude_patients=patients)
+
+    def by_text(self, text: str, k: int = 10, where: str | None = None, level: str | None = None) -> list[Hit]:
+        """Text-to-scan: the k studies nearest to the encoded query text."""
+        if not text or not text.strip():
+            raise InputError("the text query is empty; describe the findings to look for")
+        return self.by_vector(self.encode_text([text])[0], k, where, level)
+
+    def encode_text(self, texts: list[str]) -> np.ndarray:
+        """Unit 512-d embeddings of texts by this model's own text tower."""
+        if self._text is None:
+            from encoder.checkpoint import load_text_encoder
+
+            folder = self.store.root / "encoders" / self.model_id
+            if not (folder / "model.safetensors").exists():
+                raise InputError(f"model {self.model_id} has no text tower in {folder}; text search needs "
+                                 "an encoder trained in this store (`cmr train-encoder`)")
+            self._text = load_text_encoder(folder)
+        import torch
+
+        with torch.inference_mode():
+            return self._text.encode(list(texts)).float().numpy()
+
+    # -- helpers ----------------------------------------------------------------------------
+    @staticmethod
+    def _excluded(index: VectorIndex, level: str, studies: tuple[str, ...], patients: tuple[str, ...]) -> np.ndarray:
+        if not studies and not patients:
+            return np.empty(0, np.int64)
+        if level == "studies" and not patients:
+            return np.asarray([vec_id(s) for s in studies], np.int64)
+        mask = pc.is_in(index.meta["study_uid"], pa.array(list(studies), pa.string()))
+        if patients:
+            mask = pc.or_(mask, pc.is_in(index.meta["patient_key"], pa.array(list(patients), pa.string())))
+        return index.meta["vec_id"].filter(mask).to_numpy()
+
+    @staticmethod
+    def _hits(index: VectorIndex, level: str, scores: np.ndarray, ids: np.ndarray, k: int) -> list[Hit]:
+        rows = index.rows_for(ids).to_pylist()
+        hits, seen = [], set()
+        for score, row in zip(scores, rows):
+            if row["study_uid"] in seen:  # view level: each study once, at its best view
+                continue
+            seen.add(row["study_uid"])
+            meta = {f: row[f] for f in _HIT_FIELDS if f in row}
+            if level == "views":
+                hits.append(Hit(row["study_uid"], float(score), row["clip_id"], row["view"], row["slice_index"], meta))
+            else:
+                hits.append(Hit(row["study_uid"], float(score), metadata=meta))
+            if len(hits) == k:
+                break
+        return hits

@@ -1,0 +1,428 @@
+"""A FAISS index per (table, model_id), persisted beside the Lance table, never stale.
+
+The index stores each row's stable ``vec_id``; beside it lie the ``(vec_id, rev)`` pairs
+and the Lance version it reflects. ``sync`` compares those with the table's current rows
+and applies the difference (removed, added and rewritten rows), or rebuilds when the
+difference is large or the size calls for another index type. Exact inner product below
+``exact_below`` rows, IVF-Flat above; on a GPU through faiss' GPU build when present, else
+an exact torch matmul + top-k. Searches take a shared lock and updates an exclusive one,
+so API threads search concurrently and never see an index half-updated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import secrets
+import shutil
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow as pa
+
+from cmr.exceptions import StoreError
+from indexer.clip_store import _quote
+from indexer.embedding_store import EMBEDDING_TABLES, EmbeddingStore
+
+__all__ = ["IndexConfig", "SyncReport", "VectorIndex", "refresh_indexes"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """How an index is built and searched (defaults measured in docs/BENCHMARKS.md)."""
+
+    exact_below: int = 50_000  # rows; exact (Flat) below, IVF-Flat at and above
+    nlist: int | None = None  # IVF lists; None = 4 * sqrt(rows), a power of two
+    nprobe: int = 24  # IVF lists visited per query (unfiltered)
+    train_per_list: int = 64  # k-means training vectors per list (a sample, not all rows)
+    rebuild_fraction: float = 0.3  # a difference touching more rows than this share rebuilds
+    regrow_factor: float = 4.0  # an IVF whose row count grew this much since training is retrained
+    device: str = "auto"  # auto (GPU when present) | cpu | cuda
+    threads: int | None = None  # OpenMP threads for FAISS; None = leave FAISS' default (all cores)
+    seed: int = 0
+
+
+@dataclass
+class SyncReport:
+    """What ``sync`` did to bring the index to the table's version."""
+
+    action: str  # current | delta | rebuilt
+    version: int
+    rows: int
+    added: int = 0
+    removed: int = 0
+    updated: int = 0
+    seconds: float = 0.0
+
+
+class _RWLock:
+    """Many readers or one writer; a waiting writer blocks new readers (no writer starvation)."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def read(self):
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def write(self):
+        with self._cond:
+            self._writers_waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+def _gpu_device(config: IndexConfig) -> str | None:
+    """'faiss' or 'torch' when searches should run on a GPU, else None."""
+    if config.device == "cpu":
+        return None
+    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        return "faiss"
+    import torch
+
+    if torch.cuda.is_available():
+        return "torch"
+    if config.device == "cuda":
+        raise StoreError("device 'cuda' asked for, but neither faiss nor torch sees a GPU; use device 'auto' or 'cpu'")
+    return None
+
+
+class _TorchExact:
+    """Exact inner-product search with a torch matmul + top-k (the GPU path without faiss-gpu)."""
+
+    def __init__(self, dim: int, device: str):
+        import torch
+
+        self.torch, self.device = torch, torch.device(device)
+        self.vectors = torch.empty(0, dim, device=self.device)
+        self.ids = np.empty(0, np.int64)
+
+    @property
+    def ntotal(self) -> int:
+        return len(self.ids)
+
+    def add_with_ids(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        self.vectors = self.torch.cat([self.vectors, self.torch.from_numpy(np.array(vectors, np.float32)).to(self.device)])
+        self.ids = np.concatenate([self.ids, ids])
+
+    def remove_ids(self, ids: np.ndarray) -> None:
+        keep = ~np.isin(self.ids, ids)
+        self.vectors, self.ids = self.vectors[self.torch.from_numpy(keep).to(self.device)], self.ids[keep]
+
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        scores = self.torch.from_numpy(queries).to(self.device) @ self.vectors.T
+        if allowed is not None:
+            mask = self.torch.from_numpy(np.isin(self.ids, allowed)).to(self.device)
+            scores = scores.masked_fill(~mask, float("-inf"))
+        k = min(k, self.ntotal)
+        top = scores.topk(k, dim=1)
+        d, i = top.values.cpu().numpy(), top.indices.cpu().numpy()
+        labels = np.where(np.isfinite(d), self.ids[i], -1)
+        return d, labels
+
+
+class VectorIndex:
+    """The index of one (table, model_id) with the metadata of the rows it holds.
+
+    ``meta`` (an Arrow table sorted by ``vec_id``: every column but the vector) is read at
+    the same Lance version as the vectors, so hits are named and filters evaluated on
+    exactly the rows the index reflects.
+    """
+
+    def __init__(self, store: EmbeddingStore, table: str, model_id: str, config: IndexConfig = IndexConfig()):
+        if table not in EMBEDDING_TABLES:
+            raise StoreError(f"no embedding table {table!r}")
+        self.store, self.table, self.model_id, self.config = store, table, model_id, config
+        self.folder = store.root / "indexes" / table / model_id
+        self.dim = store.dim
+        self._lock = _RWLock()
+        self._sync_lock = threading.Lock()
+        self._gpu = _gpu_device(config)
+        self._gpu_lock = threading.Lock()  # GPU indexes are not thread-safe: one search at a time
+        if config.threads:
+            faiss.omp_set_num_threads(config.threads)
+        self.version = -1
+        self.index = None  # faiss index (CPU; the persisted form) or _TorchExact
+        self._search_index = None  # what searches use: the CPU index, its GPU clone, or _TorchExact
+        self.kind = "empty"
+        self.trained_rows = 0
+        self.meta: pa.Table = pa.table({"vec_id": pa.array([], pa.int64()), "rev": pa.array([], pa.int64())})
+        self.ids = np.empty(0, np.int64)  # sorted vec_ids
+        self.revs = np.empty(0, np.int64)  # rev of each id
+
+    # -- opening and persistence ------------------------------------------------------------
+    @classmethod
+    def open(cls, store: EmbeddingStore, table: str, model_id: str, config: IndexConfig = IndexConfig(),
+             sync: bool = True) -> "VectorIndex":
+        """Load the persisted index (if any) and bring it to the table's current version."""
+        index = cls(store, table, model_id, config)
+        if index._gpu != "torch":
+            index._load()
+        if sync:
+            index.sync()
+        return index
+
+    def _load(self) -> None:
+        pointer = self.folder / "CURRENT"
+        if not pointer.exists():
+            return
+        gen = self.folder / pointer.read_text().strip()
+        try:
+            meta = json.loads((gen / "meta.json").read_text())
+            index = faiss.read_index(str(gen / "index.faiss"))
+            ids, revs = np.load(gen / "ids.npy"), np.load(gen / "revs.npy")
+        except (OSError, RuntimeError, ValueError) as error:  # damaged files: rebuilding is always safe
+            log.warning("index %s unreadable (%s); it will be rebuilt", gen, error)
+            return
+        if meta.get("dim") != self.dim or index.ntotal != len(ids):
+            log.warning("index %s does not match its table; it will be rebuilt", gen)
+            return
+        self.index, self.kind, self.trained_rows = index, meta["kind"], meta["trained_rows"]
+        self.version, self.ids, self.revs = meta["version"], ids, revs
+        self._set_search_index()
+
+    def save(self) -> None:
+        """Persist the index with the Lance version it reflects: a new generation folder,
+        then an atomic switch of ``CURRENT``; a crash leaves the previous generation."""
+        if self.index is None or isinstance(self.index, _TorchExact):
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        name = f"gen-{self.version:08d}-{secrets.token_hex(3)}"
+        tmp = self.folder / (name + ".tmp")
+        tmp.mkdir()
+        faiss.write_index(self.index, str(tmp / "index.faiss"))
+        np.save(tmp / "ids.npy", self.ids)
+        np.save(tmp / "revs.npy", self.revs)
+        meta = {"version": self.version, "kind": self.kind, "rows": len(self.ids), "dim": self.dim,
+                "trained_rows": self.trained_rows, "model_id": self.model_id, "table": self.table,
+                "config": asdict(self.config), "saved_at": time.time()}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        for f in tmp.iterdir():
+            _fsync(f)
+        os.replace(tmp, self.folder / name)
+        pointer_tmp = self.folder / "CURRENT.tmp"
+        pointer_tmp.write_text(name)
+        _fsync(pointer_tmp)
+        os.replace(pointer_tmp, self.folder / "CURRENT")
+        for old in self.folder.iterdir():  # earlier generations and leftovers of killed saves
+            if old.name not in (name, "CURRENT"):
+                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+
+    # -- keeping up with the table ---------------------------------------------------------
+    def table_version(self) -> int:
+        """The Lance table's newest version (a cheap manifest check)."""
+        return self.store.version(self.table)
+
+    def is_current(self) -> bool:
+        """Whether the index reflects the table's newest version."""
+        return self.version == self.table_version()
+
+    def sync(self, save: bool = True) -> SyncReport:
+        """Bring the index to the table's newest version: nothing, a delta, or a rebuild."""
+        with self._sync_lock:
+            started = time.perf_counter()
+            handle = self.store.clip_store.db.open_table(self.table) if self.store.has(self.table) else None
+            version = handle.version if handle is not None else 0
+            if version == self.version and self.index is not None:
+                return SyncReport("current", version, len(self.ids))
+            if handle is not None:
+                handle.checkout(version)  # read meta and vectors at one version
+            meta = self._read(handle, [c for c in self.store.schema(self.table).names if c != "vector"])
+            meta = meta.sort_by("vec_id")
+            ids, revs = meta["vec_id"].to_numpy(), meta["rev"].to_numpy()
+            if len(np.unique(ids)) != len(ids):
+                raise StoreError(f"duplicate vec_id in {self.table} of model {self.model_id}; run `cmr embed` again")
+            report = self._apply(handle, ids, revs)
+            with self._lock.write():
+                self.meta, self.ids, self.revs, self.version = meta, ids, revs, version
+                self._set_search_index()
+            report.version, report.rows, report.seconds = version, len(ids), time.perf_counter() - started
+            if save and report.action != "current":
+                self.save()
+            log.info("index %s/%s: %s", self.table, self.model_id, report)
+            return report
+
+    def _read(self, handle, columns: list[str], where: str | None = None) -> pa.Table:
+        if handle is None:
+            return self.store.schema(self.table).empty_table().select(columns)
+        clause = f"model_id = '{_quote(self.model_id)}'" + (f" AND ({where})" if where else "")
+        return handle.search().where(clause).select(columns).limit(None).to_arrow()
+
+    def _apply(self, handle, ids: np.ndarray, revs: np.ndarray) -> SyncReport:
+        """Build the index for (ids, revs), reusing the current one when the difference is small."""
+        old_ids, old_revs = self.ids, self.revs
+        removed = np.setdiff1d(old_ids, ids, assume_unique=True)
+        added = np.setdiff1d(ids, old_ids, assume_unique=True)
+        common, i_old, i_new = np.intersect1d(old_ids, ids, assume_unique=True, return_indices=True)
+        updated = common[old_revs[i_old] != revs[i_new]]
+        touched = len(removed) + len(added) + len(updated)
+        if not touched and self.index is not None:
+            return SyncReport("current", 0, len(ids))
+        if self._needs_rebuild(len(ids), touched):
+            vectors, vids = self._vectors(handle, None)
+            self._build(vectors, vids)
+            return SyncReport("rebuilt", 0, len(ids), added=len(added), removed=len(removed), updated=len(updated))
+        fresh = np.concatenate([added, updated])
+        wanted_revs = np.unique(revs[np.searchsorted(ids, fresh)])
+        vectors, vids = self._vectors(handle, f"rev IN ({', '.join(map(str, wanted_revs))})")
+        keep = np.isin(vids, fresh)
+        gone = np.concatenate([removed, updated])
+        with self._lock.write():
+            if len(gone):
+                self.index.remove_ids(gone)
+            if keep.any():
+                self.index.add_with_ids(vectors[keep], vids[keep])
+        return SyncReport("delta", 0, len(ids), added=len(added), removed=len(removed), updated=len(updated))
+
+    def _needs_rebuild(self, rows: int, touched: int) -> bool:
+        if self.index is None:
+            return True
+        if touched > self.config.rebuild_fraction * max(len(self.ids), 1) and touched > 1000:
+            return True
+        if self.kind == "flat" and rows >= self.config.exact_below:
+            return True
+        if self.kind == "ivf" and (rows < self.config.exact_below / 2 or rows > self.config.regrow_factor * self.trained_rows):
+            return True
+        return False
+
+    def _vectors(self, handle, where: str | None) -> tuple[np.ndarray, np.ndarray]:
+        rows = self._read(handle, ["vec_id", "vector"], where)
+        return EmbeddingStore.vectors(rows), rows["vec_id"].to_numpy()
+
+    def _build(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        n, cfg = len(ids), self.config
+        if self._gpu == "torch":
+            index = _TorchExact(self.dim, "cuda")
+            index.add_with_ids(vectors, ids)
+            kind = "exact-torch"
+        elif n < cfg.exact_below:
+            index = faiss.IndexIDMap(faiss.IndexFlatIP(self.dim))
+            index.add_with_ids(vectors, ids)
+            kind = "flat"
+        else:
+            nlist = cfg.nlist or 2 ** round(math.log2(4 * math.sqrt(n)))
+            quantizer = faiss.IndexFlatIP(self.dim)
+            index = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            rng = np.random.default_rng(cfg.seed)
+            sample = vectors[rng.choice(n, min(n, nlist * cfg.train_per_list), replace=False)]
+            index.cp.seed = cfg.seed
+            index.train(sample)
+            index.add_with_ids(vectors, ids)
+            index.nprobe = cfg.nprobe
+            kind = "ivf"
+        with self._lock.write():
+            self.index, self.kind, self.trained_rows = index, kind, n
+
+    def _set_search_index(self) -> None:
+        if self._gpu == "faiss" and self.index is not None:
+            res = getattr(self, "_gpu_res", None) or faiss.StandardGpuResources()
+            self._gpu_res = res
+            self._search_index = faiss.index_cpu_to_gpu(res, 0, self.index)
+        else:
+            self._search_index = self.index
+
+    # -- searching --------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def nlist(self) -> int:
+        """IVF lists (0 for exact indexes)."""
+        return faiss.extract_index_ivf(self.index).nlist if self.kind == "ivf" else 0
+
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None,
+               nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k inner products for each query row: (scores [n, k], vec_ids [n, k]), -1 where
+        fewer than k rows exist. ``allowed`` (sorted vec_ids) restricts the candidates; when
+        the IVF's usual probes find fewer than k allowed rows the search widens until k are
+        found or every list was visited, so a selective filter still gets k exact neighbours."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
+        with self._lock.read():
+            index = self._search_index
+            if index is None or not len(self.ids):
+                return np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
+            if isinstance(index, _TorchExact):
+                d, i = index.search(queries, k, allowed)
+                return _pad(d, i, k)
+            n_allowed = len(self.ids) if allowed is None else len(allowed)
+            want = min(k, n_allowed)
+            probe = nprobe or self.config.nprobe
+            if self.kind == "ivf" and allowed is not None:  # visit as many allowed rows as an unfiltered search would
+                probe = math.ceil(probe * len(self.ids) / max(n_allowed, 1))
+            while True:
+                d, i = self._faiss_search(index, queries, k, allowed, probe)
+                found = (i >= 0).sum(1).min()
+                if found >= want or self.kind != "ivf" or probe >= self.nlist:
+                    return d, i
+                probe = min(self.nlist, probe * 4)
+
+    def _faiss_search(self, index, queries, k, allowed, nprobe):
+        selector = faiss.IDSelectorBatch(allowed) if allowed is not None else None
+        if self.kind == "ivf":
+            params = faiss.SearchParametersIVF(nprobe=min(nprobe, self.nlist), sel=selector)
+        else:
+            params = faiss.SearchParameters(sel=selector) if selector is not None else None
+        if self._gpu == "faiss":
+            with self._gpu_lock:
+                return index.search(queries, k, params=params)
+        return index.search(queries, k, params=params)
+
+    def rows_for(self, ids: np.ndarray) -> pa.Table:
+        """The metadata rows of these vec_ids (in that order; ids must be present)."""
+        return self.meta.take(pa.array(np.searchsorted(self.ids, ids)))
+
+
+def _pad(d: np.ndarray, i: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    if d.shape[1] == k:
+        return d, i
+    pad = k - d.shape[1]
+    return (np.pad(d, ((0, 0), (0, pad)), constant_values=-np.inf), np.pad(i, ((0, 0), (0, pad)), constant_values=-1))
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as fp:
+        os.fsync(fp.fileno())
+
+
+def refresh_indexes(store: EmbeddingStore, config: IndexConfig = IndexConfig()) -> list[SyncReport]:
+    """Bring every persisted index of the store to its table's version (after a write or a
+    withdrawal; ``save`` drops older generations, so withdrawn vectors leave the disk)."""
+    reports = []
+    base = store.root / "indexes"
+    for table in EMBEDDING_TABLES:
+        for folder in sorted((base / table).glob("*")) if (base / table).exists() else []:
+            if folder.is_dir():
+                # maintenance runs on the CPU: only the persisted form matters
+                index = VectorIndex.open(store, table, folder.name, replace(config, device="cpu"), sync=False)
+                reports.append(index.sync())
+    return reports
