@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import secrets
+import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -250,13 +251,19 @@ class EmbeddingStore:
         the next open. With ``purge`` the old table versions are rewritten away, so the bytes
         are gone from disk, not only hidden (readers still on an old version fail).
         """
-        uids = set(study_uids)
-        for name in ("clips", "views", "studies"):
-            for key in patient_keys:
-                if self.has(name):
-                    rows = self.clip_store.db.open_table(name).search().where(f"patient_key = '{_quote(key)}'") \
-                        .select(["study_uid"]).limit(None).to_arrow()
-                    uids |= set(rows["study_uid"].to_pylist())
+        asked = ", ".join(f"'{_quote(u)}'" for u in study_uids)
+        keys = ", ".join(f"'{_quote(k)}'" for k in patient_keys)
+        uids: set[str] = set()
+        for name in ("clips", "reports", "labels", "views", "studies"):
+            if not self.has(name):
+                continue
+            table = self.clip_store.db.open_table(name)
+            clauses = [f"study_uid IN ({asked})"] if asked else []
+            if keys and "patient_key" in table.schema.names:
+                clauses.append(f"patient_key IN ({keys})")
+            if clauses:
+                rows = table.search().where(" OR ".join(clauses)).select(["study_uid"]).limit(None).to_arrow()
+                uids |= set(rows["study_uid"].to_pylist())
         if not uids:
             what = ", ".join([*(f"study {u}" for u in study_uids), *(f"patient {k}" for k in patient_keys)])
             raise InputError(f"nothing to withdraw: no {what} in {self.root} (check the study_uid or patient key)")
@@ -314,7 +321,9 @@ def _purge_history(db, name: str) -> None:
     indices = [(ix.columns, ix.index_type) for ix in table.list_indices()]
     reader = table.search().limit(None).to_batches()
     table = db.create_table(name, data=reader, schema=table.schema, mode="overwrite")
-    table.cleanup_old_versions(timedelta(0), delete_unverified=True)
+    with warnings.catch_warnings():  # "removes every version except the latest": the point here
+        warnings.simplefilter("ignore", UserWarning)
+        table.optimize(cleanup_older_than=timedelta(0), delete_unverified=True)
     for columns, kind in indices:
         if kind in ("BTree", "Bitmap", "LabelList"):
             table.create_scalar_index(columns[0], index_type=kind.upper().replace("LABELLIST", "LABEL_LIST"))

@@ -293,9 +293,12 @@ class VectorIndex:
             self._build(vectors, vids)
             return SyncReport("rebuilt", 0, len(ids), added=len(added), removed=len(removed), updated=len(updated))
         fresh = np.concatenate([added, updated])
-        wanted_revs = np.unique(revs[np.searchsorted(ids, fresh)])
-        vectors, vids = self._vectors(handle, f"rev IN ({', '.join(map(str, wanted_revs))})")
-        keep = np.isin(vids, fresh)
+        if len(fresh):  # the new rows' vectors, found through the few commits that wrote them
+            wanted_revs = np.unique(revs[np.searchsorted(ids, fresh)])
+            vectors, vids = self._vectors(handle, f"rev IN ({', '.join(map(str, wanted_revs))})")
+            keep = np.isin(vids, fresh)
+        else:
+            vectors, vids, keep = None, None, np.zeros(0, bool)
         gone = np.concatenate([removed, updated])
         with self._lock.write():
             if len(gone):

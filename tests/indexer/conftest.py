@@ -30,7 +30,7 @@ def study_rows(n: int, seed: int = 0, model_id: str = MODEL, start: int = 0, sit
     for j in range(n):
         i = start + j
         rows.append({
-            "study_uid": f"1.2.826.0.1.{i}", "patient_key": f"pk{i // 2 if i % 3 == 0 else i + 100000}",
+            "study_uid": f"1.2.826.0.1.{i}", "patient_key": f"pk{i // 2 if i % 6 in (0, 1) else i + 100000}",
             "model_id": model_id, "vector": vectors[j].tolist(), "views_present": sorted(set(VIEWS)),
             "n_views": len(VIEWS), "sex": "F" if i % 2 else "M", "age": float(20 + i % 60),
             "site": site or ("B" if i % 10 == 0 else "A"), "vendor": "SIEMENS", "study_date": f"2020{1 + i % 12:02d}01",

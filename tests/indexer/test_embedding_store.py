@@ -1,0 +1,143 @@
+"""The embedding tables: upserts that really replace, models that never mix, compaction,
+snapshot reads during writes, and withdrawal of a study or a patient everywhere."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+
+import numpy as np
+import pytest
+from conftest import MODEL, clustered, make_store, study_rows, view_rows
+
+from lancedb.index import BTree
+
+from cmr.exceptions import InputError
+from indexer import ClipStore
+from indexer.embedding_store import EmbeddingStore, StoreConfig, vec_id
+from indexer.search import Searcher
+from indexer.vector_index import VectorIndex
+
+
+def _strip(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in ("vec_id", "rev", "embedded_at")}
+
+
+def test_upsert_replaces_even_with_a_scalar_index_on_the_key(emb_store):
+    emb_store.studies.create_index("study_uid", config=BTree())
+    assert emb_store.studies.list_indices()
+    rows = [_strip(emb_store.get_study(f"1.2.826.0.1.{i}", MODEL)) for i in range(10)]
+    new = clustered(10, seed=99)
+    inserted, updated = emb_store.upsert_studies([r | {"vector": v.tolist(), "site": "C"} for r, v in zip(rows, new)])
+    assert (inserted, updated) == (0, 10)
+    assert emb_store.count("studies", MODEL) == 300
+    for i, v in enumerate(new):
+        row = emb_store.get_study(f"1.2.826.0.1.{i}", MODEL)
+        assert row["site"] == "C" and np.allclose(row["vector"], v)
+
+
+def test_models_never_mix(emb_store):
+    emb_store.upsert_studies(study_rows(7, model_id="other"))
+    assert emb_store.model_ids() == {MODEL: 300, "other": 7}
+    assert emb_store.count("studies", "other") == 7 and emb_store.count("studies", MODEL) == 300
+    assert len(VectorIndex.open(emb_store, "studies", "other")) == 7
+    assert emb_store.get_study("1.2.826.0.1.0", "other")["model_id"] == "other"
+
+
+def test_get_count_versions(emb_store):
+    row = emb_store.get_view("1.2.826.0.1.5-3", MODEL)
+    assert row["view"] == "SAX" and row["vec_id"] == vec_id("1.2.826.0.1.5-3") and len(row["vector"]) == 512
+    assert emb_store.get_study("no-such-study", MODEL) is None
+    assert emb_store.count("views") == 1800
+    before = emb_store.versions("studies")
+    emb_store.upsert_studies(study_rows(1, start=900))
+    after = emb_store.versions("studies")
+    assert len(after) == len(before) + 1 and after[-1]["version"] == emb_store.version("studies")
+
+
+def test_compaction_keeps_fragments_bounded(tmp_path):
+    store = EmbeddingStore(ClipStore.open(tmp_path / "s", create=True), config=StoreConfig(compact_fragments=4))
+    for i in range(12):
+        store.upsert_studies(study_rows(3, seed=i, start=3 * i))
+    assert store.studies.stats()["fragment_stats"]["num_fragments"] <= 5
+    assert store.count("studies") == 36
+
+
+def test_readers_see_whole_commits_while_a_writer_commits(tmp_path):
+    store = make_store(tmp_path / "s", n=200, views=False)
+    base = [_strip(store.get_study(f"1.2.826.0.1.{i}", MODEL)) for i in range(200)]
+    store.upsert_studies([r | {"site": "g0"} for r in base])
+    problems: list[str] = []
+    done = threading.Event()
+
+    def write():
+        for generation in range(1, 9):
+            store.upsert_studies([r | {"site": f"g{generation}"} for r in base])
+        done.set()
+
+    def read():
+        reader = EmbeddingStore.open(store.root)
+        while not done.is_set():
+            sites = reader.rows("studies", MODEL, ["site"])["site"].to_pylist()
+            if len(sites) != 200 or len(set(sites)) != 1:
+                problems.append(f"{len(sites)} rows, sites {sorted(set(sites))}")
+
+    threads = [threading.Thread(target=read) for _ in range(2)] + [threading.Thread(target=write)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not problems, problems[:3]
+    assert set(store.rows("studies", MODEL, ["site"])["site"].to_pylist()) == {"g8"}
+
+
+def _grep(root, text: str) -> list[str]:
+    out = subprocess.run(["grep", "-rl", "--binary-files=text", text, str(root)], capture_output=True, text=True)
+    return out.stdout.split()
+
+
+def test_withdraw_a_study_removes_it_everywhere_and_from_disk(emb_store, tmp_path):
+    labels = tmp_path / "labels.csv"
+    labels.write_text("study_uid,lvef\n1.2.826.0.1.299,55\n1.2.826.0.1.298,40\n")
+    emb_store.clip_store.import_labels(labels)
+    searcher = Searcher(emb_store.root)
+    uid = "1.2.826.0.1.299"  # no other uid has it as a prefix, so grep finds only this study
+    target = np.asarray(emb_store.get_study(uid, MODEL)["vector"], np.float32)
+    assert searcher.by_vector(target, 1)[0].study_uid == uid
+    assert _grep(emb_store.root, uid)
+
+    report = emb_store.withdraw(study_uids=[uid])
+    assert report.rows_deleted["studies"] == 1 and report.rows_deleted["views"] == 6 and report.rows_deleted["labels"] == 1
+    assert emb_store.get_study(uid, MODEL) is None and emb_store.count("views", MODEL) == 1794
+    assert all(h.study_uid != uid for h in searcher.by_vector(target, 20))
+    assert _grep(emb_store.root, uid) == []  # no old version, index generation or journal keeps it
+    assert not list((emb_store.root / "journal").glob("*"))
+
+
+def test_withdraw_a_patient_removes_all_their_studies(emb_store):
+    key = emb_store.get_study("1.2.826.0.1.6", MODEL)["patient_key"]  # patient pk3 has studies 6 and 7
+    report = emb_store.withdraw(patient_keys=[key])
+    assert sorted(report.study_uids) == ["1.2.826.0.1.6", "1.2.826.0.1.7"]
+    assert emb_store.rows("studies", MODEL, ["study_uid"], where=f"patient_key = '{key}'").num_rows == 0
+    assert emb_store.count("studies", MODEL) == 298
+
+
+def test_withdraw_nothing_is_a_clear_error(emb_store):
+    with pytest.raises(InputError, match="nothing to withdraw"):
+        emb_store.withdraw(study_uids=["9.9.9"])
+
+
+def test_an_interrupted_withdrawal_is_finished_on_open(emb_store):
+    journal = emb_store.root / "journal"
+    journal.mkdir(exist_ok=True)
+    (journal / "withdraw-abc.json").write_text('{"study_uids": ["1.2.826.0.1.9"], "purge": false}')
+    reopened = EmbeddingStore.open(emb_store.root)
+    assert reopened.get_study("1.2.826.0.1.9", MODEL) is None
+    assert not (journal / "withdraw-abc.json").exists()
+
+
+def test_views_of_a_new_model_go_in_beside(emb_store):
+    rows = view_rows(study_rows(2, model_id="m2"))
+    emb_store.upsert_views(rows)
+    assert emb_store.count("views", "m2") == 12 and emb_store.count("views", MODEL) == 1800
+    assert emb_store.embedded_clip_ids("m2") == {r["clip_id"] for r in rows}
