@@ -190,6 +190,87 @@ def embed(
                   f"{report.studies} studies pooled in {report.seconds:.1f} s")
 
 
+@app.command(rich_help_panel="3. Search")
+def search(
+    store: StoreOpt = None,
+    text: Annotated[str | None, typer.Option("--text", help="Text-to-scan: a findings description.")] = None,
+    study: Annotated[str | None, typer.Option("--study", help="Scan-to-scan: the k nearest other studies to this study_uid.")] = None,
+    k: Annotated[int, typer.Option("-k", "--k", min=1, max=1000, help="Studies to return.")] = 10,
+    where: Annotated[str | None, typer.Option("--where", help="SQL filter, e.g. \"sex = 'F' AND age > 60\", \"view = 'SAX'\", \"lvef < 40\".")] = None,
+    model_id: Annotated[str | None, typer.Option("--model-id", help="Embeddings of this encoder (default: the store's latest).")] = None,
+    other_patients: Annotated[bool, typer.Option("--other-patients", help="With --study: leave out the patient's other studies too.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+) -> None:
+    """Search the store: studies ranked by similarity to a text or to a stored study.
+
+    A filter that names a view column (view, slice_index) searches view embeddings and
+    returns each study once, at its best view.
+    """
+    from indexer.search import Searcher
+
+    if (text is None) == (study is None):
+        err.print("[red]error:[/] give exactly one of --text or --study")
+        raise typer.Exit(2)
+    try:
+        searcher = Searcher(_store_dir(store, Settings()), model_id)
+        hits = (searcher.by_text(text, k, where) if text is not None
+                else searcher.by_study(study, k, where, exclude_same_patient=other_patients))
+    except CmrError as error:
+        _fail(error)
+    if as_json:
+        query = {"text": text} if text is not None else {"study_uid": study}
+        print(json.dumps({"model_id": searcher.model_id, "query": query, "where": where, "k": k,
+                          "level": searcher.level_for(where), "hits": [h.to_dict() for h in hits]}))
+        return
+    table = Table(title=f"{len(hits)} studies (model {searcher.model_id})")
+    for col in ("#", "study_uid", "score", "view", "views", "sex", "age", "site", "date"):
+        table.add_column(col)
+    for rank, h in enumerate(hits, 1):
+        m = h.metadata
+        view = f"{h.view}{'' if h.slice_index is None else f' {h.slice_index}'}" if h.view else ""
+        table.add_row(str(rank), h.study_uid, f"{h.score:.3f}", view, " ".join(m.get("views_present") or []),
+                      m.get("sex") or "", "" if m.get("age") is None else f"{m['age']:.0f}", m.get("site") or "",
+                      m.get("study_date") or "")
+    err.print(table)
+
+
+@app.command(rich_help_panel="3. Search")
+def delete(
+    store: StoreOpt = None,
+    study: Annotated[list[str] | None, typer.Option("--study", help="study_uid to withdraw (repeatable).")] = None,
+    patient: Annotated[list[str] | None, typer.Option("--patient", help="patient_key to withdraw, every study (repeatable).")] = None,
+    patient_id: Annotated[bool, typer.Option("--patient-id", help="Read raw PatientIDs from stdin (one per line), keyed with the store's salt; never logged.")] = False,
+    keep_history: Annotated[bool, typer.Option("--keep-history", help="Only hide the rows; keep old table versions (recoverable).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+) -> None:
+    """Withdraw studies or patients everywhere: clips, reports, labels, embeddings, indexes.
+
+    Old table versions are rewritten away, so the data leaves the disk (unless --keep-history).
+    """
+    from indexer.embedding_store import EmbeddingStore
+    from indexer.headers import patient_key
+
+    settings = Settings()
+    root = _store_dir(store, settings)
+    keys = list(patient or [])
+    try:
+        emb = EmbeddingStore.open(root)
+        if patient_id:
+            salt = emb.clip_store.patient_salt(settings.patient_salt.get_secret_value() if settings.patient_salt else None)
+            keys += [patient_key(line, salt) for line in sys.stdin.read().splitlines() if line.strip()]
+        if not study and not keys:
+            err.print("[red]error:[/] give --study, --patient or --patient-id (with IDs on stdin)")
+            raise typer.Exit(2)
+        report = emb.withdraw(study_uids=list(study or []), patient_keys=keys, purge=not keep_history)
+    except CmrError as error:
+        _fail(error)
+    if as_json:
+        print(json.dumps(report.to_dict()))
+    else:
+        rows = ", ".join(f"{name} {n}" for name, n in report.rows_deleted.items())
+        err.print(f"withdrew {len(report.study_uids)} studies; rows deleted: {rows}")
+
+
 @app.command(rich_help_panel="9. Everything")
 def demo(
     store: StoreOpt = None,

@@ -253,8 +253,8 @@ class VectorIndex:
             started = time.perf_counter()
             handle = self.store.clip_store.db.open_table(self.table) if self.store.has(self.table) else None
             version = handle.version if handle is not None else 0
-            if version == self.version and self.index is not None:
-                return SyncReport("current", version, len(self.ids))
+            if version == self.version and self.index is not None and self.meta.num_rows == len(self.ids):
+                return SyncReport("current", version, len(self.ids))  # (a loaded index reads its meta below)
             if handle is not None:
                 handle.checkout(version)  # read meta and vectors at one version
             meta = self._read(handle, [c for c in self.store.schema(self.table).names if c != "vector"])
