@@ -81,6 +81,22 @@ def test_cli_train_then_embed(enc_store, tiny_cfg_file):
     assert out.returncode == 0, out.stderr
     embedded = json.loads(out.stdout)
     assert embedded["model_id"] == trained["model_id"] and embedded["studies"] == 10
+    query = "severe LV dilatation with apical thrombus"
+    out = subprocess.run([*cmr, "search", "--store", str(enc_store), "--text", query, "-k", "3", "--json"],
+                         capture_output=True, text=True, env=env, check=False)
+    assert out.returncode == 0, out.stderr
+    found = json.loads(out.stdout)
+    assert found["model_id"] == trained["model_id"] and len(found["hits"]) == 3
+    # the CLI ranks by the model's own text tower against the stored study embeddings
+    from indexer.embedding_store import EmbeddingStore
+
+    store = EmbeddingStore.open(enc_store)
+    rows = store.study_rows(trained["model_id"], ["study_uid", "vector"])
+    from encoder import load_text_encoder
+
+    q = load_text_encoder(enc_store / "encoders" / trained["model_id"]).encode([query])[0].numpy()
+    best = np.argsort(-(EmbeddingStore.vectors(rows) @ q))[:3]
+    assert [h["study_uid"] for h in found["hits"]] == [rows["study_uid"][int(i)].as_py() for i in best]
     bad = subprocess.run([*cmr, "embed", "--store", str(enc_store), "--checkpoint", str(enc_store / "nope")],
                          capture_output=True, text=True, env=env, check=False)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
