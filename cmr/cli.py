@@ -15,7 +15,8 @@ from typing import Annotated
 
 # Lance's native logger warns on routine events (a table created on first write); keep
 # stderr for what the user must read. Must be set before lancedb is imported.
-os.environ.setdefault("LANCE_LOG", "error")
+if not os.environ.get("LANCE_LOG"):
+    os.environ["LANCE_LOG"] = "error"
 
 import typer
 from rich.console import Console

@@ -173,14 +173,24 @@ class EmbeddingStore:
         return {str(v): int(c) for v, c in zip(values, counts)}
 
     # -- writes ---------------------------------------------------------------------------
-    def upsert(self, name: str, rows: list[dict]) -> tuple[int, int]:
-        """Insert or replace rows by (key, model_id) in one commit; returns (inserted, updated)."""
-        if not rows:
+    def upsert(self, name: str, rows: list[dict] | pa.Table) -> tuple[int, int]:
+        """Insert or replace rows (dicts, or an Arrow table for bulk loads) by (key, model_id)
+        in one commit; returns (inserted, updated). ``vec_id``, ``rev`` and ``embedded_at``
+        are filled in here."""
+        if not len(rows):
             return 0, 0
-        key = EMBEDDING_TABLES[name]
+        key, schema = EMBEDDING_TABLES[name], self.schema(name)
         now, rev = datetime.now(UTC), secrets.randbits(63)
-        rows = [r | {"vec_id": vec_id(r[key]), "rev": rev, "embedded_at": r.get("embedded_at") or now} for r in rows]
-        data = pa.Table.from_pylist(rows, schema=self.schema(name))
+        if isinstance(rows, pa.Table):
+            n = rows.num_rows
+            filled = {"vec_id": pa.array(vec_ids(rows[key].to_pylist())), "rev": pa.array(np.full(n, rev, np.int64)),
+                      "embedded_at": pa.array([now] * n, schema.field("embedded_at").type)}
+            columns = [filled[f.name] if f.name in filled else
+                       (rows[f.name].cast(f.type) if f.name in rows.column_names else pa.nulls(n, f.type)) for f in schema]
+            data = pa.Table.from_arrays(columns, schema=schema)
+        else:
+            rows = [r | {"vec_id": vec_id(r[key]), "rev": rev, "embedded_at": r.get("embedded_at") or now} for r in rows]
+            data = pa.Table.from_pylist(rows, schema=schema)
         table = self.table(name)
         result = table.merge_insert([key, "model_id"]).when_matched_update_all().when_not_matched_insert_all().execute(data)
         self._maybe_compact(table)

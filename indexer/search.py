@@ -177,7 +177,7 @@ class Searcher:
 
     @staticmethod
     def _hits(index: VectorIndex, level: str, scores: np.ndarray, ids: np.ndarray, k: int) -> list[Hit]:
-        rows = index.rows_for(ids).to_pylist()
+        rows = index.rows_for(ids, ["study_uid", "clip_id", "view", "slice_index", *_HIT_FIELDS])
         hits, seen = [], set()
         for score, row in zip(scores, rows):
             if row["study_uid"] in seen:  # view level: each study once, at its best view

@@ -141,3 +141,18 @@ def test_views_of_a_new_model_go_in_beside(emb_store):
     emb_store.upsert_views(rows)
     assert emb_store.count("views", "m2") == 12 and emb_store.count("views", MODEL) == 1800
     assert emb_store.embedded_clip_ids("m2") == {r["clip_id"] for r in rows}
+
+
+def test_bulk_upsert_from_arrow_matches_dict_upsert(tmp_path):
+    import pyarrow as pa
+
+    rows = study_rows(50, seed=3)
+    a = EmbeddingStore(ClipStore.open(tmp_path / "a", create=True))
+    b = EmbeddingStore(ClipStore.open(tmp_path / "b", create=True))
+    a.upsert_studies(rows)
+    table = pa.Table.from_pylist(rows)
+    table = table.set_column(table.schema.get_field_index("vector"), "vector",
+                             table["vector"].cast(pa.list_(pa.float32(), 512)))
+    assert b.upsert("studies", table) == (50, 0)
+    cols = ["study_uid", "vec_id", "site", "age", "views_present", "vector"]
+    assert a.study_rows(MODEL, cols).sort_by("study_uid").equals(b.study_rows(MODEL, cols).sort_by("study_uid"))

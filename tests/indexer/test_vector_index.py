@@ -167,3 +167,13 @@ def test_views_and_studies_have_their_own_index(emb_store, table):
     index = VectorIndex.open(emb_store, table, MODEL)
     assert len(index) == (1800 if table == "views" else 300)
     assert (emb_store.root / "indexes" / table / MODEL / "CURRENT").exists()
+
+
+def test_every_commit_is_seen_even_right_after_a_check(emb_store):
+    index = VectorIndex.open(emb_store, "studies", MODEL)
+    for step in range(15):
+        assert index.is_current()
+        emb_store.upsert_studies(study_rows(1, seed=step, start=7000 + step))  # within the same clock tick
+        assert not index.is_current()
+        index.sync()
+    assert len(index) == 315
