@@ -171,7 +171,7 @@ def embed(
     trust_checkpoint: Annotated[bool, typer.Option("--trust-checkpoint", help="Unpickle a .ckpt that holds Python objects (only for files you trust).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
-    """Embed every clip into the `views` table and pool each study into `studies`.
+    """Embed every clip into the `views` table, pool each study into `studies`, update the indexes.
 
     Resumable: clips already embedded with this checkpoint's model_id are skipped.
     """
@@ -181,7 +181,8 @@ def embed(
     root = _store_dir(store, Settings())
     try:
         report = embed_store(root, checkpoint or latest_checkpoint(root), batch_size=batch_size, device=device,
-                             allow_partial=allow_partial, trust_pickle=trust_checkpoint)
+                             allow_partial=allow_partial, trust_pickle=trust_checkpoint,
+                             index_config=Settings().index_config())
     except CmrError as error:
         _fail(error)
     if as_json:
@@ -213,7 +214,8 @@ def search(
         err.print("[red]error:[/] give exactly one of --text or --study")
         raise typer.Exit(2)
     try:
-        searcher = Searcher(_store_dir(store, Settings()), model_id)
+        settings = Settings()
+        searcher = Searcher(_store_dir(store, settings), model_id, settings.index_config())
         hits = (searcher.by_text(text, k, where) if text is not None
                 else searcher.by_study(study, k, where, exclude_same_patient=other_patients))
     except CmrError as error:
@@ -312,6 +314,13 @@ def demo(
 
         emb = embed_store(root, latest_checkpoint(root))
         err.print(f"model {emb.model_id}: {emb.clips_embedded} clips embedded ({emb.clips_skipped} already), {emb.studies} studies")
+        from indexer.search import Searcher
+
+        query = "severe LV dilatation with apical thrombus"
+        err.rule(f'5. search: cmr search --store {root} --text "{query}" -k 5')
+        searcher = Searcher(root, emb.model_id, settings.index_config())
+        for rank, hit in enumerate(searcher.by_text(query, 5), 1):
+            err.print(f"  {rank}. {hit.study_uid}  score {hit.score:.3f}  views {' '.join(hit.metadata.get('views_present') or [])}")
     except CmrError as error:
         _fail(error)
     raise typer.Exit(report.exit_code)

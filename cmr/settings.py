@@ -22,3 +22,14 @@ class Settings(BaseSettings):
     patient_salt: SecretStr | None = None
     #: worker processes for ingestion; None = number of CPU cores
     workers: int | None = None
+    #: OpenMP threads FAISS may use per process; None = all cores (set it to cores / workers
+    #: when several processes or threads search at once, so they do not oversubscribe)
+    index_threads: int | None = None
+    #: where searches run: auto (a GPU when faiss or torch sees one), cpu, cuda
+    index_device: str = "auto"
+
+    def index_config(self):
+        """The FAISS index configuration these settings ask for."""
+        from indexer.vector_index import IndexConfig
+
+        return IndexConfig(threads=self.index_threads, device=self.index_device)
