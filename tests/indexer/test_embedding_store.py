@@ -156,3 +156,21 @@ def test_bulk_upsert_from_arrow_matches_dict_upsert(tmp_path):
     assert b.upsert("studies", table) == (50, 0)
     cols = ["study_uid", "vec_id", "site", "age", "views_present", "vector"]
     assert a.study_rows(MODEL, cols).sort_by("study_uid").equals(b.study_rows(MODEL, cols).sort_by("study_uid"))
+
+
+def test_withdraw_from_an_ingested_store_removes_clips_reports_and_labels(ingested, tmp_path):
+    import shutil
+
+    src, _ = ingested
+    root = tmp_path / "store"
+    shutil.copytree(src.root, root)
+    store = EmbeddingStore.open(root)
+    clips = store.clip_store
+    uid = sorted(clips.study_uids())[0]
+    n_clips = clips.count_clips(f"study_uid = '{uid}'")
+    assert n_clips and uid in clips.table_study_uids("reports") and uid in clips.table_study_uids("labels")
+    report = store.withdraw(study_uids=[uid])
+    assert report.rows_deleted["clips"] == n_clips and report.rows_deleted["reports"] == 1
+    assert uid not in clips.study_uids() and uid not in clips.table_study_uids("reports")
+    assert uid not in clips.table_study_uids("labels")
+    assert _grep(root, uid) == []
