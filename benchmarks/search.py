@@ -22,25 +22,25 @@ if str(Path(__file__).resolve().parent) in sys.path:  # run as a script: do not 
     sys.path.remove(str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import resource  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
+import argparse
+import json
+import os
+import resource
+import shutil
+import tempfile
+import time
 
 if not os.environ.get("LANCE_LOG"):
     os.environ["LANCE_LOG"] = "error"
 
-import faiss  # noqa: E402
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
+import faiss
+import numpy as np
+import pyarrow as pa
 
-from indexer import ClipStore  # noqa: E402
-from indexer.embedding_store import EmbeddingStore  # noqa: E402
-from indexer.search import Searcher  # noqa: E402
-from indexer.vector_index import IndexConfig, VectorIndex  # noqa: E402
+from indexer import ClipStore
+from indexer.embedding_store import EmbeddingStore
+from indexer.search import Searcher
+from indexer.vector_index import IndexConfig, VectorIndex
 
 MODEL = "bench"
 DIM = 512

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["CmrError", "StoreError", "InputError"]
+__all__ = ["CmrError", "InputError", "StoreError"]
 
 
 class CmrError(Exception):

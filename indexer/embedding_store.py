@@ -117,7 +117,7 @@ class EmbeddingStore:
         self._replay_withdrawals()
 
     @classmethod
-    def open(cls, root: Path, dim: int = 512, config: StoreConfig = StoreConfig()) -> "EmbeddingStore":
+    def open(cls, root: Path, dim: int = 512, config: StoreConfig = StoreConfig()) -> EmbeddingStore:
         """Open the embedding tables of an existing store (finishing any withdrawal a crash interrupted)."""
         return cls(ClipStore.open(root), dim, config)
 

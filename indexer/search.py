@@ -66,11 +66,11 @@ class Searcher:
     the difference first, so a search never answers from a stale index.
     """
 
-    def __init__(self, root: Path, model_id: str | None = None, config: IndexConfig = IndexConfig(),
+    def __init__(self, root: Path, model_id: str | None = None, config: IndexConfig | None = None,
                  check_interval_s: float = 0.0):
         self.store = EmbeddingStore.open(root)
         self.model_id = model_id or default_model_id(self.store)
-        self.config, self.check_interval_s = config, check_interval_s
+        self.config, self.check_interval_s = config or IndexConfig(), check_interval_s
         self._indexes: dict[str, VectorIndex] = {}
         self._checked: dict[str, float] = {}
         self._frames: dict[str, tuple[tuple, FilterFrame]] = {}

@@ -187,7 +187,7 @@ class VectorIndex:
     # -- opening and persistence ------------------------------------------------------------
     @classmethod
     def open(cls, store: EmbeddingStore, table: str, model_id: str, config: IndexConfig = IndexConfig(),
-             sync: bool = True) -> "VectorIndex":
+             sync: bool = True) -> VectorIndex:
         """Load the persisted index (if any) and bring it to the table's current version."""
         index = cls(store, table, model_id, config)
         if index._gpu != "torch":
@@ -339,9 +339,7 @@ class VectorIndex:
             return True
         if self.kind == "flat" and rows >= self.config.exact_below:
             return True
-        if self.kind == "ivf" and (rows < self.config.exact_below / 2 or rows > self.config.regrow_factor * self.trained_rows):
-            return True
-        return False
+        return bool(self.kind == "ivf" and (rows < self.config.exact_below / 2 or rows > self.config.regrow_factor * self.trained_rows))
 
     def _vectors(self, handle, where: str | None) -> tuple[np.ndarray, np.ndarray]:
         rows = self._read(handle, ["vec_id", "vector"], where)

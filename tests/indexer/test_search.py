@@ -3,6 +3,7 @@ filters, clear errors, and the `cmr search` / `cmr delete` commands."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -32,7 +33,7 @@ def test_by_study_returns_the_k_nearest_other_studies(emb_store):
     hits = searcher.by_study(uid, k=8)
     query = np.asarray(emb_store.get_study(uid, MODEL)["vector"], np.float32)
     assert [h.study_uid for h in hits] == [u for u in _exact_studies(emb_store, query) if u != uid][:8]
-    assert all(a.score >= b.score for a, b in zip(hits, hits[1:]))
+    assert all(a.score >= b.score for a, b in itertools.pairwise(hits))
     assert "patient_key" not in json.dumps([h.to_dict() for h in hits])
 
 

@@ -70,7 +70,7 @@ def test_stale_index_is_detected_and_repaired_by_delta(emb_store):
     assert hit[0, 0] == vec_id("1.2.826.0.1.3")  # the replaced vector, not the old one
     _, hits = stale.search(clustered(30, seed=5), 300)
     assert vec_id("1.2.826.0.1.4") not in hits
-    vectors, ids = _table_vectors(emb_store)
+    _vectors, ids = _table_vectors(emb_store)
     assert set(stale.ids) == set(ids)
 
 
@@ -158,7 +158,7 @@ def test_torch_exact_path_matches_faiss(emb_store):
 def test_empty_table_gives_empty_results(tmp_path):
     store = make_store(tmp_path / "s", n=0, views=False)
     index = VectorIndex.open(store, "studies", MODEL)
-    d, i = index.search(clustered(1), 3)
+    _d, i = index.search(clustered(1), 3)
     assert (i == -1).all()
 
 
