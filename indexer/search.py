@@ -88,7 +88,7 @@ class Searcher:
         now = time.monotonic()
         if now - self._checked[table] >= self.check_interval_s:
             if not index.is_current():
-                index.sync()
+                index.sync(save="background")
             self._checked[table] = now
         return index
 

@@ -168,6 +168,7 @@ class VectorIndex:
         self.dim = store.dim
         self._lock = _RWLock()
         self._sync_lock = threading.Lock()
+        self._save_lock = threading.Lock()  # one save at a time
         self._gpu = _gpu_device(config)
         self._gpu_lock = threading.Lock()  # GPU indexes are not thread-safe: one search at a time
         if config.threads:
@@ -218,29 +219,44 @@ class VectorIndex:
     def save(self) -> None:
         """Persist the index with the Lance version it reflects: a new generation folder,
         then an atomic switch of ``CURRENT``; a crash leaves the previous generation."""
-        if self.index is None or isinstance(self.index, _TorchExact):
-            return
+        with self._save_lock:
+            with self._lock.read():  # a consistent snapshot; searches go on meanwhile
+                if self.index is None or isinstance(self.index, _TorchExact):
+                    return
+                blob = faiss.serialize_index(self.index)
+                version, ids, revs = self.version, self.ids, self.revs
+                meta = {"version": version, "kind": self.kind, "rows": len(ids), "dim": self.dim,
+                        "trained_rows": self.trained_rows, "model_id": self.model_id, "table": self.table,
+                        "config": asdict(self.config), "saved_at": time.time()}
+            self._write(blob, ids, revs, meta)
+
+    def save_in_background(self) -> threading.Thread:
+        """``save`` on a thread, so the search that found the table moved on does not wait
+        for a large index to reach the disk (a later open repairs whatever a crash loses)."""
+        thread = threading.Thread(target=self.save, name=f"save-{self.table}", daemon=True)
+        thread.start()
+        return thread
+
+    def _write(self, blob: np.ndarray, ids: np.ndarray, revs: np.ndarray, meta: dict) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        name = f"gen-{self.version:08d}-{secrets.token_hex(3)}"
-        tmp = self.folder / (name + ".tmp")
+        name = f"gen-{meta['version']:08d}-{secrets.token_hex(3)}"
+        tmp = self.folder / f"{name}.{os.getpid()}.tmp"
         tmp.mkdir()
-        faiss.write_index(self.index, str(tmp / "index.faiss"))
-        np.save(tmp / "ids.npy", self.ids)
-        np.save(tmp / "revs.npy", self.revs)
-        meta = {"version": self.version, "kind": self.kind, "rows": len(self.ids), "dim": self.dim,
-                "trained_rows": self.trained_rows, "model_id": self.model_id, "table": self.table,
-                "config": asdict(self.config), "saved_at": time.time()}
+        blob.tofile(tmp / "index.faiss")
+        np.save(tmp / "ids.npy", ids)
+        np.save(tmp / "revs.npy", revs)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         for f in tmp.iterdir():
             _fsync(f)
         os.replace(tmp, self.folder / name)
-        pointer_tmp = self.folder / "CURRENT.tmp"
+        pointer_tmp = self.folder / f"CURRENT.{os.getpid()}.tmp"
         pointer_tmp.write_text(name)
         _fsync(pointer_tmp)
         os.replace(pointer_tmp, self.folder / "CURRENT")
         for old in self.folder.iterdir():  # earlier generations and leftovers of killed saves
-            if old.name not in (name, "CURRENT"):
-                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+            if old.name in (name, "CURRENT") or (old.suffix == ".tmp" and _alive(old.name.split(".")[-2])):
+                continue  # another process's save in progress
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
 
     # -- keeping up with the table ---------------------------------------------------------
     def table_version(self) -> int:
@@ -271,8 +287,9 @@ class VectorIndex:
         self._seen_mtime, self._seen_version = (mtime if settled else None), version
         return version == self.version
 
-    def sync(self, save: bool = True) -> SyncReport:
-        """Bring the index to the table's newest version: nothing, a delta, or a rebuild."""
+    def sync(self, save: bool | str = True) -> SyncReport:
+        """Bring the index to the table's newest version: nothing, a delta, or a rebuild;
+        then persist it (``save``: True, False, or "background")."""
         with self._sync_lock:
             started = time.perf_counter()
             handle = self.store.clip_store.db.open_table(self.table) if self.store.has(self.table) else None
@@ -293,7 +310,7 @@ class VectorIndex:
                 self._set_search_index()
             report.version, report.rows, report.seconds = version, len(ids), time.perf_counter() - started
             if save and report.action != "current":
-                self.save()
+                self.save_in_background() if save == "background" else self.save()
             log.info("index %s/%s: %s", self.table, self.model_id, report)
             return report
 
@@ -452,6 +469,10 @@ def _pad(d: np.ndarray, i: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return d, i
     pad = k - d.shape[1]
     return (np.pad(d, ((0, 0), (0, pad)), constant_values=-np.inf), np.pad(i, ((0, 0), (0, pad)), constant_values=-1))
+
+
+def _alive(pid: str) -> bool:
+    return pid.isdigit() and Path(f"/proc/{pid}").exists()
 
 
 def _fsync(path: Path) -> None:
