@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STORE  ?= demo/store
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup demo test test-all bench bench-search clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,11 @@ test-all: setup
 bench: setup
 	$(BIN)/python benchmarks/ingest.py
 	$(BIN)/python benchmarks/encoder.py --throughput
+	$(BIN)/python benchmarks/search.py --sizes 100000 --queries 300
+
+## search at 100k / 300k / 1M rows against raw FAISS, LanceDB IVF_PQ and numpy (long)
+bench-search: setup
+	$(BIN)/python benchmarks/search.py --json search-bench.json
 
 clean:
 	rm -rf $(VENV) demo .pytest_cache
