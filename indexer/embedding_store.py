@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from lancedb.index import Bitmap, BTree, LabelList
 
 from cmr.exceptions import InputError, StoreError
 from indexer.clip_store import ClipStore, _quote
@@ -90,6 +91,7 @@ class StoreConfig:
 
     compact_fragments: int = 32  # compact a table once it holds more fragments than this
     keep_versions_days: float = 7.0  # versions older than this are pruned at compaction
+    key_index_rows: int = 10_000  # index the key column (B-tree) once a table holds this many rows
 
 
 @dataclass
@@ -205,6 +207,10 @@ class EmbeddingStore:
         return self.upsert("studies", rows)
 
     def _maybe_compact(self, table) -> None:
+        # a B-tree on the key keeps get() fast in a large table (upserts still replace: tested)
+        key = EMBEDDING_TABLES[table.name]
+        if table.count_rows() >= self.config.key_index_rows and not any(key in ix.columns for ix in table.list_indices()):
+            table.create_index(key, config=BTree())
         # many small merge commits leave many small fragments; reads slow down with each
         if table.stats()["fragment_stats"]["num_fragments"] > self.config.compact_fragments:
             table.optimize(cleanup_older_than=timedelta(days=self.config.keep_versions_days))
@@ -334,9 +340,10 @@ def _purge_history(db, name: str) -> None:
     with warnings.catch_warnings():  # "removes every version except the latest": the point here
         warnings.simplefilter("ignore", UserWarning)
         table.optimize(cleanup_older_than=timedelta(0), delete_unverified=True)
-    for columns, kind in indices:
-        if kind in ("BTree", "Bitmap", "LabelList"):
-            table.create_scalar_index(columns[0], index_type=kind.upper().replace("LABELLIST", "LABEL_LIST"))
+    scalar = {"BTree": BTree, "Bitmap": Bitmap, "LabelList": LabelList}
+    for columns, kind in indices:  # scalar indexes come back; a vector index is FAISS' job here
+        if kind in scalar:
+            table.create_index(columns[0], config=scalar[kind]())
 
 
 def _scrub_ingest_reports(folder: Path, uids: set[str]) -> None:

@@ -173,3 +173,13 @@ def test_withdraw_from_an_ingested_store_removes_clips_reports_and_labels(ingest
     assert uid not in clips.study_uids() and uid not in clips.table_study_uids("reports")
     assert uid not in clips.table_study_uids("labels")
     assert _grep(root, uid) == []
+
+
+def test_the_key_gets_a_btree_once_large_and_survives_a_purge(tmp_path):
+    store = EmbeddingStore(ClipStore.open(tmp_path / "s", create=True), config=StoreConfig(key_index_rows=50))
+    store.upsert_studies(study_rows(60))
+    assert [ix.columns for ix in store.studies.list_indices()] == [["study_uid"]]
+    store.upsert_studies(study_rows(60, seed=5))  # replaced through the index
+    assert store.count("studies") == 60
+    store.withdraw(study_uids=["1.2.826.0.1.3"])
+    assert [ix.columns for ix in store.studies.list_indices()] == [["study_uid"]] and store.count("studies") == 59
