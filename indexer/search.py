@@ -177,17 +177,19 @@ class Searcher:
 
     @staticmethod
     def _hits(index: VectorIndex, level: str, scores: np.ndarray, ids: np.ndarray, k: int) -> list[Hit]:
-        rows = index.rows_for(ids, ["study_uid", "clip_id", "view", "slice_index", *_HIT_FIELDS])
+        cols = index.columns_for(ids, ["study_uid", "clip_id", "view", "slice_index", *_HIT_FIELDS])
+        fields = [f for f in _HIT_FIELDS if f in cols]
+        uids = cols["study_uid"]
         hits, seen = [], set()
-        for score, row in zip(scores, rows):
-            if row["study_uid"] in seen:  # view level: each study once, at its best view
+        for j, score in enumerate(scores.tolist()):
+            if uids[j] in seen:  # view level: each study once, at its best view
                 continue
-            seen.add(row["study_uid"])
-            meta = {f: row[f] for f in _HIT_FIELDS if f in row}
+            seen.add(uids[j])
+            meta = {f: cols[f][j] for f in fields}
             if level == "views":
-                hits.append(Hit(row["study_uid"], float(score), row["clip_id"], row["view"], row["slice_index"], meta))
+                hits.append(Hit(uids[j], score, cols["clip_id"][j], cols["view"][j], cols["slice_index"][j], meta))
             else:
-                hits.append(Hit(row["study_uid"], float(score), metadata=meta))
+                hits.append(Hit(uids[j], score, metadata=meta))
             if len(hits) == k:
                 break
         return hits

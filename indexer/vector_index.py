@@ -306,7 +306,7 @@ class VectorIndex:
             report = self._apply(handle, ids, revs)
             with self._lock.write():
                 self.meta, self.ids, self.revs, self.version = meta, ids, revs, version
-                self._columns = {}  # rows_for's per-version column cache
+                self._columns = {}  # columns_for's per-version cache
                 self._set_search_index()
             report.version, report.rows, report.seconds = version, len(ids), time.perf_counter() - started
             if save and report.action != "current":
@@ -444,8 +444,9 @@ class VectorIndex:
                 return index.search(queries, k, params=params)
         return index.search(queries, k, params=params)
 
-    def rows_for(self, ids: np.ndarray, columns: list[str]) -> list[dict]:
-        """The metadata of these vec_ids (in that order; ids must be present) as dicts.
+    def columns_for(self, ids: np.ndarray, columns: list[str]) -> dict[str, list]:
+        """The metadata of these vec_ids (in that order; ids must be present): column -> values
+        (columns the table lacks are left out).
 
         Columns are turned into Python object arrays once per version, so naming the hits
         of a search costs microseconds, not an Arrow take per query."""
@@ -460,8 +461,8 @@ class VectorIndex:
                     values[:] = meta[c].to_pylist()
                 cache[c] = values
             if cache[c] is not None:
-                picked[c] = cache[c][pos]
-        return [dict(zip(picked, row)) for row in zip(*picked.values())]
+                picked[c] = cache[c][pos].tolist()
+        return picked
 
 
 def _pad(d: np.ndarray, i: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
