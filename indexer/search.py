@@ -25,6 +25,7 @@ __all__ = ["Hit", "Searcher", "default_model_id"]
 
 VIEW_COLUMNS = {"view", "slice_index", "clip_id"}
 _HIT_FIELDS = ("views_present", "sex", "age", "vendor", "site", "study_date")
+_HIT_COLUMNS = ("study_uid", "clip_id", "view", "slice_index", *_HIT_FIELDS)
 
 
 @dataclass
@@ -117,13 +118,10 @@ class Searcher:
         excluded = self._excluded(index, level, exclude_studies, exclude_patients)
         available = (len(index) if allowed is None else len(allowed))
         fetch = k + len(excluded) if level == "studies" else 4 * k + len(excluded)
-        query = np.asarray(vector, np.float32).reshape(1, -1)
         while True:
-            scores, ids = index.search(query, min(fetch, max(available, 1)), allowed)
-            keep = ids[0] >= 0
-            if len(excluded):
-                keep &= ~np.isin(ids[0], excluded)
-            hits = self._hits(index, level, scores[0][keep], ids[0][keep], k)
+            scores, ids, cols = index.search_one(vector, min(fetch, max(available, 1)), allowed, _HIT_COLUMNS)
+            keep = ~np.isin(ids, excluded) if len(excluded) else np.ones(len(ids), bool)
+            hits = self._hits(level, scores, keep, cols, k)
             if len(hits) >= k or fetch >= available:
                 return hits
             fetch *= 2
@@ -176,13 +174,12 @@ class Searcher:
         return index.meta["vec_id"].filter(mask).to_numpy()
 
     @staticmethod
-    def _hits(index: VectorIndex, level: str, scores: np.ndarray, ids: np.ndarray, k: int) -> list[Hit]:
-        cols = index.columns_for(ids, ["study_uid", "clip_id", "view", "slice_index", *_HIT_FIELDS])
+    def _hits(level: str, scores: np.ndarray, keep: np.ndarray, cols: dict[str, list], k: int) -> list[Hit]:
         fields = [f for f in _HIT_FIELDS if f in cols]
         uids = cols["study_uid"]
         hits, seen = [], set()
-        for j, score in enumerate(scores.tolist()):
-            if uids[j] in seen:  # view level: each study once, at its best view
+        for j, (score, ok) in enumerate(zip(scores.tolist(), keep.tolist())):
+            if not ok or uids[j] in seen:  # excluded; or view level: each study once, at its best view
                 continue
             seen.add(uids[j])
             meta = {f: cols[f][j] for f in fields}

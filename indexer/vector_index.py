@@ -303,8 +303,9 @@ class VectorIndex:
             ids, revs = meta["vec_id"].to_numpy(), meta["rev"].to_numpy()
             if len(np.unique(ids)) != len(ids):
                 raise StoreError(f"duplicate vec_id in {self.table} of model {self.model_id}; run `cmr embed` again")
-            report = self._apply(handle, ids, revs)
-            with self._lock.write():
+            report, commit = self._plan(handle, ids, revs)
+            with self._lock.write():  # index, ids and meta change together: a search sees before or after
+                commit()
                 self.meta, self.ids, self.revs, self.version = meta, ids, revs, version
                 self._columns = {}  # columns_for's per-version cache
                 self._set_search_index()
@@ -320,8 +321,9 @@ class VectorIndex:
         clause = f"model_id = '{_quote(self.model_id)}'" + (f" AND ({where})" if where else "")
         return handle.search().where(clause).select(columns).limit(None).to_arrow()
 
-    def _apply(self, handle, ids: np.ndarray, revs: np.ndarray) -> SyncReport:
-        """Build the index for (ids, revs), reusing the current one when the difference is small."""
+    def _plan(self, handle, ids: np.ndarray, revs: np.ndarray):
+        """What brings the index to (ids, revs): a report, and a function that applies it
+        (called under the write lock; a rebuild is done before, outside the lock)."""
         old_ids, old_revs = self.ids, self.revs
         removed = np.setdiff1d(old_ids, ids, assume_unique=True)
         added = np.setdiff1d(ids, old_ids, assume_unique=True)
@@ -329,11 +331,16 @@ class VectorIndex:
         updated = common[old_revs[i_old] != revs[i_new]]
         touched = len(removed) + len(added) + len(updated)
         if not touched and self.index is not None:
-            return SyncReport("current", 0, len(ids))
+            return SyncReport("current", 0, len(ids)), lambda: None
+        counts = {"added": len(added), "removed": len(removed), "updated": len(updated)}
         if self._needs_rebuild(len(ids), touched):
             vectors, vids = self._vectors(handle, None)
-            self._build(vectors, vids)
-            return SyncReport("rebuilt", 0, len(ids), added=len(added), removed=len(removed), updated=len(updated))
+            built = self._build(vectors, vids)
+
+            def swap():
+                self.index, self.kind, self.trained_rows = built
+
+            return SyncReport("rebuilt", 0, len(ids), **counts), swap
         fresh = np.concatenate([added, updated])
         if len(fresh):  # the new rows' vectors, found through the few commits that wrote them
             wanted_revs = np.unique(revs[np.searchsorted(ids, fresh)])
@@ -342,12 +349,14 @@ class VectorIndex:
         else:
             vectors, vids, keep = None, None, np.zeros(0, bool)
         gone = np.concatenate([removed, updated])
-        with self._lock.write():
+
+        def patch():
             if len(gone):
                 self.index.remove_ids(gone)
             if keep.any():
                 self.index.add_with_ids(vectors[keep], vids[keep])
-        return SyncReport("delta", 0, len(ids), added=len(added), removed=len(removed), updated=len(updated))
+
+        return SyncReport("delta", 0, len(ids), **counts), patch
 
     def _needs_rebuild(self, rows: int, touched: int) -> bool:
         if self.index is None:
@@ -362,7 +371,8 @@ class VectorIndex:
         rows = self._read(handle, ["vec_id", "vector"], where)
         return EmbeddingStore.vectors(rows), rows["vec_id"].to_numpy()
 
-    def _build(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+    def _build(self, vectors: np.ndarray, ids: np.ndarray) -> tuple:
+        """A new index over these vectors: (index, kind, rows trained on)."""
         n, cfg = len(ids), self.config
         if self._gpu == "torch":
             index = _TorchExact(self.dim, "cuda")
@@ -383,8 +393,7 @@ class VectorIndex:
             index.add_with_ids(vectors, ids)
             index.nprobe = cfg.nprobe
             kind = "ivf"
-        with self._lock.write():
-            self.index, self.kind, self.trained_rows = index, kind, n
+        return index, kind, n
 
     def _set_search_index(self) -> None:
         if self._gpu == "faiss" and self.index is not None:
@@ -411,27 +420,41 @@ class VectorIndex:
         found or every list was visited, so a selective filter still gets k exact neighbours."""
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
         with self._lock.read():
-            index = self._search_index
-            if index is None or not len(self.ids):
-                return np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
-            if isinstance(index, _TorchExact):
-                d, i = index.search(queries, k, allowed)
-                return _pad(d, i, k)
-            if allowed is None and nprobe is None and self._gpu is None:  # the common case: straight to FAISS
-                d, i = index.search(queries, k)  # (the IVF holds its default nprobe)
-                if self.kind != "ivf" or (i >= 0).all() or k > len(self.ids):
-                    return d, i
-            n_allowed = len(self.ids) if allowed is None else len(allowed)
-            want = min(k, n_allowed)
-            probe = nprobe or self.config.nprobe
-            if self.kind == "ivf" and allowed is not None:  # visit as many allowed rows as an unfiltered search would
-                probe = math.ceil(probe * len(self.ids) / max(n_allowed, 1))
-            while True:
-                d, i = self._faiss_search(index, queries, k, allowed, probe)
-                found = (i >= 0).sum(1).min()
-                if found >= want or self.kind != "ivf" or probe >= self.nlist:
-                    return d, i
-                probe = min(self.nlist, probe * 4)
+            return self._search(queries, k, allowed, nprobe)
+
+    def search_one(self, query: np.ndarray, k: int, allowed: np.ndarray | None = None,
+                   columns: tuple[str, ...] = ()) -> tuple[np.ndarray, np.ndarray, dict[str, list]]:
+        """One query: (scores [m], vec_ids [m], metadata columns of those rows), the m <= k
+        found, all read at one version (a concurrent sync cannot slip in between)."""
+        query = np.ascontiguousarray(query, dtype=np.float32).reshape(1, self.dim)
+        with self._lock.read():
+            d, i = self._search(query, k, allowed, None)
+            found = i[0] >= 0
+            d, i = d[0][found], i[0][found]
+            return d, i, self.columns_for(i, list(columns))
+
+    def _search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None, nprobe: int | None):
+        index = self._search_index
+        if index is None or not len(self.ids):
+            return np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
+        if isinstance(index, _TorchExact):
+            d, i = index.search(queries, k, allowed)
+            return _pad(d, i, k)
+        if allowed is None and nprobe is None and self._gpu is None:  # the common case: straight to FAISS
+            d, i = index.search(queries, k)  # (the IVF holds its default nprobe)
+            if self.kind != "ivf" or (i >= 0).all() or k > len(self.ids):
+                return d, i
+        n_allowed = len(self.ids) if allowed is None else len(allowed)
+        want = min(k, n_allowed)
+        probe = nprobe or self.config.nprobe
+        if self.kind == "ivf" and allowed is not None:  # visit as many allowed rows as an unfiltered search would
+            probe = math.ceil(probe * len(self.ids) / max(n_allowed, 1))
+        while True:
+            d, i = self._faiss_search(index, queries, k, allowed, probe)
+            found = (i >= 0).sum(1).min()
+            if found >= want or self.kind != "ivf" or probe >= self.nlist:
+                return d, i
+            probe = min(self.nlist, probe * 4)
 
     def _faiss_search(self, index, queries, k, allowed, nprobe):
         selector = faiss.IDSelectorBatch(allowed) if allowed is not None else None
