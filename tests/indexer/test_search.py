@@ -133,3 +133,38 @@ def test_cli_delete_by_raw_patient_id_never_prints_it(emb_store):
     assert json.loads(out.stdout)["studies"] == 2 and "PAT-123" not in out.stdout + out.stderr
     out = _cmr("delete", "--store", str(emb_store.root), "--patient", "pk-unknown")
     assert out.returncode == 2 and "nothing to withdraw" in out.stderr
+
+
+def test_hits_stay_correct_while_another_thread_writes(emb_store):
+    import threading
+
+    from conftest import study_rows
+
+    searcher = Searcher(emb_store.root)
+    vectors = {r["study_uid"]: np.asarray(r["vector"]) for r in emb_store.study_rows(MODEL, ["study_uid", "vector"]).to_pylist()}
+    new = study_rows(60, seed=21, start=2000)
+    vectors |= {r["study_uid"]: np.asarray(r["vector"]) for r in new}
+    problems: list[str] = []
+    done = threading.Event()
+
+    def search():
+        queries = clustered(20, seed=6)
+        while not done.is_set():
+            for q in queries:
+                try:
+                    for h in searcher.by_vector(q, 10):
+                        if abs(h.score - float(q @ vectors[h.study_uid])) > 1e-4:
+                            problems.append(f"{h.study_uid} scored {h.score}")
+                except Exception as error:  # noqa: BLE001 - collected for the assertion
+                    problems.append(repr(error))
+
+    threads = [threading.Thread(target=search) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for i in range(0, 60, 10):
+        emb_store.upsert_studies(new[i : i + 10])
+        emb_store.studies.delete(f"study_uid = '1.2.826.0.1.{i}'")
+    done.set()
+    for t in threads:
+        t.join()
+    assert not problems, problems[:5]
