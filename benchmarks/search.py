@@ -182,14 +182,16 @@ def run_size(n: int, n_queries: int, k: int, work: Path, lance_ivfpq: bool) -> d
                            num_partitions=partitions, num_sub_vectors=64, max_iterations=10, sample_rate=64)
         out["lance_build_s"] = time.perf_counter() - t0
 
+        nprobes = max(32, partitions // 8)  # about as large a share of the lists as our IVF visits
+
         def lance_search(q):
-            return table.search(q, vector_column_name="vector").distance_type("dot").nprobes(32).refine_factor(20) \
+            return table.search(q, vector_column_name="vector").distance_type("dot").nprobes(nprobes).refine_factor(40) \
                 .select(["vec_id"]).limit(k).to_arrow()["vec_id"].to_numpy()
 
         p50, p99, res = latency(lance_search, queries[:nq])
         out["lance_ivf_pq"] = {"recall": recall(np.array(res), truth[:nq]), "p50_ms": p50, "p99_ms": p99,
                                "qps_64": qps(lambda b: [lance_search(q) for q in b], queries[:128]),
-                               "partitions": partitions, "sub_vectors": 64, "nprobes": 32, "refine_factor": 20,
+                               "partitions": partitions, "sub_vectors": 64, "nprobes": nprobes, "refine_factor": 40,
                                "kmeans_iterations": 10, "sample_rate": 64}
         print(f"[{n}] lance {out['lance_ivf_pq']}", file=sys.stderr, flush=True)
 

@@ -28,7 +28,7 @@ _HIT_FIELDS = ("views_present", "sex", "age", "vendor", "site", "study_date")
 _HIT_COLUMNS = ("study_uid", "clip_id", "view", "slice_index", *_HIT_FIELDS)
 
 
-@dataclass
+@dataclass(slots=True)
 class Hit:
     """One result: a study, its similarity, and (for view-level searches) its best view."""
 

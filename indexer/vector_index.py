@@ -176,6 +176,7 @@ class VectorIndex:
         self.version = -1
         self._handle = None  # the Lance table, for version checks
         self._seen_mtime, self._seen_version = None, -1  # see is_current
+        self._versions_dir = str(store.root / "lance" / f"{table}.lance" / "_versions")
         self.index = None  # faiss index (CPU; the persisted form) or _TorchExact
         self._search_index = None  # what searches use: the CPU index, its GPU clone, or _TorchExact
         self.kind = "empty"
@@ -275,9 +276,8 @@ class VectorIndex:
         skipped. The shortcut is trusted only for an mtime already older than the clock's
         coarse tick when it was seen, so a commit in the same tick is never missed.
         """
-        folder = self.store.root / "lance" / f"{self.table}.lance" / "_versions"
         try:
-            mtime = os.stat(folder).st_mtime_ns
+            mtime = os.stat(self._versions_dir).st_mtime_ns
         except OSError:  # not a local table (or none yet): ask Lance
             mtime = None
         if mtime is not None and mtime == self._seen_mtime:
