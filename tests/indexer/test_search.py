@@ -168,3 +168,11 @@ def test_hits_stay_correct_while_another_thread_writes(emb_store):
     for t in threads:
         t.join()
     assert not problems, problems[:5]
+
+
+def test_date_range_and_site_filters(emb_store):
+    searcher = Searcher(emb_store.root)
+    where = "study_date BETWEEN '20200301' AND '20200531' AND site = 'A'"
+    hits = searcher.by_vector(clustered(1, seed=7)[0], k=15, where=where)
+    assert len(hits) == 15
+    assert all("20200301" <= h.metadata["study_date"] <= "20200531" and h.metadata["site"] == "A" for h in hits)
