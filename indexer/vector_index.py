@@ -300,12 +300,14 @@ class VectorIndex:
                 return SyncReport("current", version, len(self.ids))  # (a loaded index reads its meta below)
             if handle is not None:
                 handle.checkout(version)  # read meta and vectors at one version
-            meta = self._read(handle, [c for c in self.store.schema(self.table).names if c != "vector"])
-            meta = meta.sort_by("vec_id").combine_chunks()
-            ids, revs = meta["vec_id"].to_numpy(), meta["rev"].to_numpy()
+            keys = self._read(handle, ["vec_id", "rev"]).sort_by("vec_id")
+            ids, revs = keys["vec_id"].to_numpy(), keys["rev"].to_numpy()
             if len(np.unique(ids)) != len(ids):
                 raise StoreError(f"duplicate vec_id in {self.table} of model {self.model_id}; run `cmr embed` again")
-            report, commit = self._plan(handle, ids, revs)
+            report, commit, meta = self._plan(handle, ids, revs)
+            if not np.array_equal(meta["vec_id"].to_numpy(), ids):  # never expected; the full read is always right
+                log.warning("index %s/%s: metadata out of step, read again", self.table, self.model_id)
+                meta = self._sorted(self._read(handle, self._meta_columns()))
             with self._lock.write():  # index, ids and meta change together: a search sees before or after
                 commit()
                 self.meta, self.ids, self.revs, self.version = meta, ids, revs, version
@@ -323,42 +325,58 @@ class VectorIndex:
         clause = f"model_id = '{_quote(self.model_id)}'" + (f" AND ({where})" if where else "")
         return handle.search().where(clause).select(columns).limit(None).to_arrow()
 
+    def _meta_columns(self) -> list[str]:
+        return [c for c in self.store.schema(self.table).names if c != "vector"]
+
+    @staticmethod
+    def _sorted(table: pa.Table) -> pa.Table:
+        return table.sort_by("vec_id").combine_chunks()
+
     def _plan(self, handle, ids: np.ndarray, revs: np.ndarray):
-        """What brings the index to (ids, revs): a report, and a function that applies it
-        (called under the write lock; a rebuild is done before, outside the lock)."""
+        """What brings the index to (ids, revs): a report, a function that applies it
+        (called under the write lock; a rebuild is done before, outside the lock), and the
+        metadata of (ids): the old rows kept, the new rows read with their vectors."""
         old_ids, old_revs = self.ids, self.revs
+        have_meta = self.index is not None and self.meta.num_rows == len(old_ids)  # a loaded index has none yet
         removed = np.setdiff1d(old_ids, ids, assume_unique=True)
         added = np.setdiff1d(ids, old_ids, assume_unique=True)
         common, i_old, i_new = np.intersect1d(old_ids, ids, assume_unique=True, return_indices=True)
         updated = common[old_revs[i_old] != revs[i_new]]
         touched = len(removed) + len(added) + len(updated)
         if not touched and self.index is not None:
-            return SyncReport("current", 0, len(ids)), lambda: None
+            meta = self.meta if have_meta else self._sorted(self._read(handle, self._meta_columns()))
+            return SyncReport("current", 0, len(ids)), lambda: None, meta
         counts = {"added": len(added), "removed": len(removed), "updated": len(updated)}
         if self._needs_rebuild(len(ids), touched):
-            vectors, vids = self._vectors(handle, None)
-            built = self._build(vectors, vids)
+            rows = self._sorted(self._read(handle, [*self._meta_columns(), "vector"]))
+            built = self._build(EmbeddingStore.vectors(rows), rows["vec_id"].to_numpy())
 
             def swap():
                 self.index, self.kind, self.trained_rows = built
 
-            return SyncReport("rebuilt", 0, len(ids), **counts), swap
+            return SyncReport("rebuilt", 0, len(ids), **counts), swap, rows.drop_columns(["vector"])
         fresh = np.concatenate([added, updated])
-        if len(fresh):  # the new rows' vectors, found through the few commits that wrote them
-            wanted_revs = np.unique(revs[np.searchsorted(ids, fresh)])
-            vectors, vids = self._vectors(handle, f"rev IN ({', '.join(map(str, wanted_revs))})")
-            keep = np.isin(vids, fresh)
-        else:
-            vectors, vids, keep = None, None, np.zeros(0, bool)
         gone = np.concatenate([removed, updated])
+        if len(fresh):  # the new rows, found through the few commits that wrote them
+            wanted_revs = np.unique(revs[np.searchsorted(ids, fresh)])
+            rows = self._read(handle, [*self._meta_columns(), "vector"], f"rev IN ({', '.join(map(str, wanted_revs))})")
+            rows = rows.filter(pa.array(np.isin(rows["vec_id"].to_numpy(), fresh)))
+        else:
+            rows = self._read(handle, [*self._meta_columns(), "vector"], "false")
+        vectors, vids = EmbeddingStore.vectors(rows), rows["vec_id"].to_numpy()
+        if have_meta:
+            kept = self.meta.filter(pa.array(~np.isin(old_ids, gone)))
+            meta = self._sorted(pa.concat_tables([kept, rows.drop_columns(["vector"])]))
+        else:
+            meta = self._sorted(self._read(handle, self._meta_columns()))
 
         def patch():
             if len(gone):
                 self.index.remove_ids(gone)
-            if keep.any():
-                self.index.add_with_ids(vectors[keep], vids[keep])
+            if len(vids):
+                self.index.add_with_ids(vectors, vids)
 
-        return SyncReport("delta", 0, len(ids), **counts), patch
+        return SyncReport("delta", 0, len(ids), **counts), patch, meta
 
     def _needs_rebuild(self, rows: int, touched: int) -> bool:
         if self.index is None:
@@ -368,10 +386,6 @@ class VectorIndex:
         if self.kind == "flat" and rows >= self.config.exact_below:
             return True
         return bool(self.kind == "ivf" and (rows < self.config.exact_below / 2 or rows > self.config.regrow_factor * self.trained_rows))
-
-    def _vectors(self, handle, where: str | None) -> tuple[np.ndarray, np.ndarray]:
-        rows = self._read(handle, ["vec_id", "vector"], where)
-        return EmbeddingStore.vectors(rows), rows["vec_id"].to_numpy()
 
     def _build(self, vectors: np.ndarray, ids: np.ndarray) -> tuple:
         """A new index over these vectors: (index, kind, rows trained on)."""

@@ -30,7 +30,7 @@ step = 0
 while True:
     step += 1
     start = int(rng.integers(0, 400))  # overlaps existing studies: inserts and replacements
-    store.upsert_studies(study_rows(int(rng.integers(1, 30)), seed=step, start=start))
+    store.upsert_studies(study_rows(int(rng.integers(1, 30)), seed=1000 * int(sys.argv[3]) + step, start=start))  # no repeated vectors: no ties
     VectorIndex.open(store, "studies", "m-test", cfg)  # sync + save a new generation
     if step % 3 == 0:
         uids = store.rows("studies", "m-test", ["study_uid"])["study_uid"].to_pylist()
