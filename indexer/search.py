@@ -102,6 +102,11 @@ class Searcher:
             cached = self._frames[table] = (key, FilterFrame(index.meta, labels))
         return cached[1]
 
+    def warm(self) -> None:
+        """Open both indexes and build their hit columns before the first search."""
+        for table in ("studies", "views"):
+            self.index(table).warm(_HIT_COLUMNS)
+
     def level_for(self, where: str | None) -> str:
         """``views`` when the filter names a view column, else ``studies``."""
         return "views" if where and mentions(where, VIEW_COLUMNS) else "studies"

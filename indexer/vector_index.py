@@ -187,6 +187,7 @@ class VectorIndex:
         self.revs = np.empty(0, np.int64)  # rev of each id
         self._columns: dict = {}  # per-version object arrays for columns_for ("__names__": the table's columns)
         self._columns_building = None  # the meta whose columns are being built
+        self._columns_thread: threading.Thread | None = None
 
     # -- opening and persistence ------------------------------------------------------------
     @classmethod
@@ -518,7 +519,16 @@ class VectorIndex:
             if self.meta is meta:  # still the current version
                 self._columns = built
 
-        threading.Thread(target=build, name=f"columns-{self.table}", daemon=True).start()
+        self._columns_thread = threading.Thread(target=build, name=f"columns-{self.table}", daemon=True)
+        self._columns_thread.start()
+
+    def warm(self, columns: tuple[str, ...]) -> None:
+        """Build the hit columns now and wait for them (a service calls this at start-up,
+        a benchmark before timing), so no search shares the GIL with the builder."""
+        if len(self.ids):
+            self.columns_for(self.ids[:1], list(columns))
+        if self._columns_thread is not None:
+            self._columns_thread.join()
 
 
 def _pad(d: np.ndarray, i: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -176,3 +176,12 @@ def test_date_range_and_site_filters(emb_store):
     hits = searcher.by_vector(clustered(1, seed=7)[0], k=15, where=where)
     assert len(hits) == 15
     assert all("20200301" <= h.metadata["study_date"] <= "20200531" and h.metadata["site"] == "A" for h in hits)
+
+
+def test_warm_builds_the_hit_columns_and_names_hits_the_same(emb_store):
+    cold = Searcher(emb_store.root).by_vector(clustered(1, seed=9)[0], 5)
+    searcher = Searcher(emb_store.root)
+    searcher.warm()
+    assert searcher.index("studies")._columns.get("study_uid") is not None
+    warm = searcher.by_vector(clustered(1, seed=9)[0], 5)
+    assert [h.to_dict() for h in warm] == [h.to_dict() for h in cold]
