@@ -149,7 +149,7 @@ class ClipStore:
         base.mkdir(exist_ok=True)
         for old in base.glob("ingest-*"):
             pid = old.name.split("-")[1]
-            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            if pid.isdigit() and not process_alive(pid):
                 shutil.rmtree(old, ignore_errors=True)
         path = base / f"ingest-{os.getpid()}-{secrets.token_hex(4)}"
         path.mkdir()
@@ -260,3 +260,8 @@ class ClipStore:
 
 def _quote(text: str) -> str:
     return text.replace("'", "''")
+
+
+def process_alive(pid: str) -> bool:
+    """Whether a process of this id runs on this machine (for leftovers of killed runs)."""
+    return pid.isdigit() and Path(f"/proc/{pid}").exists()

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from cmr.exceptions import StoreError
-from indexer.clip_store import _quote
+from indexer.clip_store import _quote, process_alive
 from indexer.embedding_store import EMBEDDING_TABLES, EmbeddingStore
 
 __all__ = ["IndexConfig", "SyncReport", "VectorIndex", "refresh_indexes"]
@@ -258,7 +258,7 @@ class VectorIndex:
         _fsync(pointer_tmp)
         os.replace(pointer_tmp, self.folder / "CURRENT")
         for old in self.folder.iterdir():  # earlier generations and leftovers of killed saves
-            if old.name in (name, "CURRENT") or (old.suffix == ".tmp" and _alive(old.name.split(".")[-2])):
+            if old.name in (name, "CURRENT") or (old.suffix == ".tmp" and process_alive(old.name.split(".")[-2])):
                 continue  # another process's save in progress
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
 
@@ -536,10 +536,6 @@ def _pad(d: np.ndarray, i: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return d, i
     pad = k - d.shape[1]
     return (np.pad(d, ((0, 0), (0, pad)), constant_values=-np.inf), np.pad(i, ((0, 0), (0, pad)), constant_values=-1))
-
-
-def _alive(pid: str) -> bool:
-    return pid.isdigit() and Path(f"/proc/{pid}").exists()
 
 
 def _fsync(path: Path) -> None:
