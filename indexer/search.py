@@ -94,12 +94,12 @@ class Searcher:
         return index
 
     def _frame(self, table: str, index: VectorIndex) -> FilterFrame:
-        labels_version = self.store.clip_store.db.open_table("labels").version if self.store.has("labels") else 0
-        key = (index.version, labels_version)
+        labels = self.store.clip_store.db.open_table("labels") if self.store.has("labels") else None
+        key = (index.version, labels.version if labels is not None else 0)
         cached = self._frames.get(table)
         if cached is None or cached[0] != key:
-            labels = self.store.clip_store.db.open_table("labels").to_arrow() if self.store.has("labels") else None
-            cached = self._frames[table] = (key, FilterFrame(index.meta, labels))
+            rows = labels.to_arrow() if labels is not None else None
+            cached = self._frames[table] = (key, FilterFrame(index.meta, rows))
         return cached[1]
 
     def warm(self) -> None:
