@@ -47,7 +47,8 @@ class Embedder:
     @torch.inference_mode()
     def encode_clips(self, clips: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 clips [N, T, H, W] -> float32 [N, dim] on the CPU."""
-        x = preprocess_batch(torch.as_tensor(np.asarray(clips)), self.preprocess).to(self.device, non_blocking=True)
+        # uint8 to the device first: a twelfth of the bytes of the float 3-channel input
+        x = preprocess_batch(torch.as_tensor(np.asarray(clips)).to(self.device), self.preprocess)
         with self.amp:
             return self.video(x).float().cpu()
 

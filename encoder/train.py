@@ -31,7 +31,7 @@ from encoder.loss import ContrastiveLoss, gather_with_grad
 from encoder.model import CmrClip
 from evals.retrieval import retrieval_summary
 
-__all__ = ["TrainResult", "Trainer", "embed_studies", "latest_checkpoint", "lr_at"]
+__all__ = ["TrainResult", "Trainer", "embed_studies", "latest_checkpoint", "lr_at", "micro_step"]
 
 METRIC_FIELDS = ["step", "loss", "raw", "pair", "study", "v2t", "t2v", "lr", "temperature", "seconds",
                  "val_R@1", "val_R@5", "val_R@10", "val_median_rank", "val_pool"]
@@ -98,6 +98,22 @@ def embed_studies(model: CmrClip, corpus: ClipCorpus, studies: list[Study], devi
         padded[i, : len(v)], mask[i, : len(v)] = v, True
     studies_emb, _ = model.pool_study(padded, mask)
     return [v.cpu() for v in views], studies_emb.float().cpu()
+
+
+def micro_step(net, model: CmrClip, loss_fn: ContrastiveLoss, batch: dict, views_per_study: int, amp,
+               accum_steps: int = 1) -> dict[str, torch.Tensor]:
+    """Forward (under ``amp``) and backward of one batch of ``{"clips", "texts"}``; ``net`` is
+    the model or its DDP wrapper, whose features the loss gathers across ranks."""
+    device = next(model.parameters()).device
+    tokens = {k: v.to(device) for k, v in model.text.tokenize(batch["texts"]).items()}
+    with amp:
+        views, reports, studies = net(batch["clips"].to(device), tokens, views_per_study)
+        views, reports, studies = (gather_with_grad(x.float()) for x in (views, reports, studies))
+        # clips are ordered by study, v per study, on every rank alike
+        study_of_view = torch.arange(reports.shape[0], device=device).repeat_interleave(views_per_study)
+        out = loss_fn(views, reports, study_of_view, model.scale(), studies)
+    (out["loss"] / accum_steps).backward()
+    return out
 
 
 class Trainer:
@@ -211,16 +227,9 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = group["base_lr"] * scale
             for a in range(t.accum_steps):
-                batch = next(it)
-                tokens = {k: v.to(self.device) for k, v in self.model.text.tokenize(batch["texts"]).items()}
                 sync = self.net.no_sync() if self.ddp and a < t.accum_steps - 1 else nullcontext()
-                with sync, amp:
-                    views, reports, studies = self.net(batch["clips"].to(self.device), tokens, t.views_per_study)
-                    views, reports, studies = (gather_with_grad(x.float()) for x in (views, reports, studies))
-                    # clips are ordered by study, v per study, on every rank alike
-                    study_of_view = torch.arange(reports.shape[0], device=self.device).repeat_interleave(t.views_per_study)
-                    out = self.loss_fn(views, reports, study_of_view, self.model.scale(), studies)
-                    (out["loss"] / t.accum_steps).backward()
+                with sync:
+                    out = micro_step(self.net, self.model, self.loss_fn, next(it), t.views_per_study, amp, t.accum_steps)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)

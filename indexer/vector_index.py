@@ -30,6 +30,7 @@ import pyarrow as pa
 from cmr.exceptions import StoreError
 from indexer.clip_store import _quote, process_alive
 from indexer.embedding_store import EMBEDDING_TABLES, EmbeddingStore
+from indexer.torch_exact import TorchExactIndex
 
 __all__ = ["IndexConfig", "SyncReport", "VectorIndex", "refresh_indexes"]
 
@@ -119,40 +120,6 @@ def _gpu_device(config: IndexConfig) -> str | None:
     return None
 
 
-class _TorchExact:
-    """Exact inner-product search with a torch matmul + top-k (the GPU path without faiss-gpu)."""
-
-    def __init__(self, dim: int, device: str):
-        import torch
-
-        self.torch, self.device = torch, torch.device(device)
-        self.vectors = torch.empty(0, dim, device=self.device)
-        self.ids = np.empty(0, np.int64)
-
-    @property
-    def ntotal(self) -> int:
-        return len(self.ids)
-
-    def add_with_ids(self, vectors: np.ndarray, ids: np.ndarray) -> None:
-        self.vectors = self.torch.cat([self.vectors, self.torch.from_numpy(np.array(vectors, np.float32)).to(self.device)])
-        self.ids = np.concatenate([self.ids, ids])
-
-    def remove_ids(self, ids: np.ndarray) -> None:
-        keep = ~np.isin(self.ids, ids)
-        self.vectors, self.ids = self.vectors[self.torch.from_numpy(keep).to(self.device)], self.ids[keep]
-
-    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        scores = self.torch.from_numpy(queries).to(self.device) @ self.vectors.T
-        if allowed is not None:
-            mask = self.torch.from_numpy(np.isin(self.ids, allowed)).to(self.device)
-            scores = scores.masked_fill(~mask, float("-inf"))
-        k = min(k, self.ntotal)
-        top = scores.topk(k, dim=1)
-        d, i = top.values.cpu().numpy(), top.indices.cpu().numpy()
-        labels = np.where(np.isfinite(d), self.ids[i], -1)
-        return d, labels
-
-
 class VectorIndex:
     """The index of one (table, model_id) with the metadata of the rows it holds.
 
@@ -178,8 +145,8 @@ class VectorIndex:
         self._handle = None  # the Lance table, for version checks
         self._seen_mtime, self._seen_version = None, -1  # see is_current
         self._versions_dir = str(store.root / "lance" / f"{table}.lance" / "_versions")
-        self.index = None  # faiss index (CPU; the persisted form) or _TorchExact
-        self._search_index = None  # what searches use: the CPU index, its GPU clone, or _TorchExact
+        self.index = None  # faiss index (CPU; the persisted form) or TorchExactIndex
+        self._search_index = None  # what searches use: the CPU index, its GPU clone, or TorchExactIndex
         self.kind = "empty"
         self.trained_rows = 0
         self.meta: pa.Table = pa.table({"vec_id": pa.array([], pa.int64()), "rev": pa.array([], pa.int64())})
@@ -225,7 +192,7 @@ class VectorIndex:
         then an atomic switch of ``CURRENT``; a crash leaves the previous generation."""
         with self._save_lock:
             with self._lock.read():  # a consistent snapshot; searches go on meanwhile
-                if self.index is None or isinstance(self.index, _TorchExact):
+                if self.index is None or isinstance(self.index, TorchExactIndex):
                     return
                 blob = faiss.serialize_index(self.index)
                 version, ids, revs = self.version, self.ids, self.revs
@@ -392,7 +359,7 @@ class VectorIndex:
         """A new index over these vectors: (index, kind, rows trained on)."""
         n, cfg = len(ids), self.config
         if self._gpu == "torch":
-            index = _TorchExact(self.dim, "cuda")
+            index = TorchExactIndex(self.dim, "cuda")
             index.add_with_ids(vectors, ids)
             kind = "exact-torch"
         elif n < cfg.exact_below:
@@ -457,7 +424,7 @@ class VectorIndex:
         index = self._search_index
         if index is None or not len(self.ids):
             return np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
-        if isinstance(index, _TorchExact):
+        if isinstance(index, TorchExactIndex):
             d, i = index.search(queries, k, allowed)
             return _pad(d, i, k)
         if allowed is None and nprobe is None and self._gpu is None:  # the common case: straight to FAISS

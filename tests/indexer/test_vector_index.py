@@ -11,7 +11,8 @@ from conftest import MODEL, clustered, exact_top, make_store, study_rows
 
 from indexer.embedding_store import EmbeddingStore, vec_id
 from indexer.filters import FilterFrame
-from indexer.vector_index import IndexConfig, VectorIndex, _TorchExact
+from indexer.torch_exact import TorchExactIndex
+from indexer.vector_index import IndexConfig, VectorIndex
 
 IVF = IndexConfig(exact_below=200, nlist=16, nprobe=4)
 
@@ -143,7 +144,7 @@ def test_searches_run_concurrently_with_syncs(tmp_path):
 def test_torch_exact_path_matches_faiss(emb_store):
     index = VectorIndex.open(emb_store, "studies", MODEL)
     vectors, ids = _table_vectors(emb_store)
-    torch_index = _TorchExact(512, "cpu")
+    torch_index = TorchExactIndex(512, "cpu")
     torch_index.add_with_ids(vectors, ids)
     queries = clustered(5, seed=4)
     allowed = FilterFrame(index.meta).ids("sex = 'F'")
