@@ -74,7 +74,8 @@ def _reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def embedding(config: str, device: torch.device, batches: list[int], repeats: int, work: Path) -> dict:
+def embedding(config: str, device: torch.device, batches: list[int], repeats: int, work: Path,
+              compile: bool = False) -> dict:
     """Vision tower clips/s per precision and batch; one 14-clip study end to end."""
     from encoder.checkpoint import save_checkpoint
     from encoder.config import load_config
@@ -111,9 +112,20 @@ def embedding(config: str, device: torch.device, batches: list[int], repeats: in
     embedder = Embedder(ckpt, device=str(device))
     clips = np.random.default_rng(0).integers(0, 255, (14, cfg.vision.frames, cfg.preprocess.crop, cfg.preprocess.crop),
                                               dtype=np.uint8)
-    study_ms = 1e3 * _timed(lambda: encode_study(clips, embedder), device, repeats)
-    return {"config": config, "params_M": sum(p.numel() for p in video.parameters()) / 1e6,
-            "bf16_vs_fp32_min_cosine": agreement, "rows": rows, "study_14_clips_ms": study_ms}
+    out = {"config": config, "params_M": sum(p.numel() for p in video.parameters()) / 1e6,
+           "bf16_vs_fp32_min_cosine": agreement, "rows": rows,
+           "study_14_clips_ms": 1e3 * _timed(lambda: encode_study(clips, embedder), device, repeats)}
+    if compile:
+        compiled = Embedder(ckpt, device=str(device), compile=True, compile_batch=16)
+        t0 = time.perf_counter()
+        views, _, _ = encode_study(clips, compiled)
+        out["compile_s"] = time.perf_counter() - t0
+        out["compiled_vs_eager_min_cosine"] = float((views * encode_study(clips, embedder)[0]).sum(1).min())
+        out["study_14_clips_compiled_ms"] = 1e3 * _timed(lambda: encode_study(clips, compiled), device, repeats)
+        many = np.concatenate([clips] * 5)  # 70 clips: four full batches of 16 and a padded one
+        sec = _timed(lambda: compiled.encode_clips(many), device, max(1, repeats // 2))
+        out["compiled_clips_per_s_uint8_in"] = len(many) / sec
+    return out
 
 
 def _text_folder(src: Path | None, work: Path) -> Path | None:
@@ -129,7 +141,7 @@ def _text_folder(src: Path | None, work: Path) -> Path | None:
     return out
 
 
-def training(config: str, device: torch.device, text_dir: Path | None, steps: int) -> list[dict]:
+def training(config: str, device: torch.device, text_dir: Path | None, steps: int, compile: bool = False) -> list[dict]:
     """Seconds per optimizer step of the whole contrastive model, per precision; the batch
     halves until it fits (the figure per clip stays comparable)."""
     from encoder.config import load_config
@@ -138,19 +150,19 @@ def training(config: str, device: torch.device, text_dir: Path | None, steps: in
     if text_dir is not None:
         cfg.text = replace(cfg.text, model=str(text_dir), sha256=None)
     rows = []
-    for precision in ("bf16", "fp32"):
+    for precision, compiled in [("bf16", False), ("fp32", False)] + ([("bf16", True)] if compile else []):
         studies = cfg.train.studies_per_batch
         while studies >= 1:
             _reset_peak(device)
             try:
-                rows.append(_train_steps(cfg, precision, studies, device, steps))
+                rows.append(_train_steps(cfg, precision, studies, device, steps, compiled))
                 break
             except torch.cuda.OutOfMemoryError:
                 studies //= 2
     return rows
 
 
-def _train_steps(cfg, precision: str, studies: int, device: torch.device, steps: int) -> dict:
+def _train_steps(cfg, precision: str, studies: int, device: torch.device, steps: int, compile: bool) -> dict:
     from encoder.loss import ContrastiveLoss
     from encoder.model import CmrClip
     from encoder.train import micro_step, param_groups
@@ -164,18 +176,22 @@ def _train_steps(cfg, precision: str, studies: int, device: torch.device, steps:
     shape = (3, cfg.vision.frames, cfg.preprocess.crop, cfg.preprocess.crop)
     batch = {"clips": torch.randn(studies * t.views_per_study, *shape), "texts": [REPORT] * studies}
     losses = []
+    net = torch.compile(model) if compile else model  # as Trainer(compile=True) does
 
     def step():
-        out = micro_step(model, model, loss_fn, batch, t.views_per_study, _amp(device, precision))
+        out = micro_step(net, model, loss_fn, batch, t.views_per_study, _amp(device, precision))
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(out["loss"].detach()))
 
+    t0 = time.perf_counter()
+    step()  # the first step compiles
+    first = time.perf_counter() - t0
     sec = _timed(step, device, steps)
     copy = _timed(lambda: batch["clips"].to(device), device, 3, warmup=1) if device.type == "cuda" else 0.0
     clips = studies * t.views_per_study
-    return {"precision": precision, "studies_per_step": studies, "clips_per_step": clips, "s_per_step": sec,
+    return {"precision": precision, "compiled": compile, "first_step_s": first, "studies_per_step": studies, "clips_per_step": clips, "s_per_step": sec,
             "clips_per_s": clips / sec, "host_to_device_s": copy, "peak_gib": _peak_gib(device),
             "loss_finite": all(math.isfinite(v) for v in losses)}
 
@@ -248,6 +264,7 @@ def main() -> None:
     parser.add_argument("-k", type=int, default=10)
     parser.add_argument("--text-config", type=Path, help="text model folder without weights (see above)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["embedding", "training", "search"])
+    parser.add_argument("--compile", action="store_true", help="also measure torch.compile (a minute or more each)")
     parser.add_argument("--smoke", action="store_true", help="CPU configuration, tiny sizes: checks the script runs")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -261,7 +278,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if "embedding" not in args.skip:
-            e = result["embedding"] = embedding(args.config, device, args.batches, args.repeats, work)
+            e = result["embedding"] = embedding(args.config, device, args.batches, args.repeats, work, args.compile)
             print(f"\n{e['config']} vision tower, {e['params_M']:.1f}M params; bf16 vs fp32 embeddings: "
                   f"min cosine {e['bf16_vs_fp32_min_cosine']:.4f}")
             for r in e["rows"]:
@@ -269,14 +286,20 @@ def main() -> None:
                       f"{r['ms_per_batch']:8.2f} ms/batch  peak {r['peak_gib']:.1f} GiB")
             print(f"  one 14-clip study through Embedder (uint8 in, views + study out): {e['study_14_clips_ms']:.1f} ms",
                   flush=True)
+            if "compile_s" in e:
+                print(f"  compiled Embedder: {e['study_14_clips_compiled_ms']:.1f} ms per study, "
+                      f"{e['compiled_clips_per_s_uint8_in']:.0f} clips/s (uint8 in); compiling took {e['compile_s']:.0f} s; "
+                      f"min cosine to eager {e['compiled_vs_eager_min_cosine']:.4f}", flush=True)
         if "training" not in args.skip:
-            rows = result["training"] = training(args.config, device, _text_folder(args.text_config, work), args.steps)
+            rows = result["training"] = training(args.config, device, _text_folder(args.text_config, work), args.steps,
+                                                  args.compile)
             print(f"\n{args.config} contrastive training step (AdamW, clip, both towers):")
             for r in rows:
-                print(f"  {r['precision']:<5} {r['studies_per_step']:>3} studies ({r['clips_per_step']} clips): "
+                print(f"  {r['precision'] + ('+compile' if r['compiled'] else ''):<13} {r['studies_per_step']:>3} studies ({r['clips_per_step']} clips): "
                       f"{r['s_per_step']:.3f} s/step  {r['clips_per_s']:8.1f} clips/s  peak {r['peak_gib']:.1f} GiB  "
-                      f"host->device {1e3 * r['host_to_device_s']:.0f} ms  loss finite {r['loss_finite']}")
-            if len(rows) == 2:
+                      f"host->device {1e3 * r['host_to_device_s']:.0f} ms  first step {r['first_step_s']:.1f} s  "
+                      f"loss finite {r['loss_finite']}")
+            if len(rows) >= 2:
                 print(f"  bf16 / fp32 clips/s: {rows[0]['clips_per_s'] / rows[1]['clips_per_s']:.2f}x", flush=True)
         if "search" not in args.skip:
             rows = result["search"] = search(args.sizes, args.queries, args.k, device)

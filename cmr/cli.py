@@ -128,6 +128,7 @@ def train_encoder(
     seed: Annotated[int | None, typer.Option("--seed", help="Override the config's seed.")] = None,
     run_name: Annotated[str | None, typer.Option("--run-name", help="Run folder under STORE/encoders/runs.")] = None,
     device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1 (default: cuda if present).")] = None,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model (on a GPU: faster steps after a minute of compiling).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
     """Train the contrastive video-report encoder on the store's clips and reports.
@@ -147,7 +148,7 @@ def train_encoder(
         if seed is not None:
             cfg.train = replace(cfg.train, seed=seed)
         run_dir = root / "encoders" / "runs" / run_name if run_name else None
-        trainer = Trainer(root, cfg, run_dir=run_dir, device=device, resume=resume, log=err.print)
+        trainer = Trainer(root, cfg, run_dir=run_dir, device=device, resume=resume, log=err.print, compile=compile)
         result = trainer.fit(max_minutes=max_minutes, max_steps=max_steps)
     except CmrError as error:
         _fail(error)
@@ -169,6 +170,7 @@ def embed(
     device: Annotated[str | None, typer.Option("--device", help="cpu, cuda (default: cuda if present).")] = None,
     allow_partial: Annotated[bool, typer.Option("--allow-partial", help="Accept a checkpoint that fills only part of the model.")] = False,
     trust_checkpoint: Annotated[bool, typer.Option("--trust-checkpoint", help="Unpickle a .ckpt that holds Python objects (only for files you trust).")] = False,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the vision tower (on a GPU: 2.4x faster after ~45 s of compiling).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
     """Embed every clip into the `views` table, pool each study into `studies`, update the indexes.
@@ -181,7 +183,7 @@ def embed(
     root = _store_dir(store, Settings())
     try:
         report = embed_store(root, checkpoint or latest_checkpoint(root), batch_size=batch_size, device=device,
-                             allow_partial=allow_partial, trust_pickle=trust_checkpoint,
+                             allow_partial=allow_partial, trust_pickle=trust_checkpoint, compile=compile,
                              index_config=Settings().index_config())
     except CmrError as error:
         _fail(error)

@@ -120,7 +120,8 @@ class Trainer:
     """One training run of the contrastive encoder on a store."""
 
     def __init__(self, store_root: Path, cfg: EncoderConfig, run_dir: Path | None = None,
-                 device: str | None = None, resume: bool = False, progress: bool = True, log=print):
+                 device: str | None = None, resume: bool = False, progress: bool = True, log=print,
+                 compile: bool = False):
         self.store_root, self.cfg, self.log, self.progress = Path(store_root), cfg, log, progress
         self.ddp = "LOCAL_RANK" in os.environ
         if self.ddp:
@@ -154,6 +155,8 @@ class Trainer:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
+        if compile:  # a run-time choice, not part of the model's config (docs/BENCHMARKS.md)
+            self.net = torch.compile(self.net)
 
     def _restore(self) -> None:
         meta = json.loads((self.ckpt_dir / "config.json").read_text())

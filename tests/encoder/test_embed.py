@@ -55,6 +55,23 @@ def test_encode_study_matches_the_stored_embeddings(enc_store, trained):
     assert np.allclose(attention, study["attention"], atol=1e-5)
 
 
+def test_compiled_embedder_pads_batches_to_one_shape(trained, monkeypatch):
+    shapes = []
+
+    def fake_compile(module):  # the eager module, recording the batch shapes a compiled graph would see
+        def run(x):
+            shapes.append(tuple(x.shape))
+            return module(x)
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    clips = np.random.default_rng(1).integers(0, 255, (7, 16, 128, 128), dtype=np.uint8)
+    eager = Embedder(trained.checkpoint, device="cpu").encode_clips(clips)
+    padded = Embedder(trained.checkpoint, device="cpu", compile=True, compile_batch=4).encode_clips(clips)
+    assert {s[0] for s in shapes} == {4} and len(shapes) == 2  # 4 + 3 padded to 4
+    assert padded.shape == eager.shape and torch.allclose(padded, eager, atol=1e-5)
+
+
 def test_the_published_layout_embeds_with_mean_pooling(enc_store, tiny_cfg_file, tmp_path):
     from encoder.config import load_config
 
