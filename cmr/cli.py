@@ -19,10 +19,13 @@ if not os.environ.get("LANCE_LOG"):
     os.environ["LANCE_LOG"] = "error"
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from cmr.cli_common import StoreOpt, err
+from cmr.cli_common import fail as _fail
+from cmr.cli_common import store_dir as _store_dir
 from cmr.exceptions import CmrError
+from cmr.heads_cli import heads_app
 from cmr.settings import Settings
 
 app = typer.Typer(
@@ -31,22 +34,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True, soft_wrap=True)  # soft wrap: messages stay greppable
-
-StoreOpt = Annotated[Path | None, typer.Option("--store", help="Store directory (default: $CMR_STORE).")]
-
-
-def _store_dir(store: Path | None, settings: Settings) -> Path:
-    path = store or settings.store
-    if path is None:
-        err.print("[red]error:[/] no store given; pass --store DIR or set CMR_STORE")
-        raise typer.Exit(2)
-    return path
-
-
-def _fail(error: CmrError) -> None:
-    err.print(f"[red]error:[/] {error}")
-    raise typer.Exit(2)
 
 
 @app.callback()
@@ -274,6 +261,9 @@ def delete(
     else:
         rows = ", ".join(f"{name} {n}" for name, n in report.rows_deleted.items())
         err.print(f"withdrew {len(report.study_uids)} studies; rows deleted: {rows}")
+
+
+app.add_typer(heads_app, name="heads", rich_help_panel="4. Heads")
 
 
 @app.command(rich_help_panel="9. Everything")

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from cmr.exceptions import InputError, StoreError
 from indexer.config import ClipConfig
 
-__all__ = ["ClipStore", "CLIP_SCHEMA", "ImportResult"]
+__all__ = ["ClipStore", "CLIP_SCHEMA", "ImportResult", "read_study_table"]
 
 FORMAT_VERSION = 1
 
@@ -66,7 +66,8 @@ class ImportResult:
     problems: list[str] = field(default_factory=list)  # rows not imported, with reasons
 
 
-def _read_table(path: Path) -> pa.Table:
+def read_study_table(path: Path) -> pa.Table:
+    """A CSV or Parquet file keyed by study_uid (reports, labels), study_uid as text."""
     if not path.exists():
         raise InputError(f"{path} does not exist; give a CSV or Parquet file keyed by study_uid")
     try:
@@ -211,14 +212,14 @@ class ClipStore:
     @staticmethod
     def check_table_file(path: Path, kind: str) -> None:
         """Fail fast (before a long ingest) on a report or label file that cannot be imported."""
-        table = _read_table(Path(path))
+        table = read_study_table(Path(path))
         if kind == "reports" and "report" not in table.column_names:
             raise InputError(f"{path} has no 'report' column (columns: {', '.join(table.column_names)})")
 
     def import_reports(self, path: Path) -> ImportResult:
         """Upsert report texts from a CSV/Parquet with columns study_uid, report."""
         result = ImportResult()
-        table = _read_table(Path(path))
+        table = read_study_table(Path(path))
         if "report" not in table.column_names:
             raise InputError(f"{path} has no 'report' column (columns: {', '.join(table.column_names)})")
         table = _dedupe_last(table.select(["study_uid", "report"]), result)
@@ -241,7 +242,7 @@ class ClipStore:
         row for a study replaces its old row. Written as one new table version.
         """
         result = ImportResult()
-        table = _dedupe_last(_read_table(Path(path)), result)
+        table = _dedupe_last(read_study_table(Path(path)), result)
         result.rows = table.num_rows
         if self.has_table("labels"):
             old = self.db.open_table("labels").to_arrow()

@@ -13,7 +13,8 @@ def test_help_lists_commands_in_pipeline_order():
     out = subprocess.run([*CMR, "--help"], capture_output=True, text=True, env={"COLUMNS": "200", "PATH": ""})
     assert out.returncode == 0
     names = [line.strip("│ ").split()[0] for line in out.stdout.splitlines() if line.startswith("│ ") and "--" not in line]
-    assert names == ["synth", "ingest", "train-encoder", "embed", "search", "delete", "demo"]
+    # commands in pipeline order, then the command groups (typer lists groups last)
+    assert names == ["synth", "ingest", "train-encoder", "embed", "search", "delete", "demo", "heads"]
 
 
 def test_synth_writes_dicom_and_tables(tmp_path):

@@ -8,8 +8,8 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import MODEL, clustered, make_store, study_rows, view_rows
 from lancedb.index import BTree
+from store_data import MODEL, clustered, make_store, study_rows, view_rows
 
 from cmr.exceptions import InputError
 from indexer import ClipStore

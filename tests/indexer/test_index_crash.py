@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from conftest import MODEL, clustered, make_store
+from store_data import MODEL, clustered, make_store
 
 from indexer.embedding_store import EmbeddingStore
 from indexer.vector_index import IndexConfig, VectorIndex
@@ -20,7 +20,7 @@ from indexer.vector_index import IndexConfig, VectorIndex
 WRITER = r"""
 import sys, numpy as np
 sys.path.insert(0, sys.argv[2])
-from conftest import study_rows
+from store_data import study_rows
 from indexer.embedding_store import EmbeddingStore
 from indexer.vector_index import IndexConfig, VectorIndex
 store = EmbeddingStore.open(sys.argv[1])

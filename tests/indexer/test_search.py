@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import MODEL, clustered
+from store_data import MODEL, clustered
 
 from cmr.exceptions import InputError, StoreError
 from indexer import ClipStore
@@ -138,7 +138,7 @@ def test_cli_delete_by_raw_patient_id_never_prints_it(emb_store):
 def test_hits_stay_correct_while_another_thread_writes(emb_store):
     import threading
 
-    from conftest import study_rows
+    from store_data import study_rows
 
     searcher = Searcher(emb_store.root)
     vectors = {r["study_uid"]: np.asarray(r["vector"]) for r in emb_store.study_rows(MODEL, ["study_uid", "vector"]).to_pylist()}

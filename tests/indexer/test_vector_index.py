@@ -7,7 +7,7 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import MODEL, clustered, exact_top, make_store, study_rows
+from store_data import MODEL, clustered, exact_top, make_store, study_rows
 
 from indexer.embedding_store import EmbeddingStore, vec_id
 from indexer.filters import FilterFrame
