@@ -313,6 +313,18 @@ def demo(
         searcher = Searcher(root, emb.model_id, settings.index_config())
         for rank, hit in enumerate(searcher.by_text(query, 5), 1):
             err.print(f"  {rank}. {hit.study_uid}  score {hit.score:.3f}  views {' '.join(hit.metadata.get('views_present') or [])}")
+        from heads import HeadConfig, train_head
+
+        err.rule(f"6. heads: cmr heads train --store {root} --label lvef --kind mil")
+        head, _ = train_head(root, ["lvef"], HeadConfig(kind="mil"), model_id=emb.model_id, replace=True)
+        m = head.card["metrics"]["test"]["lvef"]
+        err.print(f"head {head.name}: test MAE {m['mae']:.1f} LVEF points on {m['n']} held-out studies, "
+                  f"trained in {head.card['training_seconds']:.1f} s")
+        first = searcher.by_text(query, 1)[0].study_uid
+        row = head.predict(searcher.store, [first])[0]
+        top = max(row["attention"], key=lambda a: a["weight"])
+        err.print(f"  {first}: predicted LVEF {row['prediction']['lvef']:.0f} %, most attended view {top['view']}"
+                  + ("" if top["slice_index"] is None else f" slice {top['slice_index']}"))
     except CmrError as error:
         _fail(error)
     raise typer.Exit(report.exit_code)

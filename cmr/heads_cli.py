@@ -12,6 +12,7 @@ from rich.table import Table
 from cmr.cli_common import StoreOpt, err, fail, store_dir
 from cmr.exceptions import CmrError
 from cmr.settings import Settings
+from heads.config import HeadConfig
 
 heads_app = typer.Typer(help="Heads trained on the stored embeddings: LVEF, disease labels.", no_args_is_help=True)
 
@@ -44,17 +45,17 @@ def train(
     fraction: Annotated[float, typer.Option("--fraction", min=0.0, max=1.0, help="Share of the training split to train on (1%: 0.01).")] = 1.0,
     seed: Annotated[int, typer.Option("--seed", help="Initialisation, batch order and the --fraction sample.")] = 0,
     split_seed: Annotated[int, typer.Option("--split-seed", help="The patient-level train/validation/test split.")] = 0,
-    hidden: Annotated[int, typer.Option("--hidden", min=1, help="Attention hidden size (mil).")] = 128,
-    dropout: Annotated[float, typer.Option("--dropout", min=0.0, max=0.9)] = 0.1,
-    max_epochs: Annotated[int, typer.Option("--max-epochs", min=1)] = 200,
-    patience: Annotated[int, typer.Option("--patience", min=1, help="Epochs without a better validation loss before stopping.")] = 8,
+    hidden: Annotated[int, typer.Option("--hidden", min=1, help="Attention hidden size (mil).")] = HeadConfig.hidden,
+    dropout: Annotated[float, typer.Option("--dropout", min=0.0, max=0.9)] = HeadConfig.dropout,
+    max_epochs: Annotated[int, typer.Option("--max-epochs", min=1)] = HeadConfig.max_epochs,
+    patience: Annotated[int, typer.Option("--patience", min=1, help="Epochs without a better validation loss before stopping.")] = HeadConfig.patience,
     model_id: Annotated[str | None, typer.Option("--model-id", help="Embeddings of this encoder (default: the store's latest).")] = None,
     name: Annotated[str | None, typer.Option("--name", help="Registry name (default: LABEL-KIND-MODEL).")] = None,
     replace: Annotated[bool, typer.Option("--replace", help="Overwrite a head of the same name.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Train a head on the stored embeddings and register it (weights + card with metrics)."""
-    from heads import HeadConfig, train_head
+    from heads import train_head
 
     root = store_dir(store, Settings())
     try:

@@ -21,11 +21,11 @@ class HeadConfig:
     hidden: int = 128  # attention hidden size of the MIL head
     dropout: float = 0.1
     layernorm: bool | None = None  # LayerNorm on the inputs; None: on for classification, off for regression
-    lr: float = 2e-3
+    lr: float = 5e-3
     weight_decay: float = 1e-4
     batch_size: int = 256  # studies per step (bags padded to the longest in the batch)
     max_epochs: int = 200
-    patience: int = 8  # epochs without a better validation loss before stopping
+    patience: int = 5  # epochs without a better validation loss before stopping
     huber_delta: float = 1.0  # on the standardised target (1 = one training-set SD)
     val_fraction: float = 0.15  # of patients
     test_fraction: float = 0.15  # of patients

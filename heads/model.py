@@ -30,12 +30,14 @@ class MILHead(nn.Module):
     """Gated attention (Ilse et al.) over a study's views -> dropout -> Linear.
 
     Its own attention, trained for the label: which views matter for LVEF is not what
-    mattered for the contrastive study embedding.
+    mattered for the contrastive study embedding. Dropout acts on the pooled embedding
+    only: inside the gate it drew a random number per view and hidden unit, half of a
+    CPU training step, for no better validation loss (docs/BENCHMARKS.md, "Heads").
     """
 
     def __init__(self, dim: int, outputs: int, hidden: int, layernorm: bool, dropout: float):
         super().__init__()
-        self.pool = GatedAttentionPool(dim, hidden, dropout, layernorm=layernorm)
+        self.pool = GatedAttentionPool(dim, hidden, dropout=0.0, layernorm=layernorm)
         self.dropout = nn.Dropout(dropout)
         self.out = nn.Linear(dim, outputs)
 

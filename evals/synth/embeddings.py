@@ -37,14 +37,17 @@ class EmbeddingCohort:
 
 
 def embedding_cohort(n: int, seed: int = 0, dim: int = 512, min_views: int = 4, max_views: int = 15,
-                     noise: float = 1.0) -> EmbeddingCohort:
-    """``n`` studies of about 0.8 n patients (some have two studies)."""
+                     noise: float = 1.0, lvef_noise: float = 0.0) -> EmbeddingCohort:
+    """``n`` studies of about 0.8 n patients (some have two studies). ``lvef_noise`` (SD,
+    points) is the measurement error of the LVEF label: the floor of any head's MAE is
+    about 0.8 of it."""
     rng = np.random.default_rng(seed)
     loadings = np.random.default_rng(1000).standard_normal((len(GAIN), FACTORS, dim)).astype(np.float32) / np.sqrt(dim)
     identity = np.random.default_rng(1001).standard_normal((len(GAIN), dim)).astype(np.float32) / np.sqrt(dim)
     z = rng.standard_normal((n, FACTORS)).astype(np.float32)
-    lvef = np.clip(57 + 11 * z[:, 0], 15, 75).round(1)
-    p_thrombus = 1 / (1 + np.exp(-(-4.0 + 1.8 * z[:, 1] - 0.08 * (lvef - 57))))
+    lvef = np.clip(57 + 11 * z[:, 0], 15, 75)
+    measured = np.clip(lvef + lvef_noise * rng.standard_normal(n), 10, 80).round(1)
+    p_thrombus = 1 / (1 + np.exp(-(-3.0 + 1.8 * z[:, 1] - 0.08 * (lvef - 57))))
     thrombus = rng.random(n) < p_thrombus
     counts = rng.integers(min_views, max_views + 1, n)
     width = int(counts.max())
@@ -68,7 +71,7 @@ def embedding_cohort(n: int, seed: int = 0, dim: int = 512, min_views: int = 4, 
     studies /= np.linalg.norm(studies, axis=1, keepdims=True)
     patient = np.where(rng.random(n) < 0.25, rng.integers(0, max(n // 8, 1), n), np.arange(n) + n)
     uids = [f"2.25.{seed}.{i}" for i in range(n)]
-    labels = pa.table({"study_uid": uids, "lvef": lvef, "reduced_lvef": (lvef < 40).astype(np.int64),
+    labels = pa.table({"study_uid": uids, "lvef": measured, "reduced_lvef": (measured < 40).astype(np.int64),
                        "lv_thrombus": thrombus.astype(np.int64)})
     return EmbeddingCohort(uids, np.array([f"pk{p}" for p in patient], dtype=object), views, mask, names,
                            studies, labels)
