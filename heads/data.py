@@ -20,7 +20,7 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from cmr.exceptions import InputError
-from indexer.clip_store import read_study_table
+from indexer.clip_store import _quote, read_study_table
 from indexer.embedding_store import EmbeddingStore
 
 __all__ = ["Bags", "LabelSet", "infer_task", "load_bags", "load_labels", "patient_split", "sample_fraction"]
@@ -54,11 +54,15 @@ class Bags:
 
 def load_bags(store: EmbeddingStore, model_id: str, study_uids: list[str] | None = None) -> Bags:
     """Every study of ``model_id`` (or these) with its view bag; studies without views are left out."""
-    studies = store.study_rows(model_id, ["study_uid", "patient_key", "vector"]) if store.has("studies") else None
-    if studies is None or not studies.num_rows:
-        have = store.model_ids("studies") if store.has("studies") else {}
+    have = store.model_ids("studies") if store.has("studies") else {}
+    if model_id not in have:
         raise InputError(f"the store has no study embeddings of model {model_id}"
                          + (f" (it has {', '.join(have)})" if have else "") + "; run `cmr embed` with that encoder")
+    # a few studies (a prediction) are read by key, not by scanning the model's every row
+    where = None
+    if study_uids is not None and len(study_uids) <= 1000:
+        where = "study_uid IN (" + ", ".join(f"'{_quote(u)}'" for u in study_uids) + ")"
+    studies = store.rows("studies", model_id, ["study_uid", "patient_key", "vector"], where)
     if study_uids is not None:
         studies = studies.filter(pc.is_in(studies["study_uid"], pa.array(list(study_uids), pa.string())))
         missing = set(study_uids) - set(studies["study_uid"].to_pylist())
@@ -67,7 +71,7 @@ def load_bags(store: EmbeddingStore, model_id: str, study_uids: list[str] | None
                              + (f" and {len(missing) - 1} more" if len(missing) > 1 else "") + "; run `cmr embed`")
     uids = studies["study_uid"].to_pylist()
     position = {u: i for i, u in enumerate(uids)}
-    views = store.view_rows(model_id, ["clip_id", "study_uid", "view", "slice_index", "vector"])
+    views = store.rows("views", model_id, ["clip_id", "study_uid", "view", "slice_index", "vector"], where)
     pos = np.array([position.get(u, -1) for u in views["study_uid"].to_pylist()], np.int64)
     keep = pos >= 0
     views, pos = views.filter(pa.array(keep)), pos[keep]

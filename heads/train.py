@@ -129,28 +129,41 @@ def fit_head(bags: Bags, labels: LabelSet, cfg: HeadConfig, log=None) -> Trained
     model = build_head(cfg, task, bags.studies.shape[1], len(labels.names))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(cfg.seed)
-    best, best_state, best_epoch, history, stale, epoch = float("inf"), None, 0, [], 0, 0
+    # validate every epoch, or every check_every steps when an epoch is longer (a large
+    # archive converges within an epoch or two); patience counts validations
+    steps_per_epoch = -(-len(train) // cfg.batch_size)
+    check = min(steps_per_epoch, cfg.check_every)
+    best, counted, best_state, best_epoch, history, stale, epoch, step = (
+        float("inf"), float("inf"), None, 0, [], 0, 0, 0)
+    total, seen, stop = 0.0, 0, False
     for epoch in range(1, cfg.max_epochs + 1):
-        model.train()
-        total, seen = 0.0, 0
         for t, studies, views, mask in _batches(bags, rng.permutation(train), cfg.batch_size):
+            model.train()
             out, _ = model(studies, views, mask)
             loss = head_loss(task, out, y[t], cfg.huber_delta, pos_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total, seen = total + float(loss.detach()) * len(t), seen + len(t)
-        val_out, _ = predict_outputs(model, bags, val)
-        val_loss = float(head_loss(task, torch.from_numpy(val_out), y[val], cfg.huber_delta, pos_weight))
-        history.append({"epoch": epoch, "train_loss": total / max(seen, 1), "val_loss": val_loss})
-        if log:
-            log(history[-1])
-        if val_loss < best - 1e-6:
-            best, best_state, best_epoch, stale = val_loss, copy.deepcopy(model.state_dict()), epoch, 0
-        else:
-            stale += 1
-            if stale >= cfg.patience:
-                break
+            total, seen, step = total + float(loss.detach()) * len(t), seen + len(t), step + 1
+            if step % check and step % steps_per_epoch:
+                continue
+            val_out, _ = predict_outputs(model, bags, val)
+            val_loss = float(head_loss(task, torch.from_numpy(val_out), y[val], cfg.huber_delta, pos_weight))
+            history.append({"epoch": epoch, "step": step, "train_loss": total / max(seen, 1), "val_loss": val_loss})
+            total, seen = 0.0, 0
+            if log:
+                log(history[-1])
+            if val_loss < best:  # keep the best weights seen ...
+                best, best_state, best_epoch = val_loss, copy.deepcopy(model.state_dict()), epoch
+            if val_loss < counted * (1 - cfg.min_delta):  # ... but only a real gain buys more patience
+                counted, stale = val_loss, 0
+            else:
+                stale += 1
+                stop = stale >= cfg.patience
+                if stop:
+                    break
+        if stop:
+            break
     model.load_state_dict(best_state)
     model.eval()
     values = labels.values
