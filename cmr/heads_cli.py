@@ -48,7 +48,7 @@ def train(
     hidden: Annotated[int, typer.Option("--hidden", min=1, help="Attention hidden size (mil).")] = HeadConfig.hidden,
     dropout: Annotated[float, typer.Option("--dropout", min=0.0, max=0.9)] = HeadConfig.dropout,
     max_epochs: Annotated[int, typer.Option("--max-epochs", min=1)] = HeadConfig.max_epochs,
-    patience: Annotated[int, typer.Option("--patience", min=1, help="Epochs without a better validation loss before stopping.")] = HeadConfig.patience,
+    patience: Annotated[int, typer.Option("--patience", min=1, help="Validations without a better loss before stopping.")] = HeadConfig.patience,
     model_id: Annotated[str | None, typer.Option("--model-id", help="Embeddings of this encoder (default: the store's latest).")] = None,
     name: Annotated[str | None, typer.Option("--name", help="Registry name (default: LABEL-KIND-MODEL).")] = None,
     replace: Annotated[bool, typer.Option("--replace", help="Overwrite a head of the same name.")] = False,
