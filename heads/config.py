@@ -24,9 +24,9 @@ class HeadConfig:
     lr: float = 5e-3
     weight_decay: float = 1e-4
     batch_size: int = 256  # studies per step (bags padded to the longest in the batch)
-    max_epochs: int = 200
+    max_epochs: int = 1000  # a bound for small sets; early stopping ends every run measured
     patience: int = 5  # validations without a better loss before stopping
-    check_every: int = 50  # steps between validations at most (small sets: every epoch)
+    check_every: int = 50  # optimizer steps between validations, however short an epoch is
     min_delta: float = 0.002  # a validation loss must beat the best by this share to count
     huber_delta: float = 1.0  # on the standardised target (1 = one training-set SD)
     val_fraction: float = 0.15  # of patients

@@ -129,10 +129,11 @@ def fit_head(bags: Bags, labels: LabelSet, cfg: HeadConfig, log=None) -> Trained
     model = build_head(cfg, task, bags.studies.shape[1], len(labels.names))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(cfg.seed)
-    # validate every epoch, or every check_every steps when an epoch is longer (a large
-    # archive converges within an epoch or two); patience counts validations
+    # validate every check_every optimizer steps: a large archive converges within an epoch
+    # or two, and a small one (an epoch of one step) needs as many steps between checks;
+    # patience counts validations
     steps_per_epoch = -(-len(train) // cfg.batch_size)
-    check = min(steps_per_epoch, cfg.check_every)
+    last = cfg.max_epochs * steps_per_epoch
     best, counted, best_state, best_epoch, history, stale, epoch, step = (
         float("inf"), float("inf"), None, 0, [], 0, 0, 0)
     total, seen, stop = 0.0, 0, False
@@ -145,7 +146,7 @@ def fit_head(bags: Bags, labels: LabelSet, cfg: HeadConfig, log=None) -> Trained
             loss.backward()
             optimizer.step()
             total, seen, step = total + float(loss.detach()) * len(t), seen + len(t), step + 1
-            if step % check and step % steps_per_epoch:
+            if step % cfg.check_every and step != last:
                 continue
             val_out, _ = predict_outputs(model, bags, val)
             val_loss = float(head_loss(task, torch.from_numpy(val_out), y[val], cfg.huber_delta, pos_weight))
