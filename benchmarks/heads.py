@@ -23,7 +23,6 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
-import copy
 import json
 import time
 
@@ -35,7 +34,7 @@ from evals.synth.embeddings import embedding_cohort
 from heads.config import HeadConfig
 from heads.data import Bags, LabelSet, patient_split
 from heads.model import build_head
-from heads.train import fit_head, head_loss, predict_outputs
+from heads.train import EarlyStopping, fit_head, head_loss, predict_outputs
 
 
 def batch_size_one(bags: Bags, y: np.ndarray, split, cfg: HeadConfig, target_val_mae: float, minutes: float) -> dict:
@@ -52,8 +51,8 @@ def batch_size_one(bags: Bags, y: np.ndarray, split, cfg: HeadConfig, target_val
     # validated as often as ours, counted in studies seen (ours: every check_every batches),
     # with the same patience and minimum gain
     every = cfg.check_every * cfg.batch_size
-    best, counted, best_state, stale, matched_at, seen, history = float("inf"), float("inf"), None, 0, None, 0, []
-    stop = False
+    early = EarlyStopping(cfg.patience, cfg.min_delta)
+    matched_at, seen, history, stop = None, 0, [], False
     while not stop and time.perf_counter() < deadline:
         for i in rng.permutation(train):
             model.train()
@@ -74,20 +73,14 @@ def batch_size_one(bags: Bags, y: np.ndarray, split, cfg: HeadConfig, target_val
                   flush=True)
             if matched_at is None and val_mae <= target_val_mae:
                 matched_at = history[-1]["seconds"]
-            if val_loss < best:
-                best, best_state = val_loss, copy.deepcopy(model.state_dict())
-            if val_loss < counted * (1 - cfg.min_delta):
-                counted, stale = val_loss, 0
-            else:
-                stale += 1
-                stop = stale >= cfg.patience
+            stop = early.update(val_loss, model)
             if stop or time.perf_counter() >= deadline:
                 break
     epochs = seen / len(train)
-    model.load_state_dict(best_state)
+    model.load_state_dict(early.state)
     test_pred = predict_outputs(model, bags, test)[0][:, 0] * std + mean
     return {"seconds": time.perf_counter() - started, "epochs": epochs, "stopped_early": stop,
-            "seconds_to_our_val_mae": matched_at, "best_val_loss": best,
+            "seconds_to_our_val_mae": matched_at, "best_val_loss": early.best,
             "test": regression_metrics(y[test], test_pred), "history": history}
 
 

@@ -54,15 +54,16 @@ class Bags:
 
 def load_bags(store: EmbeddingStore, model_id: str, study_uids: list[str] | None = None) -> Bags:
     """Every study of ``model_id`` (or these) with its view bag; studies without views are left out."""
-    have = store.model_ids("studies") if store.has("studies") else {}
-    if model_id not in have:
-        raise InputError(f"the store has no study embeddings of model {model_id}"
-                         + (f" (it has {', '.join(have)})" if have else "") + "; run `cmr embed` with that encoder")
     # a few studies (a prediction) are read by key, not by scanning the model's every row
     where = None
     if study_uids is not None and len(study_uids) <= 1000:
         where = "study_uid IN (" + ", ".join(f"'{_quote(u)}'" for u in study_uids) + ")"
     studies = store.rows("studies", model_id, ["study_uid", "patient_key", "vector"], where)
+    if not studies.num_rows:  # only then is it worth a scan to say which models the store has
+        have = store.model_ids("studies")
+        if model_id not in have:
+            raise InputError(f"the store has no study embeddings of model {model_id}"
+                             + (f" (it has {', '.join(have)})" if have else "") + "; run `cmr embed` with that encoder")
     if study_uids is not None:
         studies = studies.filter(pc.is_in(studies["study_uid"], pa.array(list(study_uids), pa.string())))
         missing = set(study_uids) - set(studies["study_uid"].to_pylist())

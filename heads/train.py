@@ -22,7 +22,7 @@ from heads.config import HeadConfig
 from heads.data import Bags, LabelSet, patient_split, sample_fraction
 from heads.model import build_head
 
-__all__ = ["TrainedHead", "fit_head", "head_loss", "metrics_for", "predict_outputs", "to_label_units"]
+__all__ = ["EarlyStopping", "TrainedHead", "fit_head", "head_loss", "metrics_for", "predict_outputs", "to_label_units"]
 
 
 @dataclass
@@ -62,6 +62,25 @@ def head_loss(task: str, outputs: torch.Tensor, y: torch.Tensor, huber_delta: fl
     else:
         per = F.binary_cross_entropy_with_logits(outputs, target, pos_weight=pos_weight, reduction="none")
     return (per * known).sum() / known.sum().clamp(min=1)
+
+
+class EarlyStopping:
+    """Keeps the best weights seen; stops after ``patience`` validations in a row that do
+    not beat the best counted loss by the share ``min_delta``."""
+
+    def __init__(self, patience: int, min_delta: float):
+        self.patience, self.min_delta = patience, min_delta
+        self.best, self.counted, self.state, self.stale = float("inf"), float("inf"), None, 0
+
+    def update(self, loss: float, model: torch.nn.Module) -> bool:
+        """Record one validation loss; True when training should stop."""
+        if loss < self.best:  # keep the best weights seen ...
+            self.best, self.state = loss, copy.deepcopy(model.state_dict())
+        if loss < self.counted * (1 - self.min_delta):  # ... but only a real gain buys more patience
+            self.counted, self.stale = loss, 0
+        else:
+            self.stale += 1
+        return self.stale >= self.patience
 
 
 def _batches(bags: Bags, idx: np.ndarray, size: int):
@@ -134,9 +153,8 @@ def fit_head(bags: Bags, labels: LabelSet, cfg: HeadConfig, log=None) -> Trained
     # patience counts validations
     steps_per_epoch = -(-len(train) // cfg.batch_size)
     last = cfg.max_epochs * steps_per_epoch
-    best, counted, best_state, best_epoch, history, stale, epoch, step = (
-        float("inf"), float("inf"), None, 0, [], 0, 0, 0)
-    total, seen, stop = 0.0, 0, False
+    early = EarlyStopping(cfg.patience, cfg.min_delta)
+    best_epoch, history, epoch, step, total, seen, stop = 0, [], 0, 0, 0.0, 0, False
     for epoch in range(1, cfg.max_epochs + 1):
         for t, studies, views, mask in _batches(bags, rng.permutation(train), cfg.batch_size):
             model.train()
@@ -154,18 +172,14 @@ def fit_head(bags: Bags, labels: LabelSet, cfg: HeadConfig, log=None) -> Trained
             total, seen = 0.0, 0
             if log:
                 log(history[-1])
-            if val_loss < best:  # keep the best weights seen ...
-                best, best_state, best_epoch = val_loss, copy.deepcopy(model.state_dict()), epoch
-            if val_loss < counted * (1 - cfg.min_delta):  # ... but only a real gain buys more patience
-                counted, stale = val_loss, 0
-            else:
-                stale += 1
-                stop = stale >= cfg.patience
-                if stop:
-                    break
+            if val_loss < early.best:
+                best_epoch = epoch
+            stop = early.update(val_loss, model)
+            if stop:
+                break
         if stop:
             break
-    model.load_state_dict(best_state)
+    model.load_state_dict(early.state)
     model.eval()
     values = labels.values
     val_pred = to_label_units(task, predict_outputs(model, bags, val)[0], target)
