@@ -30,9 +30,12 @@ class Settings(BaseSettings):
     #: IVF lists visited per query: more is slower and finds more of the true neighbours
     #: (docs/BENCHMARKS.md: 24 -> recall@10 0.955-0.963, 32 -> 0.968-0.977 at 1M rows)
     index_nprobe: int = 32
+    #: how a query finds its IVF lists: hnsw (a graph over the centroids) or flat (scan them all)
+    index_quantizer: str = "hnsw"
 
     def index_config(self):
         """The FAISS index configuration these settings ask for."""
         from indexer.vector_index import IndexConfig
 
-        return IndexConfig(threads=self.index_threads, device=self.index_device, nprobe=self.index_nprobe)
+        return IndexConfig(threads=self.index_threads, device=self.index_device, nprobe=self.index_nprobe,
+                           quantizer=self.index_quantizer)

@@ -43,6 +43,21 @@ def test_ivf_recall_against_exact(tmp_path):
     assert recall >= 0.95
 
 
+def test_ivf_lists_are_found_through_an_hnsw_graph_or_a_flat_scan(tmp_path):
+    import faiss
+
+    store = make_store(tmp_path / "s", n=400, views=False)
+    index = VectorIndex.open(store, "studies", MODEL, IndexConfig(exact_below=200, nlist=16, quantizer_ef=24))
+    quantizer = faiss.downcast_index(faiss.extract_index_ivf(index.index).quantizer)
+    assert isinstance(quantizer, faiss.IndexHNSWFlat) and quantizer.ntotal == 16
+    reloaded = VectorIndex.open(store, "studies", MODEL, IndexConfig(exact_below=200, quantizer_ef=48), sync=False)
+    quantizer = faiss.downcast_index(faiss.extract_index_ivf(reloaded.index).quantizer)
+    assert quantizer.hnsw.efSearch == 48  # search depth comes from the config, not the file
+    flat = VectorIndex(store, "studies", MODEL, IndexConfig(exact_below=200, nlist=16, quantizer="flat"))
+    built, _kind, _n = flat._build(*_table_vectors(store))
+    assert isinstance(faiss.downcast_index(faiss.extract_index_ivf(built).quantizer), faiss.IndexFlat)
+
+
 def test_index_is_persisted_with_its_version_and_reused(emb_store):
     first = VectorIndex.open(emb_store, "studies", MODEL)
     assert first.version == emb_store.version("studies")
