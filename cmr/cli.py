@@ -26,6 +26,7 @@ from cmr.cli_common import fail as _fail
 from cmr.cli_common import store_dir as _store_dir
 from cmr.exceptions import CmrError
 from cmr.heads_cli import heads_app
+from cmr.serve_cli import keys_app, serve
 from cmr.settings import Settings
 
 app = typer.Typer(
@@ -264,6 +265,8 @@ def delete(
 
 
 app.add_typer(heads_app, name="heads", rich_help_panel="4. Heads")
+app.command("serve", rich_help_panel="5. Service")(serve)
+app.add_typer(keys_app, name="keys", rich_help_panel="5. Service")
 
 
 @app.command(rich_help_panel="9. Everything")

@@ -11,7 +11,7 @@ Public API (the search service, heads and tests rely on it)::
 
 from encoder.checkpoint import LoadReport, load_checkpoint, load_text_encoder, load_video_encoder
 from encoder.config import EncoderConfig, list_configs, load_config
-from encoder.embed import Embedder, embed_store, encode_study
+from encoder.embed import Embedder, embed_store, embed_study, encode_study
 from encoder.video import PreprocessConfig, preprocess_batch, preprocess_clip
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "LoadReport",
     "PreprocessConfig",
     "embed_store",
+    "embed_study",
     "encode_study",
     "list_configs",
     "load_checkpoint",

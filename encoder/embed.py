@@ -1,5 +1,5 @@
 """``cmr embed``: every clip of a store -> the ``views`` table, every study -> ``studies``;
-and ``encode_study`` for a new study's clips (the search service's uploads)."""
+``encode_study`` and ``embed_study`` for a new study's clips (the search service's uploads)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,10 @@ from cmr.exceptions import InputError
 from encoder.checkpoint import load_checkpoint, load_video_encoder
 from encoder.video import preprocess_batch
 
-__all__ = ["EmbedReport", "Embedder", "embed_store", "encode_study"]
+__all__ = ["EmbedReport", "Embedder", "embed_store", "embed_study", "encode_study"]
+
+# the columns a view row copies from its clip
+VIEW_META = ["clip_id", "study_uid", "patient_key", "view", "slice_index", "sex", "age", "vendor", "site", "study_date"]
 
 
 class Embedder:
@@ -117,10 +120,8 @@ def embed_store(store_root: Path, checkpoint: Path, batch_size: int = 32, commit
     store = ClipStore.open(store_root)
     embedder = Embedder(checkpoint, device=device, compile_batch=batch_size, **load_options)
     tables = EmbeddingStore(store, embedder.dim)
-    meta_cols = ["clip_id", "study_uid", "patient_key", "view", "slice_index", "sex", "age", "vendor", "site",
-                 "study_date"]
     corpus = ClipCorpus(store_root)  # pixels by row id at one pinned table version
-    meta = corpus.metadata(meta_cols).to_pylist()
+    meta = corpus.metadata(VIEW_META).to_pylist()
     done = tables.embedded_clip_ids(embedder.model_id)
     todo = [m for m in meta if m["clip_id"] not in done]
     bar = _progress(progress, len(todo))
@@ -130,7 +131,7 @@ def embed_store(store_root: Path, checkpoint: Path, batch_size: int = 32, commit
         clips = corpus.read_clips([m["_rowid"] for m in chunk])
         vectors = embedder.encode_clips(clips).numpy()
         for m, v in zip(chunk, vectors):
-            row = {k: m[k] for k in meta_cols}
+            row = {k: m[k] for k in VIEW_META}
             pending.append(row | {"model_id": embedder.model_id, "vector": v.tolist()})
         if len(pending) >= commit_every:
             tables.upsert_views(pending)
@@ -146,6 +147,33 @@ def embed_store(store_root: Path, checkpoint: Path, batch_size: int = 32, commit
     return EmbedReport(embedder.model_id, len(todo), len(meta) - len(todo), n_studies, time.monotonic() - started)
 
 
+def _study_row(uid: str, cols: list[dict], vectors: np.ndarray, embedder: Embedder) -> dict:
+    """One study's row from its views' metadata and embeddings (views ordered by view, slice)."""
+    idx = sorted(range(len(cols)), key=lambda i: (cols[i]["view"], cols[i]["slice_index"] or 0))
+    study, attention = embedder.pool_views(torch.from_numpy(np.ascontiguousarray(vectors[idx])))
+    first = cols[idx[0]]
+    return {
+        "study_uid": uid, "patient_key": first["patient_key"], "model_id": embedder.model_id,
+        "vector": study.tolist(), "views_present": sorted({cols[i]["view"] for i in idx}), "n_views": len(idx),
+        "clip_ids": [cols[i]["clip_id"] for i in idx], "attention": attention.tolist(),
+        **{k: first[k] for k in ("sex", "age", "vendor", "site", "study_date")},
+    }
+
+
+def embed_study(clip_rows: list[dict], embedder: Embedder, batch_size: int = 16) -> tuple[list[dict], dict]:
+    """A new study's clip rows (the clip store's columns, pixels in ``clip``) -> its ``views``
+    rows and its ``studies`` row, as ``cmr embed`` would write them."""
+    if not clip_rows or len({r["study_uid"] for r in clip_rows}) != 1:
+        raise InputError("embed_study takes the clips of exactly one study")
+    clips = np.stack([np.frombuffer(r["clip"], np.uint8).reshape(r["frames"], r["height"], r["width"])
+                      for r in clip_rows])
+    vectors = torch.cat([embedder.encode_clips(clips[i : i + batch_size])
+                         for i in range(0, len(clips), batch_size)]).numpy()
+    cols = [{k: r.get(k) for k in VIEW_META} for r in clip_rows]
+    views = [c | {"model_id": embedder.model_id, "vector": v.tolist()} for c, v in zip(cols, vectors)]
+    return views, _study_row(cols[0]["study_uid"], cols, vectors, embedder)
+
+
 def _pool_studies(tables, embedder: Embedder) -> int:
     rows = tables.view_rows(embedder.model_id)
     vectors = tables.vectors(rows)
@@ -153,17 +181,7 @@ def _pool_studies(tables, embedder: Embedder) -> int:
     by_study: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(cols):
         by_study[r["study_uid"]].append(i)
-    out = []
-    for uid, idx in by_study.items():
-        idx.sort(key=lambda i: (cols[i]["view"], cols[i]["slice_index"] or 0))
-        study, attention = embedder.pool_views(torch.from_numpy(vectors[idx]))
-        first = cols[idx[0]]
-        out.append({
-            "study_uid": uid, "patient_key": first["patient_key"], "model_id": embedder.model_id,
-            "vector": study.tolist(), "views_present": sorted({cols[i]["view"] for i in idx}), "n_views": len(idx),
-            "clip_ids": [cols[i]["clip_id"] for i in idx], "attention": attention.tolist(),
-            **{k: first[k] for k in ("sex", "age", "vendor", "site", "study_date")},
-        })
+    out = [_study_row(uid, [cols[i] for i in idx], vectors[idx], embedder) for uid, idx in by_study.items()]
     tables.upsert_studies(out)
     return len(out)
 

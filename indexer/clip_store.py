@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -257,6 +258,12 @@ class ClipStore:
         if not self.has_table(name):
             return set()
         return set(self.db.open_table(name).search().select(["study_uid"]).limit(None).to_arrow()["study_uid"].to_pylist())
+
+
+def study_cache_dir(root: Path, study_uid: str) -> Path:
+    """A study's folder of derived files (cines) under ``STORE/cache``: named by a hash, so a
+    study_uid never becomes a path; withdrawal removes it."""
+    return Path(root) / "cache" / "studies" / hashlib.sha256(study_uid.encode()).hexdigest()[:24]
 
 
 def _quote(text: str) -> str:

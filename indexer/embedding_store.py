@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -326,6 +327,7 @@ class EmbeddingStore:
             deleted[name] = n
         refresh_indexes(self)
         _scrub_ingest_reports(self.root / "ingest_reports", set(uids))
+        _scrub_caches(self.root, uids)
         return WithdrawReport(uids, deleted)
 
 
@@ -344,6 +346,16 @@ def _purge_history(db, name: str) -> None:
     for columns, kind in indices:  # scalar indexes come back; a vector index is FAISS' job here
         if kind in scalar:
             table.create_index(columns[0], config=scalar[kind]())
+
+
+def _scrub_caches(root: Path, uids: list[str]) -> None:
+    """Drop derived files of the withdrawn studies (cines) and every cached cluster list
+    (they name exemplar studies)."""
+    from indexer.clip_store import study_cache_dir
+
+    for uid in uids:
+        shutil.rmtree(study_cache_dir(root, uid), ignore_errors=True)
+    shutil.rmtree(Path(root) / "cache" / "clusters", ignore_errors=True)
 
 
 def _scrub_ingest_reports(folder: Path, uids: set[str]) -> None:

@@ -93,6 +93,18 @@ class Searcher:
             self._checked[table] = now
         return index
 
+    def refresh(self) -> None:
+        """Bring every open index up to the table's newest version now (after a write)."""
+        for table in list(self._indexes):
+            self._checked[table] = -float("inf")
+            self.index(table)
+
+    def has_study(self, study_uid: str) -> bool:
+        """Whether the study has an embedding of this model (in the current index)."""
+        ids = self.index("studies").ids
+        pos = np.searchsorted(ids, vec_id(study_uid))
+        return bool(pos < len(ids) and ids[pos] == vec_id(study_uid))
+
     def _frame(self, table: str, index: VectorIndex) -> FilterFrame:
         labels = self.store.clip_store.db.open_table("labels") if self.store.has("labels") else None
         key = (index.version, labels.version if labels is not None else 0)
@@ -135,13 +147,13 @@ class Searcher:
                  exclude_same_patient: bool = False) -> list[Hit]:
         """Scan-to-scan: the k nearest *other* studies to a stored study (its own excluded;
         with ``exclude_same_patient`` the patient's other studies too)."""
-        index = self.index("studies")
-        pos = np.searchsorted(index.ids, vec_id(study_uid))
-        if pos >= len(index.ids) or index.ids[pos] != vec_id(study_uid):
+        if not self.has_study(study_uid):
             raise InputError(f"study {study_uid} has no embedding of model {self.model_id} in {self.store.root}; "
                              f"run `cmr embed --store {self.store.root}` or check the study_uid")
+        index = self.index("studies")
+        pos = int(np.searchsorted(index.ids, vec_id(study_uid)))
         row = self.store.get_study(study_uid, self.model_id)
-        patients = (index.meta["patient_key"][int(pos)].as_py(),) if exclude_same_patient else ()
+        patients = (index.meta["patient_key"][pos].as_py(),) if exclude_same_patient else ()
         return self.by_vector(np.asarray(row["vector"], np.float32), k, where, level,
                               exclude_studies=(study_uid,), exclude_patients=patients)
 

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import shutil
-from dataclasses import replace
 
 import pytest
-
-from encoder.config import load_config
+from tiny_models import tiny_encoder_config
 
 
 @pytest.fixture()
@@ -22,19 +20,7 @@ def enc_store(ingested, tmp_path):
 @pytest.fixture()
 def tiny_cfg():
     """The CPU configuration made smaller still, so a training step takes well under a second."""
-    cfg = load_config("mvit_xs_cpu")
-    cfg.vision = replace(cfg.vision, **TINY_VISION)
-    cfg.preprocess = replace(cfg.preprocess, crop=48, resize=48)
-    cfg.__post_init__()
-    cfg.train = replace(cfg.train, studies_per_batch=4, views_per_study=2, warmup_steps=2, max_steps=6,
-                        checkpoint_every=2, eval_every=3, val_fraction=0.2, lr=1e-3)
-    return cfg
-
-
-TINY_VISION = {
-    "crop_size": 48, "embed_dim": 16, "depth": 3, "embed_dim_mul": [[1, 2.0]], "atten_head_mul": [[1, 2.0]],
-    "pool_q_stride_size": [[1, 1, 2, 2]], "pool_kv_stride_adaptive": [1, 4, 4],
-}
+    return tiny_encoder_config()
 
 
 @pytest.fixture()

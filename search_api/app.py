@@ -1,0 +1,267 @@
+"""The FastAPI application: routes, API-key auth, errors as one JSON shape, metrics, and
+the web page. ``create_app(settings)`` builds it; ``cmr serve`` runs it under uvicorn.
+
+Endpoints are plain ``def`` functions: FastAPI runs them on a thread pool (sized by
+``serve_threads``), so searches, uploads and cine encoding never block the event loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, File, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cmr.exceptions import InputError, StoreError
+from search_api import schemas
+from search_api.auth import ApiKey
+from search_api.errors import ApiError
+from search_api.metrics import ApiMetrics
+from search_api.service import SearchService
+from search_api.settings import ServeSettings
+
+__all__ = ["app_from_env", "create_app"]
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"
+_bearer = HTTPBearer(auto_error=False, description="An API key from `cmr keys create`")
+_ERRORS = {400: {"model": schemas.ErrorBody}, 401: {"model": schemas.ErrorBody}, 403: {"model": schemas.ErrorBody},
+           404: {"model": schemas.ErrorBody}, 422: {"model": schemas.ErrorBody}}
+
+
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"status": status, "code": code, "message": message}}, status_code=status)
+
+
+def _service(request: Request) -> SearchService:
+    service = request.app.state.service
+    if not service.ready.is_set():
+        raise ApiError(503, "starting", "the service is still loading its index and encoders; retry in a few seconds")
+    return service
+
+
+def require(role: str):
+    """A dependency that admits a request whose bearer key has ``role`` (or auth is off)."""
+
+    def check(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]):
+        settings: ServeSettings = request.app.state.settings
+        if not settings.auth:
+            return None
+        if credentials is None:
+            raise ApiError(401, "missing_api_key", "send an API key as 'Authorization: Bearer <key>' "
+                           "(an operator creates one with `cmr keys create --store DIR --role read`)")
+        key: ApiKey | None = request.app.state.service.keys.verify(credentials.credentials)
+        if key is None:
+            raise ApiError(401, "invalid_api_key", "the API key is not known to this store (revoked, or from another store)")
+        if not key.allows(role):
+            raise ApiError(403, "forbidden", f"this key has the {key.role} role; this request needs {role}")
+        return key
+
+    return Depends(check)
+
+
+def _filters(filters: str | None) -> schemas.Filters:
+    if not filters:
+        return schemas.Filters()
+    try:
+        return schemas.Filters.model_validate(json.loads(filters))
+    except (json.JSONDecodeError, ValidationError) as error:
+        detail = error.errors()[0]["msg"] if isinstance(error, ValidationError) else str(error)
+        raise ApiError(422, "invalid_filters", f"filters must be a JSON object such as "
+                       f'{{"sex": "F", "age_min": 60, "label_max": {{"lvef": 35}}}}: {detail}') from error
+
+
+class _BodyLimit:
+    """Refuse a request body over the upload limit before it is read (413)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT"):
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            response = _error(413, "upload_too_large", f"the request has {int(length):,} bytes; the limit is "
+                              f"{self.limit:,} (CMR_MAX_UPLOAD_BYTES)")
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise ApiError(413, "upload_too_large", f"the request body passed the limit of {self.limit:,} bytes")
+            return message
+
+        return await self.app(scope, limited, send)
+
+
+def create_app(settings: ServeSettings, service: SearchService | None = None, warm_in_background: bool = True) -> FastAPI:
+    """The API over one store (the service is built here unless given)."""
+    service = service or SearchService(settings)
+    metrics = ApiMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        import anyio.to_thread
+
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.serve_threads
+        if warm_in_background:
+            threading.Thread(target=service.warm, name="cmr-warm", daemon=True).start()
+        else:
+            service.warm()
+        yield
+
+    app = FastAPI(title="cmr-search", version="0.1.0", lifespan=lifespan,
+                  description="Text-to-scan and scan-to-scan search over cine cardiac MRI embeddings, new-study "
+                              "upload, and predictions of the registered heads. Every endpoint but the health "
+                              "checks, the page and these docs needs `Authorization: Bearer <API key>`.")
+    app.state.settings, app.state.service, app.state.metrics = settings, service, metrics
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request, error: ApiError):
+        return _error(error.status, error.code, error.message)
+
+    @app.exception_handler(InputError)
+    async def input_error(_request, error: InputError):
+        return _error(400, "bad_request", str(error))
+
+    @app.exception_handler(StoreError)
+    async def store_error(_request, error: StoreError):
+        return _error(503, "store_unavailable", str(error))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request, error: RequestValidationError):
+        first = error.errors()[0] if error.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return _error(422, "invalid_request", f"{where}: {first['msg']}" if where else first["msg"])
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request, error: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+        return _error(error.status_code, code, str(error.detail))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_request, error: Exception):
+        log.error("internal error: %s", type(error).__name__, exc_info=error)  # no request content in logs
+        return _error(500, "internal", "an internal error occurred; the operator's log has the details")
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.observe(request.method, getattr(route, "path", "unmatched"), response.status_code,
+                        time.perf_counter() - t0)
+        return response
+
+    app.add_middleware(_BodyLimit, limit=settings.max_upload_bytes + (1 << 20))  # + multipart framing
+
+    read, write = require("read"), require("write")
+
+    # -- health -----------------------------------------------------------------------------
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict:
+        """The process is up."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"], responses={503: {"model": schemas.ErrorBody}})
+    def readyz() -> dict:
+        """Index and encoders loaded; searches answer at full speed."""
+        if not service.ready.is_set():
+            raise ApiError(503, "starting", "loading the index and encoders")
+        return {"status": "ready", "model_id": service.model_id}
+
+    @app.get("/metrics", tags=["health"], dependencies=[read], response_class=Response)
+    def prometheus() -> Response:
+        """Prometheus text format: requests and latency by route, index rows, uploads."""
+        rows = service.stats() if service.ready.is_set() else {}
+        return Response(metrics.render(rows), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    # -- search -----------------------------------------------------------------------------
+    @app.post("/search/text", tags=["search"], dependencies=[read], responses=_ERRORS)
+    def search_text(query: schemas.TextQuery, svc: Annotated[SearchService, Depends(_service)]) -> schemas.SearchResult:
+        """Text-to-scan: studies ranked by the similarity of their embedding to the encoded query."""
+        return svc.search_text(query)
+
+    @app.get("/studies/{study_uid}/neighbors", tags=["search"], dependencies=[read], responses=_ERRORS)
+    def neighbors(study_uid: str, svc: Annotated[SearchService, Depends(_service)],
+                  k: Annotated[int, Query(ge=1, le=10_000)] = 10,
+                  filters: Annotated[str | None, Query(description='JSON, e.g. {"sex": "F", "view": "SAX"}')] = None,
+                  exclude_same_patient: bool = False) -> schemas.NeighborList:
+        """Scan-to-scan: the k nearest other studies (optionally not the same patient's)."""
+        return svc.neighbors(study_uid, k, _filters(filters), exclude_same_patient)
+
+    # -- studies ----------------------------------------------------------------------------
+    @app.post("/studies", tags=["studies"], dependencies=[write],
+              responses={**_ERRORS, 409: {"model": schemas.ErrorBody}, 413: {"model": schemas.ErrorBody}})
+    def upload(files: Annotated[list[UploadFile], File(description="DICOM files of one study, or zips of them")],
+               svc: Annotated[SearchService, Depends(_service)], persist: bool = True) -> schemas.UploadResult:
+        """A new study (DICOM files or a zip): ingest, embed, and answer its neighbours and
+        the heads' predictions; ``persist=false`` answers without storing anything."""
+        try:
+            result = svc.upload([(f.filename or "", f.file) for f in files], persist)
+        except ApiError:
+            metrics.uploads.labels("refused").inc()
+            raise
+        metrics.uploads.labels("stored" if persist else "answered").inc()
+        return result
+
+    @app.get("/studies/{study_uid}", tags=["studies"], dependencies=[read], responses=_ERRORS)
+    def study(study_uid: str, svc: Annotated[SearchService, Depends(_service)]) -> schemas.StudyDetail:
+        """A study's metadata and views, each with the URL of its cine loop."""
+        return svc.study(study_uid)
+
+    @app.get("/studies/{study_uid}/views/{clip_id}/cine", tags=["studies"], dependencies=[read], responses=_ERRORS,
+             response_class=FileResponse)
+    def cine(study_uid: str, clip_id: str, svc: Annotated[SearchService, Depends(_service)]) -> FileResponse:
+        """One view's cine as an animated image (WebP or GIF), looping at the acquired heart rate."""
+        path = svc.cine(study_uid, clip_id)
+        return FileResponse(path, media_type=f"image/{svc.cines.fmt}",
+                            headers={"Cache-Control": "private, max-age=86400"})
+
+    @app.get("/studies/{study_uid}/predictions", tags=["studies"], dependencies=[read], responses=_ERRORS)
+    def predictions(study_uid: str, svc: Annotated[SearchService, Depends(_service)]) -> schemas.PredictionList:
+        """Every registered head of this encoder on the study, with its attention per view."""
+        return svc.predictions(study_uid)
+
+    @app.delete("/studies/{study_uid}", tags=["studies"], dependencies=[write], responses=_ERRORS)
+    def delete(study_uid: str, svc: Annotated[SearchService, Depends(_service)]) -> dict:
+        """Withdraw a study everywhere: clips, reports, labels, embeddings, indexes, caches."""
+        return svc.delete(study_uid)
+
+    @app.get("/heads", tags=["heads"], dependencies=[read])
+    def heads(svc: Annotated[SearchService, Depends(_service)]) -> list[schemas.HeadInfo]:
+        """The registered heads with their cards' metrics."""
+        return svc.heads()
+
+    @app.get("/clusters", tags=["search"], dependencies=[read])
+    def clusters(svc: Annotated[SearchService, Depends(_service)]) -> schemas.ClusterList:
+        """HDBSCAN clusters of the study embeddings (cached per model and table version)."""
+        return svc.clusters()
+
+    # -- the page ---------------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """The app from ``CMR_*`` settings (what ``cmr serve`` runs in each uvicorn worker)."""
+    return create_app(ServeSettings())

@@ -1,0 +1,232 @@
+"""Request and response models of the API (they are also its OpenAPI schema)."""
+
+from __future__ import annotations
+
+import re
+from datetime import date
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = [
+    "ClusterList", "ErrorBody", "Filters", "HeadInfo", "HitOut", "NeighborList", "Prediction", "SearchResult",
+    "StudyDetail", "TextQuery", "UploadResult", "ViewOut",
+]
+
+View = Literal["4CH", "3CH", "2CH", "SAX", "LVOT", "OTHER"]
+_COLUMN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_DATE = "%Y%m%d"  # DICOM DA, as stored
+
+
+def _quote(value: str) -> str:
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+class Filters(BaseModel):
+    """Metadata conditions, all of which a result must meet. ``view`` searches view
+    embeddings and returns each study once, at its best view of that kind."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    view: View | None = None
+    sex: Literal["F", "M", "O"] | None = None
+    age_min: float | None = Field(None, ge=0, le=130)
+    age_max: float | None = Field(None, ge=0, le=130)
+    site: str | None = Field(None, max_length=200)
+    vendor: str | None = Field(None, max_length=200)
+    date_from: date | None = None
+    date_to: date | None = None
+    label_min: dict[str, float] = Field(default_factory=dict, description="label column -> lowest value, e.g. {\"lvef\": 50}")
+    label_max: dict[str, float] = Field(default_factory=dict, description="label column -> highest value, e.g. {\"lvef\": 35}")
+    label_equals: dict[str, float | str] = Field(default_factory=dict, description="label column -> value, e.g. {\"lv_thrombus\": 1}")
+
+    @field_validator("label_min", "label_max", "label_equals")
+    @classmethod
+    def _column_names(cls, value: dict) -> dict:
+        for name in value:
+            if not _COLUMN.match(name):
+                raise ValueError(f"label column {name!r}: letters, digits and '_' only")
+        return value
+
+    def where(self) -> str | None:
+        """The SQL condition these filters mean (values quoted, column names checked), or None."""
+        parts = []
+        for column in ("view", "sex", "site", "vendor"):
+            if getattr(self, column) is not None:
+                parts.append(f"{column} = {_quote(getattr(self, column))}")
+        if self.age_min is not None:
+            parts.append(f"age >= {self.age_min}")
+        if self.age_max is not None:
+            parts.append(f"age <= {self.age_max}")
+        if self.date_from is not None:
+            parts.append(f"study_date >= '{self.date_from.strftime(_DATE)}'")
+        if self.date_to is not None:
+            parts.append(f"study_date <= '{self.date_to.strftime(_DATE)}'")
+        parts += [f'"{c}" >= {float(v)}' for c, v in self.label_min.items()]
+        parts += [f'"{c}" <= {float(v)}' for c, v in self.label_max.items()]
+        parts += [f'"{c}" = {_quote(v) if isinstance(v, str) else float(v)}' for c, v in self.label_equals.items()]
+        return " AND ".join(parts) or None
+
+
+class TextQuery(BaseModel):
+    """A text-to-scan search."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    query: str = Field(..., min_length=1, max_length=1000, examples=["severe LV dilatation with apical thrombus"])
+    k: int = Field(10, ge=1, le=10_000)
+    filters: Filters = Field(default_factory=Filters)
+
+
+class HitOut(BaseModel):
+    """One study in a result list."""
+
+    study_uid: str
+    score: float = Field(description="cosine similarity to the query, -1..1")
+    views_present: list[str] = []
+    view: str | None = Field(None, description="best-matching view (view-filtered searches)")
+    slice_index: int | None = None
+    clip_id: str | None = None
+    sex: str | None = None
+    age: float | None = None
+    vendor: str | None = None
+    site: str | None = None
+    study_date: str | None = None
+    links: dict[str, str] = {}
+
+
+class SearchResult(BaseModel):
+    """Studies ranked by similarity to a text query."""
+
+    model_id: str
+    query: str
+    k: int
+    level: Literal["studies", "views"]
+    hits: list[HitOut]
+
+
+class NeighborList(BaseModel):
+    """The nearest other studies to one study."""
+
+    model_id: str
+    study_uid: str
+    k: int
+    level: Literal["studies", "views"]
+    hits: list[HitOut]
+
+
+class ViewOut(BaseModel):
+    """One view (clip) of a study."""
+
+    clip_id: str
+    view: str
+    slice_index: int | None = None
+    n_slices: int | None = None
+    frames: int
+    source_frames: int | None = None
+    rr_ms: float | None = None
+    spacing_mm: float | None = None
+    series_description: str | None = None
+    attention: float | None = Field(None, description="the encoder's pooling weight of this view")
+    cine: str = Field(description="URL of the cine loop as an animated image")
+
+
+class StudyDetail(BaseModel):
+    """A study: metadata and its views with their cines."""
+
+    study_uid: str
+    model_id: str
+    embedded: bool
+    views_present: list[str]
+    sex: str | None = None
+    age: float | None = None
+    vendor: str | None = None
+    site: str | None = None
+    study_date: str | None = None
+    views: list[ViewOut]
+    links: dict[str, str] = {}
+
+
+class AttentionOut(BaseModel):
+    """A head's attention on one view."""
+
+    view: str
+    slice_index: int | None = None
+    clip_id: str | None = None
+    weight: float
+
+
+class Prediction(BaseModel):
+    """One head's output for one study."""
+
+    head: str
+    task: str
+    prediction: dict[str, float] = Field(description="probability (classification) or value in label units")
+    positive: dict[str, bool] | None = Field(None, description="call at the head's validation Youden threshold")
+    attention: list[AttentionOut] = []
+
+
+class PredictionList(BaseModel):
+    """Every registered head's output for one study."""
+
+    study_uid: str
+    model_id: str
+    predictions: list[Prediction]
+
+
+class HeadInfo(BaseModel):
+    """A registered head, from its card."""
+
+    name: str
+    task: str
+    kind: str
+    labels: list[str]
+    model_id: str
+    applicable: bool = Field(description="trained on this service's encoder, so it predicts here")
+    metrics: dict = {}
+    created_at: str | None = None
+
+
+class UploadResult(BaseModel):
+    """What became of an uploaded study."""
+
+    study_uid: str
+    model_id: str
+    persisted: bool
+    replaced: bool = Field(description="the store already held this study; its clips and embeddings were replaced")
+    views: list[ViewOut] = []
+    views_present: list[str]
+    neighbors: list[HitOut]
+    predictions: list[Prediction]
+    skipped: list[str] = Field(default_factory=list, description="series left out by design (localizer, LGE, ...)")
+
+
+class Cluster(BaseModel):
+    """One HDBSCAN cluster of study embeddings."""
+
+    cluster: int
+    size: int
+    exemplars: list[str] = Field(description="study_uids most central to the cluster")
+
+
+class ClusterList(BaseModel):
+    """Clusters of the study embeddings of one model, at one table version."""
+
+    model_id: str
+    studies: int
+    noise: int
+    version: int
+    min_cluster_size: int
+    clusters: list[Cluster]
+
+
+class ErrorDetail(BaseModel):
+    status: int
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """Every error response has this shape."""
+
+    error: ErrorDetail

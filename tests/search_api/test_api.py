@@ -1,0 +1,195 @@
+"""The search service's read endpoints: auth, search, neighbours, studies, cines, heads,
+clusters, metrics, and the one shape every error has."""
+
+from __future__ import annotations
+
+import io
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from PIL import Image
+
+QUERY = "severe LV dilatation with apical thrombus"
+
+
+def _error(response, status: int, code: str) -> str:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and body["error"]["status"] == status and body["error"]["code"] == code
+    assert body["error"]["message"]
+    return body["error"]["message"]
+
+
+def _uids(api) -> list[str]:
+    return [h["study_uid"] for h in api.client.post("/search/text", json={"query": "x", "k": 100}, headers=api.read).json()["hits"]]
+
+
+def test_health_endpoints_need_no_key(api):
+    assert api.client.get("/healthz").json() == {"status": "ok"}
+    ready = api.client.get("/readyz").json()
+    assert ready["status"] == "ready" and ready["model_id"] == api.model_id
+    assert api.client.get("/").status_code == 200 and "cmr-search" in api.client.get("/").text
+    assert api.client.get("/openapi.json").json()["info"]["title"] == "cmr-search"
+
+
+def test_every_data_endpoint_needs_a_valid_key_of_the_right_role(api):
+    uid = _uids(api)[0]
+    for method, path in [("get", "/heads"), ("get", f"/studies/{uid}"), ("get", f"/studies/{uid}/neighbors"),
+                         ("get", "/metrics"), ("get", "/clusters"), ("get", f"/studies/{uid}/predictions")]:
+        _error(getattr(api.client, method)(path), 401, "missing_api_key")
+        _error(getattr(api.client, method)(path, headers={"Authorization": "Bearer cmr_0000_nope"}), 401, "invalid_api_key")
+    _error(api.client.post("/search/text", json={"query": QUERY}), 401, "missing_api_key")
+    _error(api.client.delete(f"/studies/{uid}", headers=api.read), 403, "forbidden")
+    _error(api.client.post("/studies", files={"files": ("a.dcm", b"x")}, headers=api.read), 403, "forbidden")
+
+
+def test_a_revoked_key_is_refused_without_a_restart(api):
+    from search_api.auth import KeyRing
+
+    ring = KeyRing(api.root)
+    key, record = ring.create("read")
+    assert api.client.get("/heads", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    ring.revoke(record.key_id)
+    _error(api.client.get("/heads", headers={"Authorization": f"Bearer {key}"}), 401, "invalid_api_key")
+    stored = (api.root / "secrets" / "api_keys.json").read_text()
+    assert key.split("_", 2)[2] not in stored  # only hashes are kept
+
+
+def test_text_search_ranks_studies_with_links(api):
+    r = api.client.post("/search/text", json={"query": QUERY, "k": 5}, headers=api.read)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model_id"] == api.model_id and body["level"] == "studies" and len(body["hits"]) == 5
+    scores = [h["score"] for h in body["hits"]]
+    assert scores == sorted(scores, reverse=True) and all(-1.0001 <= s <= 1.0001 for s in scores)
+    assert len({h["study_uid"] for h in body["hits"]}) == 5
+    hit = body["hits"][0]
+    assert hit["views_present"] and hit["links"]["study"].startswith("/studies/")
+    assert "patient_key" not in json.dumps(body)
+
+
+def test_filters_restrict_results_and_a_view_filter_searches_views(api):
+    every = api.client.post("/search/text", json={"query": QUERY, "k": 100}, headers=api.read).json()["hits"]
+    women = api.client.post("/search/text", json={"query": QUERY, "k": 100, "filters": {"sex": "F"}}, headers=api.read).json()
+    assert women["hits"] and all(h["sex"] == "F" for h in women["hits"])
+    assert len(women["hits"]) == sum(h["sex"] == "F" for h in every)  # complete: every match comes back
+    sax = api.client.post("/search/text", json={"query": QUERY, "k": 3, "filters": {"view": "SAX"}}, headers=api.read).json()
+    assert sax["level"] == "views" and all(h["view"] == "SAX" and h["clip_id"] for h in sax["hits"])
+    low = api.client.post("/search/text", json={"query": QUERY, "k": 100, "filters": {"label_max": {"lvef": 40}}},
+                          headers=api.read)
+    assert low.status_code == 200, low.text
+
+
+def test_bad_search_requests_get_a_clear_4xx(api):
+    post = lambda body: api.client.post("/search/text", json=body, headers=api.read)
+    _error(post({"query": QUERY, "k": 0}), 422, "invalid_request")
+    assert "100" in _error(post({"query": QUERY, "k": 101}), 422, "k_out_of_range")
+    _error(post({"query": ""}), 422, "invalid_request")
+    _error(post({"query": QUERY, "filters": {"colour": "red"}}), 422, "invalid_request")
+    message = _error(post({"query": QUERY, "filters": {"label_min": {"no_such_label": 1}}}), 400, "bad_request")
+    assert "lvef" in message  # the message lists the columns that exist
+    _error(post({"query": QUERY, "filters": {"label_min": {"lvef; DROP": 1}}}), 422, "invalid_request")
+    _error(api.client.post("/search/text", content=b"{not json", headers=api.read | {"Content-Type": "application/json"}),
+           422, "invalid_request")
+
+
+def test_neighbors_exclude_the_study_and_optionally_its_patient(api):
+    uid = _uids(api)[0]
+    r = api.client.get(f"/studies/{uid}/neighbors", params={"k": 4}, headers=api.read)
+    assert r.status_code == 200, r.text
+    hits = r.json()["hits"]
+    assert len(hits) == 4 and uid not in [h["study_uid"] for h in hits]
+    women = api.client.get(f"/studies/{uid}/neighbors", params={"k": 9, "filters": json.dumps({"sex": "F"})},
+                           headers=api.read).json()["hits"]
+    assert all(h["sex"] == "F" for h in women)
+    other = api.client.get(f"/studies/{uid}/neighbors", params={"k": 9, "exclude_same_patient": True}, headers=api.read)
+    assert other.status_code == 200 and uid not in [h["study_uid"] for h in other.json()["hits"]]
+
+
+def test_bad_neighbor_requests(api):
+    uid = _uids(api)[0]
+    _error(api.client.get("/studies/9.9.9/neighbors", headers=api.read), 404, "study_not_found")
+    _error(api.client.get(f"/studies/{uid}/neighbors", params={"k": 0}, headers=api.read), 422, "invalid_request")
+    _error(api.client.get(f"/studies/{uid}/neighbors", params={"k": 500}, headers=api.read), 422, "k_out_of_range")
+    _error(api.client.get(f"/studies/{uid}/neighbors", params={"filters": "{sex:"}, headers=api.read), 422, "invalid_filters")
+    _error(api.client.get(f"/studies/{uid}/neighbors", params={"filters": '{"age_min": "old"}'}, headers=api.read),
+           422, "invalid_filters")
+
+
+def test_study_detail_and_its_cines_play(api):
+    uid = _uids(api)[0]
+    r = api.client.get(f"/studies/{uid}", headers=api.read)
+    assert r.status_code == 200, r.text
+    study = r.json()
+    assert study["embedded"] and study["views"] and set(study["views_present"]) == {v["view"] for v in study["views"]}
+    assert abs(sum(v["attention"] for v in study["views"]) - 1) < 1e-4
+    view = study["views"][0]
+    cine = api.client.get(view["cine"], headers=api.read)
+    assert cine.status_code == 200 and cine.headers["content-type"] == "image/webp"
+    image = Image.open(io.BytesIO(cine.content))
+    assert image.is_animated and image.n_frames == view["frames"] == 16
+    frames = []
+    for i in (0, 8):
+        image.seek(i)
+        frames.append(image.convert("L").tobytes())
+    assert frames[0] != frames[1]  # the heart moves
+    cached = list((api.root / "cache" / "studies").rglob("cine-*.webp"))
+    assert cached and api.client.get(view["cine"], headers=api.read).content == cine.content
+    _error(api.client.get(f"/studies/{uid}/views/nope/cine", headers=api.read), 404, "view_not_found")
+    _error(api.client.get("/studies/9.9.9", headers=api.read), 404, "study_not_found")
+
+
+def test_predictions_and_heads(api):
+    heads = api.client.get("/heads", headers=api.read).json()
+    assert [h["name"] for h in heads] == ["lvef-mil"] and heads[0]["applicable"] and heads[0]["task"] == "regression"
+    uid = _uids(api)[0]
+    r = api.client.get(f"/studies/{uid}/predictions", headers=api.read)
+    assert r.status_code == 200, r.text
+    (pred,) = r.json()["predictions"]
+    assert pred["head"] == "lvef-mil" and 0 < pred["prediction"]["lvef"] < 100
+    study = api.client.get(f"/studies/{uid}", headers=api.read).json()
+    assert {a["clip_id"] for a in pred["attention"]} == {v["clip_id"] for v in study["views"]}
+    assert abs(sum(a["weight"] for a in pred["attention"]) - 1) < 1e-4
+    _error(api.client.get("/studies/9.9.9/predictions", headers=api.read), 404, "study_not_found")
+
+
+def test_clusters_are_computed_once_per_table_version(api):
+    r = api.client.get("/clusters", headers=api.read)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model_id"] == api.model_id and body["studies"] == 10
+    assert sum(c["size"] for c in body["clusters"]) + body["noise"] == 10
+    for c in body["clusters"]:
+        assert 1 <= len(c["exemplars"]) <= min(5, c["size"])
+    cached = list((api.root / "cache" / "clusters").glob("*.json"))
+    assert len(cached) == 1 and api.client.get("/clusters", headers=api.read).json() == body
+
+
+def test_metrics_in_prometheus_format(api):
+    api.client.post("/search/text", json={"query": QUERY, "k": 2}, headers=api.read)
+    text = api.client.get("/metrics", headers=api.read).text
+    assert 'cmr_requests_total{method="POST",route="/search/text",status="200"}' in text
+    assert "cmr_request_seconds_bucket" in text and 'cmr_index_rows{table="studies"} 10.0' in text
+
+
+def test_unknown_routes_and_methods_keep_the_error_shape(api):
+    _error(api.client.get("/nope"), 404, "not_found")
+    _error(api.client.put("/heads", headers=api.read), 405, "method_not_allowed")
+
+
+def test_concurrent_searches_from_many_threads(api):
+    uids = _uids(api)
+
+    def one(i: int) -> int:
+        if i % 2:
+            return api.client.post("/search/text", json={"query": f"{QUERY} {i}", "k": 3}, headers=api.read).status_code
+        return api.client.get(f"/studies/{uids[i % len(uids)]}/neighbors", params={"k": 3}, headers=api.read).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        assert set(pool.map(one, range(64))) == {200}
+
+
+@pytest.mark.parametrize("path", ["/docs", "/openapi.json", "/static/app.js", "/static/style.css"])
+def test_page_and_docs_are_served_without_a_key(api, path):
+    assert api.client.get(path).status_code == 200
