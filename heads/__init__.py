@@ -7,7 +7,16 @@ Python API (the search service uses it)::
     evaluate_head(store, name)
 """
 
-from heads.config import HeadConfig
-from heads.registry import Head, HeadRegistry, evaluate_head, train_head
+from importlib import import_module
 
 __all__ = ["Head", "HeadConfig", "HeadRegistry", "evaluate_head", "train_head"]
+
+_HOME = {"HeadConfig": "heads.config", "Head": "heads.registry", "HeadRegistry": "heads.registry",
+         "evaluate_head": "heads.registry", "train_head": "heads.registry"}
+
+
+def __getattr__(name: str):
+    # Lazy: `cmr --help` and `cmr keys` need HeadConfig's fields, not torch and lancedb
+    if name in _HOME:
+        return getattr(import_module(_HOME[name]), name)
+    raise AttributeError(f"module 'heads' has no attribute {name!r}")
