@@ -328,6 +328,9 @@ def demo(
         top = max(row["attention"], key=lambda a: a["weight"])
         err.print(f"  {first}: predicted LVEF {row['prediction']['lvef']:.0f} %, most attended view {top['view']}"
                   + ("" if top["slice_index"] is None else f" slice {top['slice_index']}"))
+        err.rule("7. serve it")
+        err.print(f"  cmr keys create --store {root} --role read    # an API key for the page")
+        err.print(f"  cmr serve --store {root}                      # then open http://127.0.0.1:8000")
     except CmrError as error:
         _fail(error)
     raise typer.Exit(report.exit_code)

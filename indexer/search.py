@@ -152,10 +152,11 @@ class Searcher:
                              f"run `cmr embed --store {self.store.root}` or check the study_uid")
         index = self.index("studies")
         pos = int(np.searchsorted(index.ids, vec_id(study_uid)))
-        row = self.store.get_study(study_uid, self.model_id)
+        vector = index.vector(vec_id(study_uid))
+        if vector is None:  # an index that cannot give back its vectors: read the row
+            vector = np.asarray(self.store.get_study(study_uid, self.model_id)["vector"], np.float32)
         patients = (index.meta["patient_key"][pos].as_py(),) if exclude_same_patient else ()
-        return self.by_vector(np.asarray(row["vector"], np.float32), k, where, level,
-                              exclude_studies=(study_uid,), exclude_patients=patients)
+        return self.by_vector(vector, k, where, level, exclude_studies=(study_uid,), exclude_patients=patients)
 
     def by_text(self, text: str, k: int = 10, where: str | None = None, level: str | None = None) -> list[Hit]:
         """Text-to-scan: the k studies nearest to the encoded query text."""

@@ -44,6 +44,11 @@ class TorchExactIndex:
         self.ids = self.ids[keep.cpu().numpy()]
 
     @torch.inference_mode()
+    def vector(self, vec_id: int) -> np.ndarray | None:
+        """One stored vector by id (None if absent)."""
+        where = np.flatnonzero(self.ids == vec_id)
+        return self.vectors[int(where[0])].float().cpu().numpy() if len(where) else None
+
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(scores [q, k], ids [q, k]) of the k best rows per query, only ``allowed`` ids if
         given; slots beyond the rows that qualify hold -inf and id -1, as faiss does."""

@@ -365,7 +365,7 @@ class VectorIndex:
             index.add_with_ids(vectors, ids)
             kind = "exact-torch"
         elif n < cfg.exact_below:
-            index = faiss.IndexIDMap(faiss.IndexFlatIP(self.dim))
+            index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))  # IDMap2: a vector by its id
             index.add_with_ids(vectors, ids)
             kind = "flat"
         else:
@@ -377,6 +377,7 @@ class VectorIndex:
             sample = vectors[rng.choice(n, min(n, nlist * cfg.train_per_list), replace=False)]
             index.cp.seed, index.cp.niter = cfg.seed, cfg.kmeans_iters
             index.train(sample)
+            index.set_direct_map_type(faiss.DirectMap.Hashtable)
             index.add_with_ids(vectors, ids)
             index.nprobe = cfg.nprobe
             kind = "ivf"
@@ -389,6 +390,8 @@ class VectorIndex:
             quantizer = faiss.downcast_index(ivf.quantizer)
             if isinstance(quantizer, faiss.IndexHNSW):
                 quantizer.hnsw.efSearch = self.config.quantizer_ef
+            if ivf.direct_map.type == faiss.DirectMap.NoMap:  # id -> list entry, for `vector` (kept through add/remove)
+                ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
         if self._gpu == "faiss" and self.index is not None:
             res = getattr(self, "_gpu_res", None) or faiss.StandardGpuResources()
             self._gpu_res = res
@@ -414,6 +417,21 @@ class VectorIndex:
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
         with self._lock.read():
             return self._search(queries, k, allowed, nprobe)
+
+    def vector(self, vec_id: int) -> np.ndarray | None:
+        """The stored vector of one id (scan-to-scan needs its query's vector): microseconds
+        from the index, where a Lance point lookup takes milliseconds. None when this index
+        cannot give it (an exact index saved by an older version), or the id is absent."""
+        with self._lock.read():
+            index = self.index
+            if index is None:
+                return None
+            if isinstance(index, TorchExactIndex):
+                return index.vector(vec_id)
+            try:
+                return index.reconstruct(int(vec_id))
+            except RuntimeError:
+                return None
 
     def search_one(self, query: np.ndarray, k: int, allowed: np.ndarray | None = None,
                    columns: tuple[str, ...] = ()) -> tuple[np.ndarray, np.ndarray, dict[str, list]]:

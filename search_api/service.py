@@ -21,6 +21,7 @@ from indexer.clip_store import _quote
 from indexer.search import Hit, Searcher
 from search_api import schemas
 from search_api.auth import KeyRing
+from search_api.batching import MicroBatcher
 from search_api.cines import CineCache
 from search_api.errors import ApiError
 from search_api.settings import ServeSettings
@@ -58,6 +59,7 @@ class SearchService:
         self.limits = UploadLimits(settings.max_upload_bytes, settings.max_upload_files, settings.max_unzipped_bytes,
                                    settings.max_zip_ratio)
         self._embedder = None
+        self.encode_text = MicroBatcher(self.searcher.encode_text, max_batch=16, name="cmr-text")
         self._heads: dict[str, tuple[float, Head]] = {}
         self._lock = threading.Lock()  # lazy loads (embedder, heads, clusters)
         self._write_lock = threading.Lock()  # this process writes one study at a time
@@ -68,7 +70,7 @@ class SearchService:
         """Open both indexes and the text tower so the first request is as fast as the rest."""
         self.searcher.warm()
         try:
-            self.searcher.encode_text(["warm-up"])
+            self.encode_text("warm-up")
         except InputError as error:  # a store embedded with the published checkpoint has no text tower
             log.warning("text search unavailable: %s", error)
         self.ready.set()
@@ -90,7 +92,9 @@ class SearchService:
         """Text-to-scan."""
         self._check_k(query.k)
         where = query.filters.where()
-        hits = self.searcher.by_text(query.query, query.k, where)
+        if not query.query.strip():
+            raise ApiError(422, "invalid_request", "query: the text is blank; describe the findings to look for")
+        hits = self.searcher.by_vector(self.encode_text(query.query), query.k, where)
         return schemas.SearchResult(model_id=self.model_id, query=query.query, k=query.k,
                                     level=self.searcher.level_for(where), hits=[self.hit_out(h) for h in hits])
 

@@ -193,3 +193,19 @@ def test_every_commit_is_seen_even_right_after_a_check(emb_store):
         assert not index.is_current()
         index.sync()
     assert len(index) == 315
+
+
+@pytest.mark.parametrize("cfg", [IndexConfig(), IVF], ids=["flat", "ivf"])
+def test_vector_by_id_follows_upserts_and_deletes(tmp_path, cfg):
+    store = make_store(tmp_path / "s", n=300, views=False)
+    index = VectorIndex.open(store, "studies", MODEL, cfg)
+    row = store.get_study("1.2.826.0.1.3", MODEL)
+    assert np.allclose(index.vector(vec_id("1.2.826.0.1.3")), row["vector"], atol=1e-6)
+    flipped = (-np.asarray(row["vector"])).tolist()
+    store.upsert_studies([{k: v for k, v in row.items() if k not in ("vec_id", "rev", "embedded_at")} | {"vector": flipped}])
+    store.studies.delete("study_uid = '1.2.826.0.1.4'")
+    index.sync()
+    assert np.allclose(index.vector(vec_id("1.2.826.0.1.3")), flipped, atol=1e-6)
+    assert index.vector(vec_id("1.2.826.0.1.4")) is None
+    reloaded = VectorIndex.open(store, "studies", MODEL, cfg, sync=False)
+    assert np.allclose(reloaded.vector(vec_id("1.2.826.0.1.3")), flipped, atol=1e-6)

@@ -22,7 +22,7 @@ CMR = [sys.executable, "-m", "cmr.cli"]
 
 
 def _cmr(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([*CMR, *args], capture_output=True, text=True, timeout=120, **kw)
+    return subprocess.run([*CMR, *args], check=False, capture_output=True, text=True, timeout=120, **kw)
 
 
 def test_keys_command_line(api_store, tmp_path):
