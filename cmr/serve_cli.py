@@ -49,7 +49,7 @@ def serve(
     err.print(f"serving {root} on http://{settings.host}:{settings.port} (API docs at /docs)")
     try:
         uvicorn.run("search_api.app:app_from_env", factory=True, host=settings.host, port=settings.port,
-                    workers=settings.serve_workers, log_level="info", access_log=True,
+                    workers=settings.serve_workers, log_level="info", access_log=settings.access_log,
                     timeout_worker_healthcheck=120)  # a worker imports torch and loads encoders first
     except CmrError as error:
         fail(error)

@@ -1,12 +1,16 @@
 """The FastAPI application: routes, API-key auth, errors as one JSON shape, metrics, and
 the web page. ``create_app(settings)`` builds it; ``cmr serve`` runs it under uvicorn.
 
-Endpoints are plain ``def`` functions: FastAPI runs them on a thread pool (sized by
-``serve_threads``), so searches, uploads and cine encoding never block the event loop.
+Every endpoint that touches the store hands its work to a thread pool (sized by
+``serve_threads``) in one hop, so searches, uploads and cines never block the event loop.
+The endpoints and dependencies themselves are ``async``: FastAPI would run a plain ``def``
+dependency, endpoint and response validation each on the pool, and those hops cost more
+CPU than the search (measured: 3.2 ms a request against a 1 ms FAISS query).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -15,6 +19,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated
 
+import anyio.to_thread
 from fastapi import Depends, FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -40,11 +45,18 @@ _ERRORS = {400: {"model": schemas.ErrorBody}, 401: {"model": schemas.ErrorBody},
            404: {"model": schemas.ErrorBody}, 422: {"model": schemas.ErrorBody}}
 
 
+async def _off_loop(fn, *args):
+    """Run ``fn(*args)`` on the thread pool and await it."""
+    return await anyio.to_thread.run_sync(functools.partial(fn, *args))
+
+
 def _error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": {"status": status, "code": code, "message": message}}, status_code=status)
 
 
-def _service(request: Request) -> SearchService:
+async def _service(request: Request) -> SearchService:
+    # async: FastAPI runs a plain `def` dependency on the thread pool, a hop that cost more
+    # than the search itself (measured: 3.2 ms of CPU a request with two such dependencies)
     service = request.app.state.service
     if not service.ready.is_set():
         raise ApiError(503, "starting", "the service is still loading its index and encoders; retry in a few seconds")
@@ -54,7 +66,8 @@ def _service(request: Request) -> SearchService:
 def require(role: str):
     """A dependency that admits a request whose bearer key has ``role`` (or auth is off)."""
 
-    def check(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]):
+    async def check(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]):
+        # async, like _service: a stat and a hash, no reason for a thread hop
         settings: ServeSettings = request.app.state.settings
         if not settings.auth:
             return None
@@ -109,6 +122,31 @@ class _BodyLimit:
         return await self.app(scope, limited, send)
 
 
+class _Observe:
+    """Count and time every request by its route template (a plain ASGI middleware: the
+    request-wrapping kind costs about a millisecond a request)."""
+
+    def __init__(self, app, metrics: ApiMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, status = time.perf_counter(), 500
+
+        async def record(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record)
+        finally:
+            route = scope.get("route")
+            self.metrics.observe(scope["method"], getattr(route, "path", "unmatched"), status, time.perf_counter() - t0)
+
+
 def create_app(settings: ServeSettings, service: SearchService | None = None, warm_in_background: bool = True) -> FastAPI:
     """The API over one store (the service is built here unless given)."""
     service = service or SearchService(settings)
@@ -116,8 +154,6 @@ def create_app(settings: ServeSettings, service: SearchService | None = None, wa
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        import anyio.to_thread
-
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.serve_threads
         if warm_in_background:
             threading.Thread(target=service.warm, name="cmr-warm", daemon=True).start()
@@ -159,15 +195,7 @@ def create_app(settings: ServeSettings, service: SearchService | None = None, wa
         log.error("internal error: %s", type(error).__name__, exc_info=error)  # no request content in logs
         return _error(500, "internal", "an internal error occurred; the operator's log has the details")
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.observe(request.method, getattr(route, "path", "unmatched"), response.status_code,
-                        time.perf_counter() - t0)
-        return response
-
+    app.add_middleware(_Observe, metrics=metrics)
     app.add_middleware(_BodyLimit, limit=settings.max_upload_bytes + (1 << 20))  # + multipart framing
 
     read, write = require("read"), require("write")
@@ -193,27 +221,27 @@ def create_app(settings: ServeSettings, service: SearchService | None = None, wa
 
     # -- search -----------------------------------------------------------------------------
     @app.post("/search/text", tags=["search"], dependencies=[read], responses=_ERRORS)
-    def search_text(query: schemas.TextQuery, svc: Annotated[SearchService, Depends(_service)]) -> schemas.SearchResult:
+    async def search_text(query: schemas.TextQuery, svc: Annotated[SearchService, Depends(_service)]) -> schemas.SearchResult:
         """Text-to-scan: studies ranked by the similarity of their embedding to the encoded query."""
-        return svc.search_text(query)
+        return await _off_loop(svc.search_text, query)
 
     @app.get("/studies/{study_uid}/neighbors", tags=["search"], dependencies=[read], responses=_ERRORS)
-    def neighbors(study_uid: str, svc: Annotated[SearchService, Depends(_service)],
+    async def neighbors(study_uid: str, svc: Annotated[SearchService, Depends(_service)],
                   k: Annotated[int, Query(ge=1, le=10_000)] = 10,
                   filters: Annotated[str | None, Query(description='JSON, e.g. {"sex": "F", "view": "SAX"}')] = None,
                   exclude_same_patient: bool = False) -> schemas.NeighborList:
         """Scan-to-scan: the k nearest other studies (optionally not the same patient's)."""
-        return svc.neighbors(study_uid, k, _filters(filters), exclude_same_patient)
+        return await _off_loop(svc.neighbors, study_uid, k, _filters(filters), exclude_same_patient)
 
     # -- studies ----------------------------------------------------------------------------
     @app.post("/studies", tags=["studies"], dependencies=[write],
               responses={**_ERRORS, 409: {"model": schemas.ErrorBody}, 413: {"model": schemas.ErrorBody}})
-    def upload(files: Annotated[list[UploadFile], File(description="DICOM files of one study, or zips of them")],
+    async def upload(files: Annotated[list[UploadFile], File(description="DICOM files of one study, or zips of them")],
                svc: Annotated[SearchService, Depends(_service)], persist: bool = True) -> schemas.UploadResult:
         """A new study (DICOM files or a zip): ingest, embed, and answer its neighbours and
         the heads' predictions; ``persist=false`` answers without storing anything."""
         try:
-            result = svc.upload([(f.filename or "", f.file) for f in files], persist)
+            result = await _off_loop(svc.upload, [(f.filename or "", f.file) for f in files], persist)
         except ApiError:
             metrics.uploads.labels("refused").inc()
             raise
@@ -221,37 +249,37 @@ def create_app(settings: ServeSettings, service: SearchService | None = None, wa
         return result
 
     @app.get("/studies/{study_uid}", tags=["studies"], dependencies=[read], responses=_ERRORS)
-    def study(study_uid: str, svc: Annotated[SearchService, Depends(_service)]) -> schemas.StudyDetail:
+    async def study(study_uid: str, svc: Annotated[SearchService, Depends(_service)]) -> schemas.StudyDetail:
         """A study's metadata and views, each with the URL of its cine loop."""
-        return svc.study(study_uid)
+        return await _off_loop(svc.study, study_uid)
 
     @app.get("/studies/{study_uid}/views/{clip_id}/cine", tags=["studies"], dependencies=[read], responses=_ERRORS,
              response_class=FileResponse)
-    def cine(study_uid: str, clip_id: str, svc: Annotated[SearchService, Depends(_service)]) -> FileResponse:
+    async def cine(study_uid: str, clip_id: str, svc: Annotated[SearchService, Depends(_service)]) -> FileResponse:
         """One view's cine as an animated image (WebP or GIF), looping at the acquired heart rate."""
-        path = svc.cine(study_uid, clip_id)
+        path = await _off_loop(svc.cine, study_uid, clip_id)
         return FileResponse(path, media_type=f"image/{svc.cines.fmt}",
                             headers={"Cache-Control": "private, max-age=86400"})
 
     @app.get("/studies/{study_uid}/predictions", tags=["studies"], dependencies=[read], responses=_ERRORS)
-    def predictions(study_uid: str, svc: Annotated[SearchService, Depends(_service)]) -> schemas.PredictionList:
+    async def predictions(study_uid: str, svc: Annotated[SearchService, Depends(_service)]) -> schemas.PredictionList:
         """Every registered head of this encoder on the study, with its attention per view."""
-        return svc.predictions(study_uid)
+        return await _off_loop(svc.predictions, study_uid)
 
     @app.delete("/studies/{study_uid}", tags=["studies"], dependencies=[write], responses=_ERRORS)
-    def delete(study_uid: str, svc: Annotated[SearchService, Depends(_service)]) -> dict:
+    async def delete(study_uid: str, svc: Annotated[SearchService, Depends(_service)]) -> dict:
         """Withdraw a study everywhere: clips, reports, labels, embeddings, indexes, caches."""
-        return svc.delete(study_uid)
+        return await _off_loop(svc.delete, study_uid)
 
     @app.get("/heads", tags=["heads"], dependencies=[read])
-    def heads(svc: Annotated[SearchService, Depends(_service)]) -> list[schemas.HeadInfo]:
+    async def heads(svc: Annotated[SearchService, Depends(_service)]) -> list[schemas.HeadInfo]:
         """The registered heads with their cards' metrics."""
-        return svc.heads()
+        return await _off_loop(svc.heads)
 
     @app.get("/clusters", tags=["search"], dependencies=[read])
-    def clusters(svc: Annotated[SearchService, Depends(_service)]) -> schemas.ClusterList:
+    async def clusters(svc: Annotated[SearchService, Depends(_service)]) -> schemas.ClusterList:
         """HDBSCAN clusters of the study embeddings (cached per model and table version)."""
-        return svc.clusters()
+        return await _off_loop(svc.clusters)
 
     # -- the page ---------------------------------------------------------------------------
     @app.get("/", include_in_schema=False)

@@ -24,8 +24,13 @@ class ServeSettings(Settings):
     serve_workers: int = Field(1, ge=1)
     #: threads that run searches, uploads and cines beside the event loop, per process
     serve_threads: int = Field(8, ge=1)
+    #: one log line per request (method, path with query, status; never a body)
+    access_log: bool = True
     #: require an API key on every endpoint but /healthz, /readyz, the page and the docs
     auth: bool = True
+    #: OpenMP threads per FAISS search: 1, since requests already run side by side (the
+    #: store default, all cores per search, oversubscribes them under load)
+    index_threads: int | None = 1
     #: encoder whose embeddings are searched (default: the store's latest)
     model_id: str | None = None
     #: most results one request may ask for

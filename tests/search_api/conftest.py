@@ -4,27 +4,11 @@ embeddings and an LVEF head; clients over it with read and write keys."""
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
+from api_data import open_api
 from tiny_models import tiny_encoder_config
-
-from search_api.app import create_app
-from search_api.auth import KeyRing
-from search_api.settings import ServeSettings
-
-
-@dataclass
-class Api:
-    """A running app (in process) over one store, with a key of each role."""
-
-    client: TestClient
-    root: Path
-    model_id: str
-    read: dict
-    write: dict
 
 
 @pytest.fixture(scope="session")
@@ -42,16 +26,6 @@ def api_store(ingested, tmp_path_factory) -> tuple[Path, str]:
     embed_store(root, trained.checkpoint, progress=False)
     train_head(root, ["lvef"], HeadConfig(kind="mil", max_epochs=3), model_id=trained.model_id, name="lvef-mil")
     return root, trained.model_id
-
-
-def open_api(root: Path, model_id: str, **settings) -> Api:
-    """An app over ``root`` with fresh read and write keys (use as a context manager's body)."""
-    ring = KeyRing(root)
-    read_key, _ = ring.create("read", "tests")
-    write_key, _ = ring.create("write", "tests")
-    app = create_app(ServeSettings(store=root, cluster_min_size=2, **settings), warm_in_background=False)
-    return Api(TestClient(app), root, model_id, {"Authorization": f"Bearer {read_key}"},
-               {"Authorization": f"Bearer {write_key}"})
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import schemathesis
-from conftest import open_api
+from api_data import open_api
 from hypothesis import HealthCheck, given, settings
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

@@ -28,7 +28,7 @@ def _free_port() -> int:
 def server(api_store, tmp_path_factory):
     """uvicorn serving the app on a free loopback port, in a thread."""
     import uvicorn
-    from conftest import open_api
+    from api_data import open_api
 
     root, model_id = api_store
     dst = tmp_path_factory.mktemp("page") / "store"

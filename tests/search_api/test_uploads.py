@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import open_api
+from api_data import open_api
 
 
 def _zip(folder: Path) -> bytes:
