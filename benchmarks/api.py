@@ -157,6 +157,41 @@ def client_main(args) -> None:
     print(json.dumps(results))
 
 
+def serve_and_load(root: Path, work: Path, key: str, workers: int, args) -> list[dict]:
+    """Start ``cmr serve`` with this many workers, run the client process against it, stop it."""
+    import httpx
+
+    port = _free_port()
+    env = os.environ | {"CMR_STORE": str(root), "CMR_PORT": str(port), "CMR_SERVE_WORKERS": str(workers)}
+    if args.threads:
+        env["CMR_SERVE_THREADS"] = str(args.threads)
+    if args.index_threads:
+        env["CMR_INDEX_THREADS"] = str(args.index_threads)
+    cmr = Path(sys.executable).with_name("cmr")
+    server = subprocess.Popen([str(cmr), "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:  # every worker answers readyz only once warm; ask a few times
+            try:
+                if all(httpx.get(base + "/readyz", timeout=5).status_code == 200 for _ in range(4 * workers)):
+                    break
+            except httpx.TransportError:
+                pass
+            if server.poll() is not None:
+                raise SystemExit(f"server exited: {server.stderr.read().decode()[-2000:]}")
+            time.sleep(0.5)
+        print(f"server with {workers} worker(s) ready", file=sys.stderr, flush=True)
+        client = subprocess.run([sys.executable, __file__, "--client", "--base", base, "--key", key,
+                                 "--items", str(work / "items.json"), "--clients", *map(str, args.clients)],
+                                stdout=subprocess.PIPE, check=True)
+        return json.loads(client.stdout)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -169,6 +204,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=2000, help="of each kind, per concurrency level")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--encoder", type=Path, help="a trained checkpoint folder (default: random weights)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="uvicorn worker processes (one run each)")
     parser.add_argument("--threads", type=int, default=None, help="CMR_SERVE_THREADS for the server")
     parser.add_argument("--index-threads", type=int, default=None, help="CMR_INDEX_THREADS for the server")
     parser.add_argument("--work", type=Path)
@@ -198,46 +234,20 @@ def main() -> None:
     from search_api.auth import KeyRing
 
     key, _ = KeyRing(root).create("read", "benchmark")
-    port = _free_port()
-    env = os.environ | {"CMR_STORE": str(root), "CMR_PORT": str(port)}
-    if args.threads:
-        env["CMR_SERVE_THREADS"] = str(args.threads)
-    if args.index_threads:
-        env["CMR_INDEX_THREADS"] = str(args.index_threads)
-    cmr = Path(sys.executable).with_name("cmr")
-    server = subprocess.Popen([str(cmr), "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              start_new_session=True)
-    try:
-        import httpx
-
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(base + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if server.poll() is not None:
-                raise SystemExit(f"server exited: {server.stderr.read().decode()[-2000:]}")
-            time.sleep(0.5)
-        client = subprocess.run([sys.executable, __file__, "--client", "--base", base, "--key", key,
-                                 "--items", str(work / "items.json"), "--clients", *map(str, args.clients)],
-                                stdout=subprocess.PIPE, check=True)
-        out["service"] = json.loads(client.stdout)
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(30)
+    out["service"] = []
+    for workers in args.workers:
+        rows = serve_and_load(root, work, key, workers, args)
+        out["service"] += [{"workers": workers, **row} for row in rows]
     for row in out["service"]:
-        ref = out["in_process"][row["kind"]]
-        row["p50_ratio"] = row["p50_ms"] / ref["p50_ms"]
-    print(f"\n{'kind':<10} {'clients':>7} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8} {'errors':>6} {'p50 / in-process':>17}")
+        row["p50_ratio"] = row["p50_ms"] / out["in_process"][row["kind"]]["p50_ms"]
+    print(f"\n{'kind':<10} {'workers':>7} {'clients':>7} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8} {'errors':>6} "
+          f"{'p50 / in-process':>17}")
     for kind in ("neighbors", "text"):
         ref = out["in_process"][kind]
-        print(f"{kind:<10} {'(in-process)':>7} {ref['p50_ms']:>8.2f} {ref['p99_ms']:>8.2f} {ref['qps']:>8.0f}")
+        print(f"{kind:<10} {'in-process':>15} {ref['p50_ms']:>8.2f} {ref['p99_ms']:>8.2f} {ref['qps']:>8.0f}")
         for row in (r for r in out["service"] if r["kind"] == kind):
-            print(f"{kind:<10} {row['clients']:>7} {row['p50_ms']:>8.2f} {row['p99_ms']:>8.2f} {row['qps']:>8.0f} "
-                  f"{row['errors']:>6} {row['p50_ratio']:>17.2f}")
+            print(f"{kind:<10} {row['workers']:>7} {row['clients']:>7} {row['p50_ms']:>8.2f} {row['p99_ms']:>8.2f} "
+                  f"{row['qps']:>8.0f} {row['errors']:>6} {row['p50_ratio']:>17.2f}")
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
     if not args.work:

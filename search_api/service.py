@@ -51,6 +51,9 @@ class SearchService:
         if settings.store is None:
             raise InputError("no store given; pass --store DIR or set CMR_STORE")
         self.settings, self.root = settings, Path(settings.store)
+        import torch
+
+        torch.set_num_threads(settings.torch_threads or max(1, (os.cpu_count() or 1) // settings.serve_workers))
         self.searcher = Searcher(self.root, settings.model_id, settings.index_config(), settings.check_interval_s)
         self.model_id, self.store = self.searcher.model_id, self.searcher.store
         self.keys = KeyRing(self.root)

@@ -31,6 +31,9 @@ class ServeSettings(Settings):
     #: OpenMP threads per FAISS search: 1, since requests already run side by side (the
     #: store default, all cores per search, oversubscribes them under load)
     index_threads: int | None = 1
+    #: torch threads per process for the encoders; None = cores / workers (several workers
+    #: each using every core made text queries 4x slower, measured)
+    torch_threads: int | None = Field(None, ge=1)
     #: encoder whose embeddings are searched (default: the store's latest)
     model_id: str | None = None
     #: most results one request may ask for
