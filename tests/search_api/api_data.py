@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,14 @@ class Api:
     model_id: str
     read: dict
     write: dict
+
+
+def copy_api(api_store: tuple[Path, str], folder: Path, **settings) -> Api:
+    """An app over a private copy of the test store in ``folder`` (for tests that write)."""
+    root, model_id = api_store
+    dst = Path(folder) / "store"
+    shutil.copytree(root, dst)
+    return open_api(dst, model_id, **settings)
 
 
 def open_api(root: Path, model_id: str, **settings) -> Api:

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from api_data import open_api
+from api_data import copy_api, open_api
 from tiny_models import tiny_encoder_config
 
 
@@ -40,10 +40,7 @@ def api(api_store):
 @pytest.fixture()
 def private_api(api_store, tmp_path):
     """An app over a private copy of the store, for tests that upload or delete."""
-    root, model_id = api_store
-    dst = tmp_path / "store"
-    shutil.copytree(root, dst)
-    handle = open_api(dst, model_id)
+    handle = copy_api(api_store, tmp_path)
     with handle.client:
         yield handle
 

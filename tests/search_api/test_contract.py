@@ -3,11 +3,9 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import schemathesis
-from api_data import open_api
+from api_data import copy_api
 from hypothesis import HealthCheck, given, settings
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -16,10 +14,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest.fixture(scope="module")
 def contract(api_store, tmp_path_factory):
     """An app over a private store copy (fuzzed DELETEs may withdraw studies), warmed."""
-    root, model_id = api_store
-    dst = tmp_path_factory.mktemp("contract") / "store"
-    shutil.copytree(root, dst)
-    handle = open_api(dst, model_id)
+    handle = copy_api(api_store, tmp_path_factory.mktemp("contract"))
     handle.client.app.state.service.warm()
     return handle
 

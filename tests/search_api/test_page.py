@@ -5,7 +5,6 @@ result cards appear with cine images that load and play; then asks for neighbour
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import threading
 import time
@@ -28,12 +27,9 @@ def _free_port() -> int:
 def server(api_store, tmp_path_factory):
     """uvicorn serving the app on a free loopback port, in a thread."""
     import uvicorn
-    from api_data import open_api
+    from api_data import copy_api
 
-    root, model_id = api_store
-    dst = tmp_path_factory.mktemp("page") / "store"
-    shutil.copytree(root, dst)
-    handle = open_api(dst, model_id)
+    handle = copy_api(api_store, tmp_path_factory.mktemp("page"))
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(handle.client.app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

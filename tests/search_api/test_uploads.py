@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from api_data import open_api
+from api_data import copy_api
 
 
 def _zip(folder: Path) -> bytes:
@@ -128,12 +128,7 @@ def test_two_studies_in_one_upload_are_refused(private_api, new_study, cohort):
 
 
 def test_upload_limits(api_store, tmp_path, new_study):
-    import shutil
-
-    root, model_id = api_store
-    dst = tmp_path / "store"
-    shutil.copytree(root, dst)
-    small = open_api(dst, model_id, max_upload_bytes=200_000, max_upload_files=5)
+    small = copy_api(api_store, tmp_path, max_upload_bytes=200_000, max_upload_files=5)
     with small.client:
         content = _zip(new_study)
         assert len(content) > 200_000
