@@ -327,7 +327,7 @@ def demo(
         row = head.predict(searcher.store, [first])[0]
         top = max(row["attention"], key=lambda a: a["weight"])
         err.print(f"  {first}: predicted LVEF {row['prediction']['lvef']:.0f} %, most attended view {top['view']}"
-                  + ("" if top["slice_index"] is None else f" slice {top['slice_index']}"))
+                  + (f" slice {top['slice_index']}" if top["view"] == "SAX" else ""))
         err.rule("7. serve it")
         err.print(f"  cmr keys create --store {root} --role read    # an API key for the page")
         err.print(f"  cmr serve --store {root}                      # then open http://127.0.0.1:8000")
