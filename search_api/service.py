@@ -40,6 +40,11 @@ def _links(study_uid: str) -> dict[str, str]:
     return {"study": base, "neighbors": f"{base}/neighbors", "predictions": f"{base}/predictions"}
 
 
+def _stamp(row: dict) -> int:
+    """When a clip was written (ms): a re-ingested clip gets a new cine URL and cache file."""
+    return int(row["ingested_at"].timestamp() * 1000) if row.get("ingested_at") else 0
+
+
 def _view_order(row: dict) -> tuple:
     return VIEW_ORDER.get(row["view"], 9), row.get("slice_index") or 0, row["clip_id"]
 
@@ -123,8 +128,7 @@ class SearchService:
         return sorted(rows, key=_view_order) if "view" in columns else rows
 
     def _view_out(self, study_uid: str, row: dict, attention: float | None) -> schemas.ViewOut:
-        stamp = int(row["ingested_at"].timestamp() * 1000) if row.get("ingested_at") else 0
-        cine = f"/studies/{quote(study_uid, safe='')}/views/{quote(row['clip_id'], safe='')}/cine?v={stamp}"
+        cine = f"/studies/{quote(study_uid, safe='')}/views/{quote(row['clip_id'], safe='')}/cine?v={_stamp(row)}"
         return schemas.ViewOut(clip_id=row["clip_id"], view=row["view"], slice_index=row.get("slice_index"),
                                n_slices=row.get("n_slices"), frames=row["frames"], source_frames=row.get("source_frames"),
                                rr_ms=row.get("rr_ms"), spacing_mm=row.get("clip_spacing_mm"),
@@ -152,14 +156,13 @@ class SearchService:
             raise ApiError(404, "view_not_found", f"study {study_uid} has no view {clip_id}; "
                            "the study's views are listed by GET /studies/{uid}")
         row = rows[0]
-        stamp = str(int(row["ingested_at"].timestamp() * 1000)) if row.get("ingested_at") else "0"
 
         def make():
             _meta, clip = self.store.clip_store.get_clip(clip_id)
             cycle_ms = row.get("rr_ms") or 1000.0  # unknown heart rate: a one-second loop
             return clip, cycle_ms / len(clip)
 
-        return self.cines.get(study_uid, clip_id, stamp, make)
+        return self.cines.get(study_uid, clip_id, str(_stamp(row)), make)
 
     # -- heads ------------------------------------------------------------------------------
     def heads(self) -> list[schemas.HeadInfo]:
