@@ -79,13 +79,17 @@ class Embedder:
         return study[0].float().cpu(), attention[0].float().cpu()
 
 
+def _encode_batches(clips: np.ndarray, embedder: Embedder, batch_size: int) -> torch.Tensor:
+    return torch.cat([embedder.encode_clips(clips[i : i + batch_size]) for i in range(0, len(clips), batch_size)])
+
+
 def encode_study(clips: list[np.ndarray] | np.ndarray, embedder: Embedder, batch_size: int = 16):
     """A new study's uint8 clips [N, T, H, W] -> (view embeddings [N, 512], study embedding
     [512], attention [N]) as numpy arrays."""
     clips = np.stack([np.asarray(c) for c in clips]) if isinstance(clips, list) else np.asarray(clips)
     if clips.ndim != 4 or len(clips) == 0:
         raise InputError(f"a study needs one or more clips [N, T, H, W]; got shape {clips.shape}")
-    views = torch.cat([embedder.encode_clips(clips[i : i + batch_size]) for i in range(0, len(clips), batch_size)])
+    views = _encode_batches(clips, embedder, batch_size)
     study, attention = embedder.pool_views(views)
     return views.numpy(), study.numpy(), attention.numpy()
 
@@ -167,8 +171,7 @@ def embed_study(clip_rows: list[dict], embedder: Embedder, batch_size: int = 16)
         raise InputError("embed_study takes the clips of exactly one study")
     clips = np.stack([np.frombuffer(r["clip"], np.uint8).reshape(r["frames"], r["height"], r["width"])
                       for r in clip_rows])
-    vectors = torch.cat([embedder.encode_clips(clips[i : i + batch_size])
-                         for i in range(0, len(clips), batch_size)]).numpy()
+    vectors = _encode_batches(clips, embedder, batch_size).numpy()
     cols = [{k: r.get(k) for k in VIEW_META} for r in clip_rows]
     views = [c | {"model_id": embedder.model_id, "vector": v.tolist()} for c, v in zip(cols, vectors)]
     return views, _study_row(cols[0]["study_uid"], cols, vectors, embedder)
