@@ -23,7 +23,7 @@ from cmr.exceptions import InputError
 from indexer.clip_store import _quote, read_study_table
 from indexer.embedding_store import EmbeddingStore
 
-__all__ = ["Bags", "LabelSet", "infer_task", "load_bags", "load_labels", "patient_split", "sample_fraction"]
+__all__ = ["Bags", "LabelSet", "infer_task", "label_table", "load_bags", "load_labels", "patient_split", "sample_fraction"]
 
 VIEW_ORDER = {"4CH": 0, "3CH": 1, "2CH": 2, "LVOT": 3, "SAX": 4}
 
@@ -50,6 +50,14 @@ class Bags:
         v = max(int(self.mask[t].sum(1).max()), 1) if len(idx) else 1
         return Bags(self.model_id, [self.study_uids[i] for i in idx], self.patient_keys[idx], self.studies[t],
                     self.views[t, :v], self.mask[t, :v], [self.view_names[i] for i in idx] if self.view_names else [])
+
+
+    def studies_only(self) -> Bags:
+        """The same studies with empty view bags (one masked zero view each), for heads that read
+        only the study embedding: batches then stop copying every view vector."""
+        n, d = self.studies.shape
+        return Bags(self.model_id, self.study_uids, self.patient_keys, self.studies, torch.zeros(n, 1, d),
+                    torch.zeros(n, 1, dtype=torch.bool), self.view_names)
 
 
 def load_bags(store: EmbeddingStore, model_id: str, study_uids: list[str] | None = None) -> Bags:
@@ -121,7 +129,8 @@ def _digest_table(table: pa.Table) -> str:
     return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()
 
 
-def _label_table(store: EmbeddingStore, path: Path | None) -> tuple[pa.Table, str, str]:
+def label_table(store: EmbeddingStore, path: Path | None) -> tuple[pa.Table, str, str]:
+    """The label table of ``path`` (CSV/Parquet) or of the store -> (table, source, sha256)."""
     if path is not None:
         path = Path(path)
         table = read_study_table(path)
@@ -177,7 +186,7 @@ def load_labels(store: EmbeddingStore, bags: Bags, names: list[str], path: Path 
     """The ``names`` columns for the studies of ``bags`` (from ``path`` or the store)."""
     if not names:
         raise InputError("name at least one label column (--label)")
-    table, source, digest = _label_table(store, path)
+    table, source, digest = label_table(store, path)
     absent = [n for n in names if n not in table.column_names]
     if absent:
         cols = [c for c in table.column_names if c != "study_uid"]

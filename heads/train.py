@@ -133,6 +133,8 @@ def fit_head(bags: Bags, labels: LabelSet, cfg: HeadConfig, log=None) -> Trained
     """Split by patient, train with early stopping, score validation and test."""
     started = time.perf_counter()
     task = labels.task
+    if cfg.kind == "linear":  # halves a step's time (measured): batches no longer copy the view bags
+        bags = bags.studies_only()
     train, val, test = patient_split(bags, labels, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
     full_train = len(train)
     train = sample_fraction(bags, labels, train, cfg.fraction, cfg.seed)
