@@ -24,6 +24,7 @@ from rich.table import Table
 from cmr.cli_common import StoreOpt, err
 from cmr.cli_common import fail as _fail
 from cmr.cli_common import store_dir as _store_dir
+from cmr.eval_cli import eval_command
 from cmr.exceptions import CmrError
 from cmr.heads_cli import heads_app
 from cmr.serve_cli import keys_app, serve
@@ -265,8 +266,9 @@ def delete(
 
 
 app.add_typer(heads_app, name="heads", rich_help_panel="4. Heads")
-app.command("serve", rich_help_panel="5. Service")(serve)
-app.add_typer(keys_app, name="keys", rich_help_panel="5. Service")
+app.command("eval", rich_help_panel="5. Evaluation")(eval_command)
+app.command("serve", rich_help_panel="6. Service")(serve)
+app.add_typer(keys_app, name="keys", rich_help_panel="6. Service")
 
 
 @app.command(rich_help_panel="9. Everything")

@@ -1,11 +1,14 @@
-"""Shared fixtures: one tiny synthetic cohort (real DICOM) and one store ingested from it."""
+"""Shared fixtures: one tiny synthetic cohort (real DICOM), one store ingested from it, and a
+copy of that store with a tiny trained encoder, its embeddings and an LVEF head."""
 
 from __future__ import annotations
 
 import csv
+import shutil
 from pathlib import Path
 
 import pytest
+from tiny_models import tiny_encoder_config
 
 from indexer import ClipStore, IngestConfig, ingest
 
@@ -52,3 +55,20 @@ def ingested(cohort, tmp_path_factory):
         reports=cohort / "reports.csv", labels=cohort / "labels.csv", progress=False,
     )
     return store, report
+
+
+@pytest.fixture(scope="session")
+def trained_store(ingested, tmp_path_factory) -> tuple[Path, str]:
+    """A store with clips, a 1-step tiny encoder, its embeddings and a registered MIL LVEF head."""
+    from encoder.embed import embed_store
+    from encoder.train import Trainer
+    from heads import HeadConfig, train_head
+
+    store, _ = ingested
+    root = tmp_path_factory.mktemp("api") / "store"
+    shutil.copytree(store.root, root)
+    trained = Trainer(root, tiny_encoder_config(), run_dir=root / "encoders" / "runs" / "t", progress=False,
+                      log=lambda *_: None).fit(max_steps=1)
+    embed_store(root, trained.checkpoint, progress=False)
+    train_head(root, ["lvef"], HeadConfig(kind="mil", max_epochs=3), model_id=trained.model_id, name="lvef-mil")
+    return root, trained.model_id

@@ -24,9 +24,9 @@ class Api:
     write: dict
 
 
-def copy_api(api_store: tuple[Path, str], folder: Path, **settings) -> Api:
+def copy_api(trained_store: tuple[Path, str], folder: Path, **settings) -> Api:
     """An app over a private copy of the test store in ``folder`` (for tests that write)."""
-    root, model_id = api_store
+    root, model_id = trained_store
     dst = Path(folder) / "store"
     shutil.copytree(root, dst)
     return open_api(dst, model_id, **settings)

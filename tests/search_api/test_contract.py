@@ -12,9 +12,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 @pytest.fixture(scope="module")
-def contract(api_store, tmp_path_factory):
+def contract(trained_store, tmp_path_factory):
     """An app over a private store copy (fuzzed DELETEs may withdraw studies), warmed."""
-    handle = copy_api(api_store, tmp_path_factory.mktemp("contract"))
+    handle = copy_api(trained_store, tmp_path_factory.mktemp("contract"))
     handle.client.app.state.service.warm()
     return handle
 

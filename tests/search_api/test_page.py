@@ -24,12 +24,12 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(api_store, tmp_path_factory):
+def server(trained_store, tmp_path_factory):
     """uvicorn serving the app on a free loopback port, in a thread."""
     import uvicorn
     from api_data import copy_api
 
-    handle = copy_api(api_store, tmp_path_factory.mktemp("page"))
+    handle = copy_api(trained_store, tmp_path_factory.mktemp("page"))
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(handle.client.app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -25,9 +25,9 @@ def _cmr(*args: str, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([*CMR, *args], check=False, capture_output=True, text=True, timeout=120, **kw)
 
 
-def test_keys_command_line(api_store, tmp_path):
+def test_keys_command_line(trained_store, tmp_path):
     root = tmp_path / "store"
-    shutil.copytree(api_store[0], root)
+    shutil.copytree(trained_store[0], root)
     made = _cmr("keys", "create", "--store", str(root), "--role", "write", "--label", "ci")
     assert made.returncode == 0, made.stderr
     key = made.stdout.strip()
@@ -49,9 +49,9 @@ def _port() -> int:
 
 
 @pytest.fixture()
-def served(api_store, tmp_path):
+def served(trained_store, tmp_path):
     root = tmp_path / "store"
-    shutil.copytree(api_store[0], root)
+    shutil.copytree(trained_store[0], root)
     key = _cmr("keys", "create", "--store", str(root), "--role", "write").stdout.strip()
     port = _port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CMR_")}

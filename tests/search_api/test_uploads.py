@@ -127,8 +127,8 @@ def test_two_studies_in_one_upload_are_refused(private_api, new_study, cohort):
     assert _clip_count(private_api, _study_uid(new_study)) == 0
 
 
-def test_upload_limits(api_store, tmp_path, new_study):
-    small = copy_api(api_store, tmp_path, max_upload_bytes=200_000, max_upload_files=5)
+def test_upload_limits(trained_store, tmp_path, new_study):
+    small = copy_api(trained_store, tmp_path, max_upload_bytes=200_000, max_upload_files=5)
     with small.client:
         content = _zip(new_study)
         assert len(content) > 200_000

@@ -1,0 +1,138 @@
+"""`cmr eval`: cluster agreement and map helpers against hand-computed values, the figures,
+the report's sections, and the whole evaluation on the session's trained store."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+
+from evals.clusters import cluster_agreement, embedding_map, main_phenotype, neighbour_agreement
+from evals.config import EvalConfig
+from evals.plots import bland_altman_plot, efficiency_plot, map_plot
+from evals.report import SECTIONS, render_html, write_report
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_cluster_agreement_by_hand():
+    clusters = np.array([0, 0, 0, 1, 1, -1])
+    classes = np.array(["a", "a", "b", "b", "b", "a"])
+    out = cluster_agreement(clusters, classes)
+    # clustered points: cluster 0 holds a, a, b (majority 2), cluster 1 holds b, b (2): 4 of 5
+    assert out["purity"] == pytest.approx(4 / 5)
+    assert out["clusters"] == 2 and out["noise"] == 1
+    perfect = cluster_agreement(np.array([1, 1, 0, 0]), np.array(["x", "x", "y", "y"]))
+    assert perfect["ari"] == pytest.approx(1.0) and perfect["purity"] == 1.0
+    with pytest.raises(ValueError, match="equal-length"):
+        cluster_agreement(np.array([0, 1]), np.array(["a"]))
+
+
+def test_main_phenotype_prefers_the_rarest_positive_label():
+    labels = {"common": np.array([1, 1, 1, 0, np.nan]), "rare": np.array([1, 0, 0, 0, np.nan])}
+    assert main_phenotype(labels, ["common", "rare"]).tolist() == ["rare", "common", "common", "none", "unknown"]
+
+
+def test_neighbour_agreement_against_chance():
+    # two tight groups far apart: every nearest neighbour shares the group
+    x = np.array([[1, 0], [0.99, 0.14], [0.98, 0.2], [0, 1], [0.14, 0.99], [0.2, 0.98]], np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    groups = np.array(["a", "a", "a", "b", "b", "b"])
+    out = neighbour_agreement(x, groups, k=2)
+    assert out["same_group"] == 1.0
+    assert out["chance"] == pytest.approx((3 * 2 + 3 * 2) / (6 * 5))  # a random other point shares the group
+    mixed = neighbour_agreement(x, np.array(["a", "b", "a", "b", "a", "b"]), k=1)
+    assert mixed["same_group"] < 0.5
+
+
+def test_embedding_map_shapes():
+    x = np.random.default_rng(0).normal(size=(40, 16)).astype(np.float32)
+    for method in ("tsne", "pca"):
+        xy = embedding_map(x, method)
+        assert xy.shape == (40, 2) and np.isfinite(xy).all()
+    assert embedding_map(x[:3]).shape == (3, 2)
+
+
+def test_figures_are_png():
+    rng = np.random.default_rng(1)
+    y = rng.uniform(20, 70, 30)
+    assert bland_altman_plot(y, y + rng.normal(0, 3, 30), 0.1, -5.8, 6.0, "t").startswith(PNG)
+    rows = [{"model": m, "fraction": f, "mae": rng.uniform(3, 9)} for m in ("contrastive", "baseline")
+            for f in (0.1, 1.0) for _ in range(3)]
+    assert efficiency_plot(rows, "mae", "MAE", "t").startswith(PNG)
+    xy = rng.normal(size=(30, 2))
+    assert map_plot(xy, {"lvef": y, "sex": np.array(["F", "M"] * 15, object)}, "t").startswith(PNG)
+
+
+class _Sections(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.ids, self.external = set(), []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "section":
+            self.ids.add(attrs.get("id"))
+        for key in ("src", "href"):
+            value = attrs.get(key) or ""
+            if value and not value.startswith(("data:", "#")):
+                self.external.append(value)
+
+
+def test_report_renders_every_section_even_when_empty(tmp_path):
+    metrics = {"run": {"models": {"contrastive": "abc"}}, "heads": {"lvef": {"contrastive": {
+        "n": 3, "mae": 1.0, "abs_error_sd": 0.5, "rmse": 1.2, "r": float("nan"), "bias": 0.1, "loa_low": -2.0,
+        "loa_high": 2.2}}}}
+    page = render_html(metrics, {})
+    parser = _Sections()
+    parser.feed(page)
+    assert parser.ids == set(SECTIONS) and not parser.external
+    metrics_path, report_path = write_report(tmp_path, metrics, {})
+    assert json.loads(metrics_path.read_text())["heads"]["lvef"]["contrastive"]["r"] is None  # NaN -> null
+    assert report_path.read_text() == page
+
+
+def test_eval_config_refuses_bad_values():
+    from cmr.exceptions import InputError
+
+    with pytest.raises(InputError, match="fractions"):
+        EvalConfig(fractions=(0.0, 1.0))
+    with pytest.raises(InputError, match="baseline"):
+        EvalConfig(baseline="kinetics")
+
+
+def test_cmr_eval_on_a_trained_store(trained_store, tmp_path):
+    """The whole evaluation through the CLI: both models, every section, figures embedded."""
+    root, model_id = trained_store
+    store = tmp_path / "store"
+    shutil.copytree(root, store)  # the baseline is embedded into the store: keep the shared one as it is
+    out = tmp_path / "eval"
+    done = subprocess.run([sys.executable, "-m", "cmr.cli", "eval", "--store", str(store), "--out", str(out),
+                           "--fractions", "0.5,1", "--seeds", "2", "--map", "pca", "-k", "3", "--json"],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads(done.stdout)
+    run = metrics["run"]
+    assert run["models"]["contrastive"] == model_id and run["models"]["baseline"] != model_id
+    assert run["studies"] == 10
+    own = metrics["text_retrieval"]["own_report"]
+    assert own["pool"] == 10 and 0 <= own["R@1"] <= own["R@5"] <= own["R@10"] == 1.0
+    assert set(metrics["scan_to_scan"]) == {"contrastive", "baseline"}
+    efficiency = metrics["heads"]["efficiency"]
+    # 2 fractions x 2 seeds x 2 models, for LVEF and for the disease labels
+    assert len([r for r in efficiency if r["task"] == "lvef"]) == 8
+    assert {r["model"] for r in efficiency} == {"contrastive", "baseline"}
+    assert metrics["heads"]["lvef"]["contrastive"]["mae"] > 0
+    assert metrics["registered_heads"][0]["name"] == "lvef-mil"
+    page = (out / "report.html").read_text()
+    parser = _Sections()
+    parser.feed(page)
+    assert parser.ids == set(SECTIONS) and not parser.external
+    assert page.count("data:image/png;base64,") >= 4
+    # the trained model stays the store's default; the baseline is only beside it
+    assert (store / "encoders" / "LATEST").read_text().strip() == model_id
