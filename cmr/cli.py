@@ -330,7 +330,18 @@ def demo(
         top = max(row["attention"], key=lambda a: a["weight"])
         err.print(f"  {first}: predicted LVEF {row['prediction']['lvef']:.0f} %, most attended view {top['view']}"
                   + (f" slice {top['slice_index']}" if top["view"] == "SAX" else ""))
-        err.rule("7. serve it")
+        from evals.evaluate import evaluate_store
+        from evals.report import write_report
+
+        err.rule(f"7. evaluate: cmr eval --store {root}")
+        evaluation = evaluate_store(root, model_id=emb.model_id, index_config=settings.index_config(), log=err.print)
+        _, page = write_report(root / "eval", evaluation.metrics, evaluation.figures)
+        lvef = evaluation.metrics.get("heads", {}).get("lvef", {})
+        if "contrastive" in lvef and "baseline" in lvef:
+            err.print(f"  LVEF MAE on held-out studies: {lvef['contrastive']['mae']:.1f} (contrastive) vs "
+                      f"{lvef['baseline']['mae']:.1f} (random-init baseline)")
+        err.print(f"  report: {page}")
+        err.rule("8. serve it")
         err.print(f"  cmr keys create --store {root} --role read    # an API key for the page")
         err.print(f"  cmr serve --store {root}                      # then open http://127.0.0.1:8000")
     except CmrError as error:
