@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -17,7 +18,9 @@ import numpy as np
 HERE = Path(__file__).parent
 R_SCRIPT = HERE / "proc_reference.R"
 REFERENCE_JSON = HERE / "data" / "proc_reference.json"
-SEED_DIR = Path("/work/shared/reference/cmr_transformer")
+# the seed paper's prediction files sit beside the checkout (../shared/reference); CMR_REFERENCE_DIR overrides
+SEED_DIR = Path(os.environ.get("CMR_REFERENCE_DIR")
+                or Path(__file__).resolve().parents[3] / "shared" / "reference" / "cmr_transformer")
 RESULT_KEYS = ("auc_a", "lower_a", "upper_a", "auc_b", "lower_b", "upper_b", "p_paired",
                "p_unpaired", "t_unpaired", "df_unpaired", "p_auto")
 

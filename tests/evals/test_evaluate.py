@@ -136,3 +136,30 @@ def test_cmr_eval_on_a_trained_store(trained_store, tmp_path):
     assert page.count("data:image/png;base64,") >= 4
     # the trained model stays the store's default; the baseline is only beside it
     assert (store / "encoders" / "LATEST").read_text().strip() == model_id
+
+
+def test_cmr_eval_scores_plain_prediction_files(tmp_path):
+    """`cmr eval --predictions A --baseline-predictions B`: a CSV of study id, score, label per
+    model gives each model's AUROC with DeLong limits and the paired test, as evals.stats does."""
+    from evals.stats import auroc_ci, delong_test
+
+    rng = np.random.default_rng(7)
+    y = (rng.random(120) < 0.3).astype(int)
+    a, b = y * 0.8 + rng.normal(0, 0.5, 120), y * 0.3 + rng.normal(0, 0.5, 120)
+    order = rng.permutation(120)  # the second file in another row order: pairing is by study id
+    for name, scores, rows in (("a.csv", a, range(120)), ("b.csv", b, order)):
+        lines = ["study_id,score,label"] + [f"s{i},{float(scores[i])!r},{y[i]}" for i in rows]
+        (tmp_path / name).write_text("\n".join(lines) + "\n")
+    done = subprocess.run([sys.executable, "-m", "cmr.cli", "eval", "--predictions", str(tmp_path / "a.csv"),
+                           "--baseline-predictions", str(tmp_path / "b.csv"), "--out", str(tmp_path / "out"),
+                           "--json"], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    p = json.loads(done.stdout)["predictions"]
+    assert p["paired_studies"] == 120 and p["only_one_file"] == 0
+    assert (p["model"]["auroc"], p["model"]["lower"], p["model"]["upper"]) == pytest.approx(auroc_ci(y, a))
+    assert p["baseline"]["auroc"] == pytest.approx(auroc_ci(y, b)[0])
+    assert p["p_delong"] == pytest.approx(delong_test(y, a, b))
+    assert "Prediction files" in (tmp_path / "out" / "report.html").read_text()
+    bad = subprocess.run([sys.executable, "-m", "cmr.cli", "eval", "--predictions", str(tmp_path / "missing.csv"),
+                          "--out", str(tmp_path / "out2")], capture_output=True, text=True, check=False)
+    assert bad.returncode == 2 and "missing.csv" in bad.stderr
