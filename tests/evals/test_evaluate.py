@@ -11,6 +11,7 @@ from html.parser import HTMLParser
 
 import numpy as np
 import pytest
+from browser import CHROMIUM, DRIVER, open_chromium
 
 from evals.clusters import cluster_agreement, embedding_map, main_phenotype, neighbour_agreement
 from evals.config import EvalConfig
@@ -136,6 +137,15 @@ def test_cmr_eval_on_a_trained_store(trained_store, tmp_path):
     assert page.count("data:image/png;base64,") >= 4
     # the trained model stays the store's default; the baseline is only beside it
     assert (store / "encoders" / "LATEST").read_text().strip() == model_id
+    if CHROMIUM.exists() and DRIVER.exists():  # and a real browser shows every figure
+        browser = open_chromium(tmp_path / "chromium")
+        try:
+            browser.get((out / "report.html").as_uri())
+            shown = browser.execute_script("return Array.from(document.images).map(i => i.complete && i.naturalWidth)")
+            sections = browser.execute_script("return Array.from(document.querySelectorAll('section h2')).length")
+        finally:
+            browser.quit()
+        assert len(shown) >= 4 and all(w > 100 for w in shown) and sections == len(SECTIONS)
 
 
 def test_cmr_eval_scores_plain_prediction_files(tmp_path):
