@@ -21,9 +21,10 @@ if not os.environ.get("LANCE_LOG"):
 import typer
 from rich.table import Table
 
-from cmr.cli_common import StoreOpt, err
+from cmr.cli_common import StoreOpt, err, print_ingest, run_ingest
 from cmr.cli_common import fail as _fail
 from cmr.cli_common import store_dir as _store_dir
+from cmr.demo_cli import demo
 from cmr.eval_cli import eval_command
 from cmr.exceptions import CmrError
 from cmr.heads_cli import heads_app
@@ -88,23 +89,11 @@ def ingest(
         allow_partial=allow_partial,
         site=site,
     )
-    report = _run_ingest(paths, _store_dir(store, settings), cfg, settings, reports, labels)
+    report = run_ingest(paths, _store_dir(store, settings), cfg, settings, reports, labels)
     if as_json:
         print(json.dumps(report.to_dict()))
-    _print_ingest(report)
+    print_ingest(report)
     raise typer.Exit(report.exit_code)
-
-
-def _run_ingest(paths, root, cfg, settings: Settings, reports=None, labels=None):
-    from indexer.clip_store import ClipStore
-    from indexer.ingestion import ingest as run_ingest
-
-    try:
-        clip_store = ClipStore.open(root, cfg.clip, create=True)
-        salt = clip_store.patient_salt(settings.patient_salt.get_secret_value() if settings.patient_salt else None)
-        return run_ingest(paths, clip_store, cfg, salt, reports=reports, labels=labels)
-    except CmrError as error:
-        _fail(error)
 
 
 @app.command("train-encoder", rich_help_panel="2. Encoder")
@@ -271,103 +260,7 @@ app.command("serve", rich_help_panel="6. Service")(serve)
 app.add_typer(keys_app, name="keys", rich_help_panel="6. Service")
 
 
-@app.command(rich_help_panel="9. Everything")
-def demo(
-    store: StoreOpt = None,
-    studies: Annotated[int, typer.Option("--studies", min=4, help="Synthetic studies to generate.")] = 60,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
-    encoder_minutes: Annotated[float, typer.Option("--encoder-minutes", min=0.1, help="Training budget of the CPU encoder.")] = 5.0,
-) -> None:
-    """Run the whole pipeline that exists so far on the embedded synthetic cohort."""
-    from evals.synth import generate_cohort
-    from indexer.config import IngestConfig
-
-    settings = Settings()
-    root = store or settings.store or Path("demo/store")
-    data = root.parent / "synthetic"
-    if not (data / "labels.csv").exists():
-        err.rule(f"1. synthetic cohort: {studies} studies -> {data}")
-        generate_cohort(studies, data, seed=seed, progress=True)
-    err.rule(f"2. ingest -> {root}")
-    cfg = IngestConfig(workers=settings.workers or os.cpu_count() or 1)
-    report = _run_ingest([data / "dicom"], root, cfg, settings, data / "reports.csv", data / "labels.csv")
-    _print_ingest(report)
-    err.print(f"store ready at {root}: {report.clips_inserted + report.clips_updated} clips from {report.studies_written} studies")
-    from encoder.config import load_config
-    from encoder.embed import embed_store
-    from encoder.train import Trainer
-
-    try:
-        if (root / "encoders" / "LATEST").exists():
-            err.rule("3. encoder: already trained (STORE/encoders/LATEST), skipped")
-        else:
-            err.rule(f"3. train the CPU encoder for {encoder_minutes:g} min")
-            cfg_enc = load_config("mvit_xs_cpu")
-            run = root / "encoders" / "runs" / "demo"
-            trainer = Trainer(root, cfg_enc, run_dir=run, resume=(run / "checkpoint").exists(), log=err.print)
-            trainer.fit(max_minutes=encoder_minutes)
-        err.rule("4. embed every clip and study")
-        from encoder.train import latest_checkpoint
-
-        emb = embed_store(root, latest_checkpoint(root))
-        err.print(f"model {emb.model_id}: {emb.clips_embedded} clips embedded ({emb.clips_skipped} already), {emb.studies} studies")
-        from indexer.search import Searcher
-
-        query = "severe LV dilatation with apical thrombus"
-        err.rule(f'5. search: cmr search --store {root} --text "{query}" -k 5')
-        searcher = Searcher(root, emb.model_id, settings.index_config())
-        for rank, hit in enumerate(searcher.by_text(query, 5), 1):
-            err.print(f"  {rank}. {hit.study_uid}  score {hit.score:.3f}  views {' '.join(hit.metadata.get('views_present') or [])}")
-        from heads import HeadConfig, train_head
-
-        err.rule(f"6. heads: cmr heads train --store {root} --label lvef --kind mil")
-        head, _ = train_head(root, ["lvef"], HeadConfig(kind="mil"), model_id=emb.model_id, replace=True)
-        m = head.card["metrics"]["test"]["lvef"]
-        err.print(f"head {head.name}: test MAE {m['mae']:.1f} LVEF points on {m['n']} held-out studies, "
-                  f"trained in {head.card['training_seconds']:.1f} s")
-        first = searcher.by_text(query, 1)[0].study_uid
-        row = head.predict(searcher.store, [first])[0]
-        top = max(row["attention"], key=lambda a: a["weight"])
-        err.print(f"  {first}: predicted LVEF {row['prediction']['lvef']:.0f} %, most attended view {top['view']}"
-                  + (f" slice {top['slice_index']}" if top["view"] == "SAX" else ""))
-        from evals.evaluate import evaluate_store
-        from evals.report import write_report
-
-        err.rule(f"7. evaluate: cmr eval --store {root}")
-        evaluation = evaluate_store(root, model_id=emb.model_id, index_config=settings.index_config(), log=err.print)
-        _, page = write_report(root / "eval", evaluation.metrics, evaluation.figures)
-        lvef = evaluation.metrics.get("heads", {}).get("lvef", {})
-        if "contrastive" in lvef and "baseline" in lvef:
-            err.print(f"  LVEF MAE on held-out studies: {lvef['contrastive']['mae']:.1f} (contrastive) vs "
-                      f"{lvef['baseline']['mae']:.1f} (random-init baseline)")
-        err.print(f"  report: {page}")
-        err.rule("8. serve it")
-        err.print(f"  cmr keys create --store {root} --role read    # an API key for the page")
-        err.print(f"  cmr serve --store {root}                      # then open http://127.0.0.1:8000")
-    except CmrError as error:
-        _fail(error)
-    raise typer.Exit(report.exit_code)
-
-
-def _print_ingest(report) -> None:
-    table = Table(title="ingest", show_header=False)
-    for key in ("files_found", "files_read", "studies_found", "studies_written", "clips_inserted", "clips_updated", "reports_imported", "labels_imported", "seconds"):
-        table.add_row(key.replace("_", " "), str(getattr(report, key)))
-    table.add_row("views", ", ".join(f"{v} {n}" for v, n in sorted(report.views.items())))
-    table.add_row("skipped (by design)", str(len(report.skipped)))
-    table.add_row("rejected", str(len(report.rejected)))
-    err.print(table)
-    reasons: dict[str, int] = {}
-    for item in report.skipped:
-        reasons[item["reason"]] = reasons.get(item["reason"], 0) + 1
-    for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
-        err.print(f"  skipped {n:>5}  {reason}")
-    for item in report.rejected[:50]:
-        err.print(f"  [red]rejected[/] {item['where']}: {item['reason']}")
-    if len(report.rejected) > 50:
-        err.print(f"  ... {len(report.rejected) - 50} more rejections (see --json)")
-    for warning in report.warnings[:20]:
-        err.print(f"  [yellow]warning[/] {warning}")
+app.command("demo", rich_help_panel="9. Everything")(demo)
 
 
 if __name__ == "__main__":
