@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import SecretStr
 
 from cmr.cli_common import StoreOpt, err, fail, store_dir
 from cmr.exceptions import CmrError
@@ -44,8 +45,8 @@ def serve(
         err.print(f"[yellow]note:[/] no API keys yet; create one with `cmr keys create --store {root} --role read`")
     # every worker process builds its app from the environment: hand the settings down that way
     for name, value in settings.model_dump(exclude_none=True).items():
-        if name != "patient_salt":
-            os.environ[f"CMR_{name.upper()}"] = str(value)
+        # secrets dump as "**********": hand down their values (a --config file may hold them)
+        os.environ[f"CMR_{name.upper()}"] = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
     err.print(f"serving {root} on http://{settings.host}:{settings.port} (API docs at /docs)")
     try:
         uvicorn.run("search_api.app:app_from_env", factory=True, host=settings.host, port=settings.port,
@@ -60,10 +61,14 @@ def keys_create(
     store: StoreOpt = None,
     role: Annotated[str, typer.Option("--role", help="read (search, view) or write (also upload and delete).")] = "read",
     label: Annotated[str, typer.Option("--label", help="A note on who holds the key.")] = "",
+    no_store: Annotated[bool, typer.Option("--no-store", help="Only print a new key (for CMR_API_KEY in an env file); register nothing.")] = False,
 ) -> None:
     """Create a key; it is printed once on stdout and only its hash is kept."""
     from search_api.auth import KeyRing
 
+    if no_store:
+        print(KeyRing.new_key())
+        return
     root = store_dir(store, Settings())
     if not (root / "store.json").exists():
         fail(CmrError(f"{root} is not a cmr store (no store.json)"))

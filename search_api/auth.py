@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 import threading
 import time
@@ -23,6 +24,7 @@ from cmr.exceptions import InputError
 __all__ = ["ROLES", "ApiKey", "KeyRing"]
 
 ROLES = ("read", "write")  # write includes read
+_KEY_ID = re.compile(r"[0-9a-f]{8}")
 
 
 @dataclass(frozen=True)
@@ -76,13 +78,31 @@ class KeyRing:
         """A new key: returns (the key, shown once, never stored; its record)."""
         if role not in ROLES:
             raise InputError(f"role {role!r}: use one of {', '.join(ROLES)}")
-        key_id, secret = secrets.token_hex(4), secrets.token_urlsafe(32)
-        entry = {"key_id": key_id, "role": role, "label": label, "sha256": _digest(secret),
-                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        key = self.new_key()
+        return key, self.register(key, role, label)
+
+    @staticmethod
+    def new_key() -> str:
+        """A fresh key in the ``cmr_<id>_<secret>`` form, not registered anywhere (for an env file)."""
+        return f"cmr_{secrets.token_hex(4)}_{secrets.token_urlsafe(32)}"
+
+    def register(self, key: str, role: str, label: str = "") -> ApiKey:
+        """Register a key made elsewhere (a deployment's env file): its id and hash are kept,
+        replacing an older key of the same id; nothing is written when it is already there."""
+        if role not in ROLES:
+            raise InputError(f"role {role!r}: use one of {', '.join(ROLES)}")
+        parts = key.split("_", 2)
+        if len(parts) != 3 or parts[0] != "cmr" or not _KEY_ID.fullmatch(parts[1]) or len(parts[2]) < 32:
+            raise InputError("an API key reads cmr_<8 hex digits>_<a secret of 32+ characters>; make one with "
+                             "`cmr keys create --no-store`")
         entries = dict(self._read())
-        entries[key_id] = entry
+        old = entries.get(parts[1])
+        if old and old["sha256"] == _digest(parts[2]) and old["role"] == role:
+            return self._record(old)
+        entries[parts[1]] = {"key_id": parts[1], "role": role, "label": label, "sha256": _digest(parts[2]),
+                             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         self._write(entries)
-        return f"cmr_{key_id}_{secret}", self._record(entry)
+        return self._record(entries[parts[1]])
 
     def revoke(self, key_id: str) -> None:
         """Remove a key by its id."""

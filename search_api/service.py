@@ -62,6 +62,8 @@ class SearchService:
         self.searcher = Searcher(self.root, settings.model_id, settings.index_config(), settings.check_interval_s)
         self.model_id, self.store = self.searcher.model_id, self.searcher.store
         self.keys = KeyRing(self.root)
+        if settings.api_key is not None:
+            self.keys.register(settings.api_key.get_secret_value(), settings.api_key_role, "from CMR_API_KEY")
         self.registry = HeadRegistry(self.root)
         self.cines = CineCache(self.root, settings.cine_format)
         self.limits = UploadLimits(settings.max_upload_bytes, settings.max_upload_files, settings.max_unzipped_bytes,

@@ -3,7 +3,7 @@ style file (``cmr serve --config FILE``), then command-line flags; built once an
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from cmr.settings import Settings
@@ -28,6 +28,10 @@ class ServeSettings(Settings):
     access_log: bool = True
     #: require an API key on every endpoint but /healthz, /readyz, the page and the docs
     auth: bool = True
+    #: a key to register at start (e.g. a container's env file; `cmr keys create --no-store`
+    #: makes one), with its role; only its hash is written to the store
+    api_key: SecretStr | None = None
+    api_key_role: str = Field("read", pattern="^(read|write)$")
     #: OpenMP threads per FAISS search: 1, since requests already run side by side (the
     #: store default, all cores per search, oversubscribes them under load)
     index_threads: int | None = 1

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
+from api_data import copy_api
 from pydantic import ValidationError
 
+from cmr.exceptions import InputError
+from search_api.auth import KeyRing
 from search_api.settings import ServeSettings
 
 
@@ -24,3 +31,22 @@ def test_bad_settings_are_refused():
         ServeSettings(cine_format="mp4")
     with pytest.raises(ValidationError):
         ServeSettings(max_k=0)
+
+
+def test_a_key_from_the_environment_is_registered_by_hash(trained_store, tmp_path, monkeypatch):
+    """CMR_API_KEY (a container's env file): the service registers its hash at start, and the
+    key then works with its role; a malformed key is refused with how to make one."""
+    made = subprocess.run([sys.executable, "-m", "cmr.cli", "keys", "create", "--no-store"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    monkeypatch.setenv("CMR_API_KEY", made)
+    monkeypatch.setenv("CMR_API_KEY_ROLE", "read")
+    api = copy_api(trained_store, tmp_path)
+    with api.client as client:
+        ok = client.get("/heads", headers={"Authorization": f"Bearer {made}"})
+        assert ok.status_code == 200
+        denied = client.delete(f"/studies/{'1.2.3'}", headers={"Authorization": f"Bearer {made}"})
+        assert denied.status_code == 403  # a read key
+    stored = (api.root / "secrets" / "api_keys.json").read_text()
+    assert made.split("_", 2)[2] not in stored and json.loads(stored)["keys"]
+    with pytest.raises(InputError, match="cmr keys create --no-store"):
+        KeyRing(api.root).register("not-a-key", "read")
