@@ -114,7 +114,7 @@ def test_cmr_eval_on_a_trained_store(trained_store, tmp_path):
     shutil.copytree(root, store)  # the baseline is embedded into the store: keep the shared one as it is
     out = tmp_path / "eval"
     done = subprocess.run([sys.executable, "-m", "cmr.cli", "eval", "--store", str(store), "--out", str(out),
-                           "--fractions", "0.5,1", "--seeds", "2", "--map", "pca", "-k", "3", "--json"],
+                           "--fractions", "0.5,1", "--seeds", "1", "--map", "pca", "-k", "3", "--json"],
                           capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads(done.stdout)
@@ -125,8 +125,8 @@ def test_cmr_eval_on_a_trained_store(trained_store, tmp_path):
     assert own["pool"] == 10 and 0 <= own["R@1"] <= own["R@5"] <= own["R@10"] == 1.0
     assert set(metrics["scan_to_scan"]) == {"contrastive", "baseline"}
     efficiency = metrics["heads"]["efficiency"]
-    # 2 fractions x 2 seeds x 2 models, for LVEF and for the disease labels
-    assert len([r for r in efficiency if r["task"] == "lvef"]) == 8
+    # 2 fractions x 1 seed x 2 models, for LVEF and for the disease labels
+    assert len([r for r in efficiency if r["task"] == "lvef"]) == 4
     assert {r["model"] for r in efficiency} == {"contrastive", "baseline"}
     assert metrics["heads"]["lvef"]["contrastive"]["mae"] > 0
     assert metrics["registered_heads"][0]["name"] == "lvef-mil"
