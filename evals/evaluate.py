@@ -308,7 +308,7 @@ def _clusters(store, models: dict, bags: dict, labels: dict, phenotypes: list[st
         panels = {"main phenotype": classes}
         if "lvef" in labels:
             panels["LVEF (%)"] = labels["lvef"]
-        sex = _column(store, "sex", b.study_uids)
+        sex = _column(store, models[name], "sex", b.study_uids)
         if sex is not None:
             panels["sex"] = sex
         panels["HDBSCAN cluster"] = clusters.labels.astype(str)
@@ -320,9 +320,9 @@ def _clusters(store, models: dict, bags: dict, labels: dict, phenotypes: list[st
     result.metrics["clusters"] = out
 
 
-def _column(store, name: str, study_uids: list[str]):
-    """A text column of the studies table (sex) aligned with ``study_uids``, or None."""
-    rows = store.study_rows(next(iter(store.model_ids("studies"))), ["study_uid", name])
+def _column(store, model_id: str, name: str, study_uids: list[str]):
+    """A text column of the model's studies rows (sex) aligned with ``study_uids``, or None."""
+    rows = store.study_rows(model_id, ["study_uid", name])
     if name not in rows.column_names:
         return None
     value = dict(zip(rows["study_uid"].to_pylist(), rows[name].to_pylist()))
