@@ -120,7 +120,7 @@ def evaluate_store(store_root: Path, cfg: EvalConfig | None = None, model_id: st
             name: scan_to_scan_eval(b.studies.numpy(), labels, phenotypes, labels.get("lvef"), b.patient_keys, cfg.k)
             for name, b in bags.items()}
     with stage("heads"):
-        _heads(bags, store, phenotypes, labels_path, cfg, result)
+        _heads(bags, store, labels, phenotypes, labels_path, cfg, result)
     with stage("registered heads"):
         result.metrics["registered_heads"] = _registered_heads(store_root)
     with stage("clusters and maps"):
@@ -155,14 +155,12 @@ def _text_retrieval(searcher, store, bags, labels: dict, cfg: EvalConfig) -> dic
     return out
 
 
-def _heads(bags: dict, store, phenotypes: list[str], labels_path, cfg: EvalConfig, result: Evaluation) -> None:
+def _heads(bags: dict, store, labels: dict, phenotypes: list[str], labels_path, cfg: EvalConfig,
+           result: Evaluation) -> None:
     """LVEF and disease heads for every model, fraction and seed; statistics on the full-label fits."""
-    from sklearn.metrics import roc_curve
-
     from evals.efficiency import label_efficiency
-    from evals.metrics import classification_metrics, regression_metrics
-    from evals.plots import bland_altman_plot, efficiency_plot, roc_plot
-    from evals.stats import auroc_ci
+    from evals.metrics import classification_metrics
+    from evals.plots import efficiency_plot
     from heads.config import HeadConfig
     from heads.data import load_labels
 
@@ -170,7 +168,7 @@ def _heads(bags: dict, store, phenotypes: list[str], labels_path, cfg: EvalConfi
                           split_seed=cfg.split_seed)
     main = bags["contrastive"]
     tasks = {}
-    if "lvef" in store_label_names(store, labels_path):
+    if "lvef" in labels:
         tasks["lvef"] = load_labels(store, main, ["lvef"], labels_path, "regression")
     if phenotypes:
         tasks["disease"] = load_labels(store, main, phenotypes, labels_path, "multilabel")
@@ -202,54 +200,72 @@ def _heads(bags: dict, store, phenotypes: list[str], labels_path, cfg: EvalConfi
                 row["mean_auroc"] = float(np.nanmean(aucs)) if np.isfinite(aucs).any() else float("nan")
             out["efficiency"].append(row)
     if "lvef" in full:
-        lvef = {}
-        curves = {}
-        for name, h in full["lvef"].items():
-            known = ~np.isnan(h.y[:, 0])
-            y, pred = h.y[known, 0], h.pred[known, 0]
-            lvef[name] = regression_metrics(y, pred) | {"abs_error_sd": float(np.abs(pred - y).std(ddof=1))}
-            hfref = (y < cfg.hfref_below).astype(int)
-            if 0 < hfref.sum() < len(hfref):
-                auc, lo, hi = auroc_ci(hfref, -pred, cfg.level)
-                lvef[name]["hfref"] = {"auroc": auc, "lower": lo, "upper": hi, "positives": int(hfref.sum()),
-                                       "n": len(hfref)}
-                fpr, tpr, _ = roc_curve(hfref, -pred)
-                curves[name] = (fpr, tpr, auc)
-            m = lvef[name]
-            result.figures[f"bland_altman_{name}"] = bland_altman_plot(
-                y, pred, m["bias"], m["loa_low"], m["loa_high"], f"LVEF, {name} ({len(y)} held-out studies)")
-        if curves:
-            result.figures["hfref_roc"] = roc_plot(curves, f"HFrEF (LVEF < {cfg.hfref_below:g} %) from predicted LVEF")
-        if len(full["lvef"]) == 2 and "hfref" in lvef.get("baseline", {}):
-            a, b = full["lvef"]["contrastive"], full["lvef"]["baseline"]
-            known = ~np.isnan(a.y[:, 0])
-            lvef["hfref_delong_p"] = _paired_p((a.y[known, 0] < cfg.hfref_below).astype(int), -a.pred[known, 0],
-                                               -b.pred[known, 0])
-        out["lvef"] = lvef
+        out["lvef"] = _lvef_statistics(full["lvef"], cfg, result)
         result.figures["efficiency_lvef"] = efficiency_plot(
             [r for r in out["efficiency"] if r["task"] == "lvef"], "mae", "LVEF MAE (points, held out)",
             "LVEF head: error against share of labels")
     if "disease" in full:
-        rows = []
-        for j, label in enumerate(tasks["disease"].names):
-            row = {"label": label}
-            for name, h in full["disease"].items():
-                known = ~np.isnan(h.y[:, j])
-                y = h.y[known, j].astype(int)
-                row[f"{name}_n"], row[f"{name}_positives"] = int(known.sum()), int(y.sum())
-                if 0 < y.sum() < len(y):
-                    auc, lo, hi = auroc_ci(y, h.pred[known, j], cfg.level)
-                    row |= {f"{name}_auroc": auc, f"{name}_lower": lo, f"{name}_upper": hi}
-            if len(full["disease"]) == 2 and "baseline_auroc" in row and "contrastive_auroc" in row:
-                a, b = full["disease"]["contrastive"], full["disease"]["baseline"]
-                known = ~np.isnan(a.y[:, j])
-                row["p_delong"] = _paired_p(a.y[known, j].astype(int), a.pred[known, j], b.pred[known, j])
-            rows.append(row)
-        out["disease"] = rows
+        out["disease"] = _disease_statistics(full["disease"], tasks["disease"].names, cfg)
         result.figures["efficiency_disease"] = efficiency_plot(
             [r for r in out["efficiency"] if r["task"] == "disease"], "mean_auroc", "mean AUROC over labels (held out)",
             "Disease head: AUROC against share of labels")
     result.metrics["heads"] = out
+
+
+def _lvef_statistics(held: dict, cfg: EvalConfig, result: Evaluation) -> dict:
+    """Per model: LVEF errors, Bland-Altman, HFrEF AUROC (plots into ``result``); the paired test."""
+    from sklearn.metrics import roc_curve
+
+    from evals.metrics import regression_metrics
+    from evals.plots import bland_altman_plot, roc_plot
+    from evals.stats import auroc_ci
+
+    lvef = {}
+    curves = {}
+    for name, h in held.items():
+        known = ~np.isnan(h.y[:, 0])
+        y, pred = h.y[known, 0], h.pred[known, 0]
+        lvef[name] = regression_metrics(y, pred) | {"abs_error_sd": float(np.abs(pred - y).std(ddof=1))}
+        hfref = (y < cfg.hfref_below).astype(int)
+        if 0 < hfref.sum() < len(hfref):
+            auc, lo, hi = auroc_ci(hfref, -pred, cfg.level)
+            lvef[name]["hfref"] = {"auroc": auc, "lower": lo, "upper": hi, "positives": int(hfref.sum()),
+                                   "n": len(hfref)}
+            fpr, tpr, _ = roc_curve(hfref, -pred)
+            curves[name] = (fpr, tpr, auc)
+        m = lvef[name]
+        result.figures[f"bland_altman_{name}"] = bland_altman_plot(
+            y, pred, m["bias"], m["loa_low"], m["loa_high"], f"LVEF, {name} ({len(y)} held-out studies)")
+    if curves:
+        result.figures["hfref_roc"] = roc_plot(curves, f"HFrEF (LVEF < {cfg.hfref_below:g} %) from predicted LVEF")
+    if len(held) == 2 and "hfref" in lvef.get("baseline", {}):
+        a, b = held["contrastive"], held["baseline"]
+        known = ~np.isnan(a.y[:, 0])
+        lvef["hfref_delong_p"] = _paired_p((a.y[known, 0] < cfg.hfref_below).astype(int), -a.pred[known, 0],
+                                           -b.pred[known, 0])
+    return lvef
+
+
+def _disease_statistics(held: dict, names: list[str], cfg: EvalConfig) -> list[dict]:
+    """Per label: each model's AUROC with its DeLong interval, and the paired DeLong p-value."""
+    from evals.stats import auroc_ci
+
+    rows = []
+    for j, label in enumerate(names):
+        row = {"label": label}
+        for name, h in held.items():
+            known = ~np.isnan(h.y[:, j])
+            y = h.y[known, j].astype(int)
+            row[f"{name}_n"], row[f"{name}_positives"] = int(known.sum()), int(y.sum())
+            if 0 < y.sum() < len(y):
+                auc, lo, hi = auroc_ci(y, h.pred[known, j], cfg.level)
+                row |= {f"{name}_auroc": auc, f"{name}_lower": lo, f"{name}_upper": hi}
+        if len(held) == 2 and "baseline_auroc" in row and "contrastive_auroc" in row:
+            a, b = held["contrastive"], held["baseline"]
+            known = ~np.isnan(a.y[:, j])
+            row["p_delong"] = _paired_p(a.y[known, j].astype(int), a.pred[known, j], b.pred[known, j])
+        rows.append(row)
+    return rows
 
 
 def _paired_p(y: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
@@ -257,13 +273,6 @@ def _paired_p(y: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
     from evals.stats import delong_test
 
     return delong_test(y, a, b) if 2 <= y.sum() <= len(y) - 2 else float("nan")
-
-
-def store_label_names(store, labels_path: Path | None) -> list[str]:
-    """Column names of the label table (the file's, or the store's)."""
-    from heads.data import label_table
-
-    return label_table(store, labels_path)[0].column_names
 
 
 def _registered_heads(store_root: Path) -> list[dict]:
