@@ -13,7 +13,7 @@ from heads.config import HeadConfig
 from heads.data import Bags, LabelSet, patient_split
 from heads.train import fit_head, predict_outputs, to_label_units
 
-__all__ = ["HeldOut", "align_bags", "fit_held_out", "label_efficiency", "phenotype_columns"]
+__all__ = ["HeldOut", "align_bags", "fit_held_out", "label_efficiency", "numeric_columns", "phenotype_columns"]
 
 
 @dataclass
@@ -30,14 +30,17 @@ class HeldOut:
     train_studies: int
 
 
+def numeric_columns(table) -> dict[str, np.ndarray]:
+    """Every integer or floating column of a label table (pyarrow, with ``study_uid``) as
+    float64, nulls as NaN."""
+    return {name: np.array(table[name].to_pylist(), dtype=np.float64) for name in table.column_names
+            if name != "study_uid" and (pa.types.is_integer(table[name].type) or pa.types.is_floating(table[name].type))}
+
+
 def phenotype_columns(table) -> list[str]:
     """The 0/1 columns of a label table (a pyarrow table with ``study_uid``): the phenotypes."""
     out = []
-    for name in table.column_names:
-        kind = table[name].type
-        if name == "study_uid" or not (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
-            continue
-        values = np.array(table[name].to_pylist(), dtype=np.float64)
+    for name, values in numeric_columns(table).items():
         known = values[~np.isnan(values)]
         if len(known) and np.isin(known, (0.0, 1.0)).all() and 0 < known.sum():
             out.append(name)

@@ -52,20 +52,14 @@ class _Stages:
 def _label_values(store, bags, labels_path: Path | None):
     """Every numeric label column aligned with ``bags`` (NaN where a study has no value)
     -> (the label table, {name: column})."""
-    import pyarrow as pa
-
+    from evals.efficiency import numeric_columns
     from heads.data import label_table
 
     table, _, _ = label_table(store, labels_path)
     row = {u: i for i, u in enumerate(table["study_uid"].to_pylist())}  # the last row of a study wins
     take = np.array([row.get(u, -1) for u in bags.study_uids])
-    out = {}
-    for name in table.column_names:
-        kind = table[name].type
-        if name == "study_uid" or not (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
-            continue
-        values = np.array(table[name].to_pylist(), dtype=np.float64)
-        out[name] = np.where(take >= 0, values[np.maximum(take, 0)], np.nan)
+    out = {name: np.where(take >= 0, values[np.maximum(take, 0)], np.nan)
+           for name, values in numeric_columns(table).items()}
     if not out:
         raise InputError("the label table has no numeric columns to evaluate against")
     return table, out
