@@ -8,19 +8,27 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import struct
 import warnings
 from dataclasses import dataclass, field
 from datetime import date
+from functools import cache
+from typing import Mapping
 
 import pydicom
-from pydicom.datadict import tag_for_keyword
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.uid import UID
 from pydicom.errors import InvalidDicomError
 
 from indexer.discover import FileRef, open_bytes
 
-__all__ = ["FrameGeom", "FileHeader", "Rejection", "read_header", "read_dataset", "header_from_dataset", "patient_key"]
+__all__ = [
+    "FrameGeom", "FileHeader", "Rejection", "read_header", "read_dataset", "header_from_dataset", "patient_key",
+    "elements", "decode_options", "rescale", "transfer_syntax",
+]
 
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
 ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"
@@ -88,31 +96,105 @@ def patient_key(patient_id: str, salt: bytes) -> str:
 
 
 _TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "SH", "TM", "UI"})
+_BINARY_VRS = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d"}
+
+Elements = Mapping[int, "DataElement | RawDataElement"]
 
 
-def _text(ds: Dataset, keyword: str) -> str:
+def elements(ds: Dataset) -> Elements:
+    """A dataset's top-level elements keyed by plain int tags, left raw where pydicom has
+    not converted them yet.
+
+    Every lookup by pydicom's own ``BaseTag`` keys runs a Python-level ``__eq__``, and
+    reading an element converts it; the header pass reads ~25 elements of every file, and
+    both costs dominated it (measured: docs/BENCHMARKS.md, ingestion).
+    """
+    return {int(tag): elem for tag, elem in ds.items()}
+
+
+@cache
+def _tag(keyword: str) -> int:
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        raise KeyError(f"{keyword} is not a DICOM keyword")
+    return tag
+
+
+@cache
+def _standard_vr(tag: int) -> str:
+    try:
+        return dictionary_VR(tag)
+    except KeyError:  # private or unknown: not read as text
+        return "UN"
+
+
+def _has(elems: Elements, keyword: str) -> bool:
+    return _tag(keyword) in elems
+
+
+def _text(elems: Elements, keyword: str) -> str:
     """An element's value as text, without pydicom's per-element conversion.
 
-    The header pass touches ~25 elements of every file and pydicom's conversion dominated
-    its cost; the VRs read this way (UI, CS, DS, IS, TM, DA, AS, LO) are ASCII or Latin-1 by
-    the standard, so the raw bytes are decoded directly. Multiple values stay joined by '\\'.
+    The text VRs read this way (UI, CS, DS, IS, TM, DA, AS, LO) are ASCII or Latin-1 by
+    the standard, so their raw bytes are decoded directly, and the binary numbers (US, FD,
+    ...) are unpacked with the file's byte order; anything else goes through pydicom.
+    Multiple values stay joined by '\\'.
     """
-    tag = tag_for_keyword(keyword)
-    elem = ds.get_item(tag) if tag is not None and tag in ds else None
+    tag = _tag(keyword)
+    elem = elems.get(tag)
     if elem is None or elem.value is None:
         return ""
     value = elem.value
-    if isinstance(value, bytes):
-        if elem.VR in _TEXT_VRS:
+    if isinstance(value, bytes) and isinstance(elem, RawDataElement):
+        vr = elem.VR or _standard_vr(tag)  # implicit VR files leave the VR to the dictionary
+        if vr in _TEXT_VRS:
             return value.decode("latin-1").strip(" \x00")
-        value = ds[tag].value  # binary (FD, UL, US...) or implicit VR: let pydicom convert it
+        code = _BINARY_VRS.get(vr)
+        if code and len(value) % struct.calcsize(code) == 0:
+            order = "<" if elem.is_little_endian else ">"
+            value = struct.unpack(f"{order}{len(value) // struct.calcsize(code)}{code}", value)
+        else:
+            value = convert_raw_data_element(elem).value
     if isinstance(value, (list, tuple, MultiValue)):
         return "\\".join(str(v) for v in value)
     return str(value).strip()
 
 
-def _text_floats(ds: Dataset, keyword: str, n: int) -> tuple[float, ...] | None:
-    text = _text(ds, keyword)
+def _free_text(ds: Dataset, elems: Elements, keyword: str) -> str:
+    """A free-text element (LO, SH): plain ASCII directly, anything else decoded by pydicom
+    in the file's character set."""
+    elem = elems.get(_tag(keyword))
+    value = None if elem is None else elem.value
+    if isinstance(value, bytes) and value.isascii() and b"\x1b" not in value:  # ESC: ISO 2022 code switching
+        return value.decode("ascii").strip(" \x00")
+    return str(ds.get(keyword, "") or "") if elem is not None else ""
+
+
+def transfer_syntax(ds: Dataset) -> UID | None:
+    """The file's transfer syntax, None when it has no file meta information."""
+    meta = getattr(ds, "file_meta", None)
+    text = _text(elements(meta), "TransferSyntaxUID") if meta is not None else ""
+    return UID(text) if text else None
+
+
+def rescale(ds: Dataset, frame: int) -> tuple[float, float]:
+    """Rescale slope and intercept of one frame, classic or Enhanced MR."""
+    elems = elements(ds)
+    if not _has(elems, "PerFrameFunctionalGroupsSequence"):
+        return _float(_text(elems, "RescaleSlope")) or 1.0, _float(_text(elems, "RescaleIntercept")) or 0.0
+    for groups in (ds.get("PerFrameFunctionalGroupsSequence"), ds.get("SharedFunctionalGroupsSequence")):
+        if not groups:
+            continue
+        item = groups[frame] if len(groups) > frame else groups[0]
+        pvt = _seq_item(item, "PixelValueTransformationSequence")
+        if pvt is not None:
+            pvt_elems = elements(pvt)
+            return _float(_text(pvt_elems, "RescaleSlope")) or 1.0, _float(_text(pvt_elems, "RescaleIntercept")) or 0.0
+    return 1.0, 0.0
+
+
+def _text_floats(elems: Elements, keyword: str, n: int) -> tuple[float, ...] | None:
+    text = _text(elems, keyword)
     return _floats(text.split("\\"), n) if text else None
 
 
@@ -138,13 +220,13 @@ def _float(value) -> float | None:
         return None
 
 
-def _age_years(ds: Dataset) -> float | None:
-    age = _text(ds, "PatientAge")
+def _age_years(elems: Elements) -> float | None:
+    age = _text(elems, "PatientAge")
     if len(age) == 4 and age[:3].isdigit():
         scale = {"Y": 1.0, "M": 1 / 12, "W": 1 / 52.18, "D": 1 / 365.25}.get(age[3].upper())
         if scale:
             return round(int(age[:3]) * scale, 2)
-    birth, study = _text(ds, "PatientBirthDate"), _text(ds, "StudyDate")
+    birth, study = _text(elems, "PatientBirthDate"), _text(elems, "StudyDate")
     try:
         b = date(int(birth[:4]), int(birth[4:6]), int(birth[6:8]))
         s = date(int(study[:4]), int(study[4:6]), int(study[6:8]))
@@ -174,26 +256,23 @@ def _enhanced_frames(ds: Dataset, acquisition: str) -> tuple[list[FrameGeom], tu
     per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
     shared_orient = _seq_item(shared, "PlaneOrientationSequence")
     shared_measures = _seq_item(shared, "PixelMeasuresSequence")
-    spacing = _text_floats(shared_measures, "PixelSpacing", 2) if shared_measures else None
+    spacing = _text_floats(elements(shared_measures), "PixelSpacing", 2) if shared_measures else None
     frames = []
     for i, item in enumerate(per_frame):
         pos = _seq_item(item, "PlanePositionSequence")
         orient = _seq_item(item, "PlaneOrientationSequence") or shared_orient
         sync = _seq_item(item, "CardiacSynchronizationSequence")
-        content = _seq_item(item, "FrameContentSequence")
+        content = elements(_seq_item(item, "FrameContentSequence") or Dataset())
         measures = _seq_item(item, "PixelMeasuresSequence")
         if spacing is None and measures is not None:
-            spacing = _text_floats(measures, "PixelSpacing", 2)
-        phase = None
-        if content is not None and "TemporalPositionIndex" in content:
-            phase = _int(_text(content, "TemporalPositionIndex"))
+            spacing = _text_floats(elements(measures), "PixelSpacing", 2)
         frames.append(
             FrameGeom(
                 file_frame=i,
-                ipp=_text_floats(pos, "ImagePositionPatient", 3) if pos else None,
-                iop=_text_floats(orient, "ImageOrientationPatient", 6) if orient else None,
-                time_ms=_float(_text(sync, "NominalCardiacTriggerDelayTime")) if sync else None,
-                phase=phase,
+                ipp=_text_floats(elements(pos), "ImagePositionPatient", 3) if pos else None,
+                iop=_text_floats(elements(orient), "ImageOrientationPatient", 6) if orient else None,
+                time_ms=_float(_text(elements(sync), "NominalCardiacTriggerDelayTime")) if sync else None,
+                phase=_int(_text(content, "TemporalPositionIndex")) if _has(content, "TemporalPositionIndex") else None,
                 order=i,
                 acquisition=acquisition,
             )
@@ -204,16 +283,17 @@ def _enhanced_frames(ds: Dataset, acquisition: str) -> tuple[list[FrameGeom], tu
 def header_from_dataset(ds: Dataset, ref: FileRef, salt: bytes) -> FileHeader | Rejection:
     """Turn a parsed dataset (pixels not needed) into a FileHeader, or say why not."""
     where = str(ref)
-    sop_class = _text(ds, "SOPClassUID") or str(getattr(ds.file_meta, "MediaStorageSOPClassUID", ""))
+    elems = elements(ds)
+    sop_class = _text(elems, "SOPClassUID") or str(getattr(ds.file_meta, "MediaStorageSOPClassUID", ""))
     if sop_class == MEDIA_STORAGE_DIRECTORY:
         return Rejection(where, "DICOMDIR index file, not an image", by_design=True)
-    study_uid = _text(ds, "StudyInstanceUID")
-    series_uid = _text(ds, "SeriesInstanceUID")
+    study_uid = _text(elems, "StudyInstanceUID")
+    series_uid = _text(elems, "SeriesInstanceUID")
     if not study_uid or not series_uid:
         return Rejection(where, "no StudyInstanceUID/SeriesInstanceUID; the file cannot be placed in a study")
-    modality = _text(ds, "Modality")
-    rows, columns = _int(ds.get("Rows")), _int(ds.get("Columns"))
-    n_frames = _int(_text(ds, "NumberOfFrames"), 1) or 1
+    modality = _text(elems, "Modality")
+    rows, columns = _int(_text(elems, "Rows")), _int(_text(elems, "Columns"))
+    n_frames = _int(_text(elems, "NumberOfFrames"), 1) or 1
     base = dict(where=where, study_uid=study_uid, series_uid=series_uid)
     if modality and modality != "MR":
         return Rejection(reason=f"modality {modality} is not MR", by_design=True, **base)
@@ -222,22 +302,22 @@ def header_from_dataset(ds: Dataset, ref: FileRef, salt: bytes) -> FileHeader | 
     if not (8 <= rows <= MAX_MATRIX and 8 <= columns <= MAX_MATRIX) or n_frames > MAX_FRAMES:
         return Rejection(reason=f"absurd dimensions {rows}x{columns}x{n_frames} frames; header is corrupt", **base)
 
-    acquisition = _text(ds, "AcquisitionTime") or _text(ds, "ContentTime")
-    spacing = _text_floats(ds, "PixelSpacing", 2)
-    manufacturer = _text(ds, "Manufacturer")
-    if "PerFrameFunctionalGroupsSequence" in ds:
+    acquisition = _text(elems, "AcquisitionTime") or _text(elems, "ContentTime")
+    spacing = _text_floats(elems, "PixelSpacing", 2)
+    manufacturer = _text(elems, "Manufacturer")
+    if _has(elems, "PerFrameFunctionalGroupsSequence"):
         frames, enh_spacing = _enhanced_frames(ds, acquisition)
         spacing = spacing or enh_spacing
         if len(frames) != n_frames:
             return Rejection(reason=f"{len(frames)} per-frame groups for {n_frames} frames", **base)
     else:
-        trigger = _float(_text(ds, "TriggerTime"))
+        trigger = _float(_text(elems, "TriggerTime"))
         # Philips exports may omit TriggerTime and number the phases in a private tag
         phase = _philips_phase(ds) if trigger is None and manufacturer.lower().startswith("philips") else None
-        if phase is None and "TemporalPositionIdentifier" in ds:
-            phase = _int(_text(ds, "TemporalPositionIdentifier"))
-        instance = _int(_text(ds, "InstanceNumber"))
-        ipp, iop = _text_floats(ds, "ImagePositionPatient", 3), _text_floats(ds, "ImageOrientationPatient", 6)
+        if phase is None and _has(elems, "TemporalPositionIdentifier"):
+            phase = _int(_text(elems, "TemporalPositionIdentifier"))
+        instance = _int(_text(elems, "InstanceNumber"))
+        ipp, iop = _text_floats(elems, "ImagePositionPatient", 3), _text_floats(elems, "ImageOrientationPatient", 6)
         frames = [
             FrameGeom(
                 file_frame=i,
@@ -253,27 +333,28 @@ def header_from_dataset(ds: Dataset, ref: FileRef, salt: bytes) -> FileHeader | 
     if spacing is not None and not all(0.05 <= s <= 20 for s in spacing):
         return Rejection(reason=f"absurd pixel spacing {spacing} mm", **base)
 
-    sex = _text(ds, "PatientSex").upper()[:1]
+    sex = _text(elems, "PatientSex").upper()[:1]
     return FileHeader(
         ref=ref,
         study_uid=study_uid,
         series_uid=series_uid,
-        sop_uid=_text(ds, "SOPInstanceUID"),
-        patient_key=patient_key(_text(ds, "PatientID") or study_uid, salt),
+        sop_uid=_text(elems, "SOPInstanceUID"),
+        patient_key=patient_key(_text(elems, "PatientID") or study_uid, salt),
         modality=modality,
         sop_class_uid=sop_class,
-        series_number=_int(_text(ds, "SeriesNumber")),
-        series_description=str(ds.get("SeriesDescription", "") or ds.get("ProtocolName", "") or ""),
-        series_time=_text(ds, "SeriesTime"),
-        image_type=tuple(v.strip().upper() for v in _text(ds, "ImageType").split("\\") if v.strip()),
+        series_number=_int(_text(elems, "SeriesNumber")),
+        # free text in the study's character set: pydicom decodes it
+        series_description=_free_text(ds, elems, "SeriesDescription") or _free_text(ds, elems, "ProtocolName"),
+        series_time=_text(elems, "SeriesTime"),
+        image_type=tuple(v.strip().upper() for v in _text(elems, "ImageType").split("\\") if v.strip()),
         manufacturer=manufacturer,
         rows=rows,
         columns=columns,
         pixel_spacing=spacing,
-        has_inversion_time="InversionTime" in ds,
+        has_inversion_time=_has(elems, "InversionTime"),
         sex=sex if sex in ("M", "F", "O") else "",
-        age=_age_years(ds),
-        study_date=_text(ds, "StudyDate"),
+        age=_age_years(elems),
+        study_date=_text(elems, "StudyDate"),
         frames=frames,
     )
 
@@ -283,14 +364,39 @@ def pixel_problem(ds: Dataset, header: FileHeader) -> str:
     or (uncompressed) shorter than rows x columns x frames. Every frame of a series is
     checked, including the ones a clip does not decode, so a damaged series is never
     written as if it were whole."""
-    if "PixelData" not in ds:
-        return "missing pixel data" if "FloatPixelData" not in ds else ""
-    if ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2").is_compressed:
+    elems = elements(ds)
+    if not _has(elems, "PixelData"):
+        return "missing pixel data" if not _has(elems, "FloatPixelData") else ""
+    if (transfer_syntax(ds) or UID("1.2.840.10008.1.2")).is_compressed:
         return ""
-    bits = _int(_text(ds, "BitsAllocated"), 16)
+    bits = _int(_text(elems, "BitsAllocated"), 16)
     expected = header.rows * header.columns * len(header.frames) * bits // 8
-    got = len(ds.PixelData)
+    got = len(elems[_tag("PixelData")].value or b"")
     return f"truncated pixel data ({got} of {expected} bytes)" if got < expected else ""
+
+
+def decode_options(ds: Dataset) -> dict | None:
+    """Keyword arguments for pydicom's ``Decoder.as_array`` on the dataset's PixelData
+    buffer, read from the raw elements; None when anything needed is absent (let
+    ``ds.pixel_array`` decode and explain). Handing pydicom the buffer with these options
+    skips its per-call dataset lookups, which cost more than decoding a cine frame."""
+    elems = elements(ds)
+    pixel = elems.get(_tag("PixelData"))
+    syntax = transfer_syntax(ds)
+    keys = ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "BitsStored", "PixelRepresentation", "PhotometricInterpretation")
+    values = [_text(elems, k) for k in keys]
+    # retired big-endian syntaxes swap bytes by the pixel VR: rare enough to leave to pydicom
+    if pixel is None or pixel.value is None or syntax is None or not syntax.is_little_endian or not all(values):
+        return None
+    rows, columns, samples, allocated, stored, representation, photometric = values
+    options = dict(
+        rows=_int(rows), columns=_int(columns), samples_per_pixel=_int(samples), bits_allocated=_int(allocated),
+        bits_stored=_int(stored), pixel_representation=_int(representation), photometric_interpretation=photometric,
+        number_of_frames=_int(_text(elems, "NumberOfFrames"), 1) or 1, transfer_syntax_uid=syntax, pixel_keyword="PixelData",
+    )
+    if options["samples_per_pixel"] > 1:
+        options["planar_configuration"] = _int(_text(elems, "PlanarConfiguration"))
+    return options
 
 
 def read_dataset(ref: FileRef, pixels: bool) -> Dataset:
