@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
+from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
-from PIL import Image
 
 from indexer.config import ClipConfig
 from indexer.discover import FileRef

@@ -10,18 +10,18 @@ import hashlib
 import hmac
 import struct
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date
 from functools import cache
-from typing import Mapping
 
 import pydicom
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
-from pydicom.errors import InvalidDicomError
 
 from indexer.discover import FileRef, open_bytes
 
