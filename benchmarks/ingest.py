@@ -67,12 +67,19 @@ def main() -> None:
             data = Path(tmp) / "cohort" / "dicom"
         files = [Path(r.path) for r in discover([data])]
         megabytes = sum(f.stat().st_size for f in files) / 1e6
-        floor_s = min(floor(files) for _ in range(args.repeat))
+        # interleaved (floor, then each worker count, then again): a shared VM's speed drifts
+        # over minutes, and the ratio must compare runs made under the same conditions
+        floor_runs, pipeline_runs = [], {w: [] for w in args.workers}
+        for _ in range(args.repeat):
+            floor_runs.append(floor(files))
+            for w in args.workers:
+                pipeline_runs[w].append(pipeline(data, w))
+        floor_s = min(floor_runs)
         rows = {"files": len(files), "MB": round(megabytes, 1), "floor_s": round(floor_s, 2),
                 "floor_files_per_s": round(len(files) / floor_s, 1), "floor_MB_per_s": round(megabytes / floor_s, 1)}
         base = None
         for w in args.workers:
-            seconds, clips, phases = min(pipeline(data, w) for _ in range(args.repeat))
+            seconds, clips, phases = min(pipeline_runs[w])
             base = base or seconds
             rows[f"w{w}"] = {
                 "seconds": round(seconds, 2),

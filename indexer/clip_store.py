@@ -178,9 +178,13 @@ class ClipStore:
         for r in rows:
             r.setdefault("ingested_at", now)
         data = pa.Table.from_pylist(rows, schema=CLIP_SCHEMA)
-        result = (
-            self.clips.merge_insert("clip_id").when_matched_update_all().when_not_matched_insert_all().execute(data)
-        )
+        table = self.clips
+        if table.count_rows() == 0 and len(set(data["clip_id"].to_pylist())) == len(rows):
+            # nothing to match against: a plain append (the first merge into an empty table
+            # costs half a second of join set-up, a tenth of a 16-study ingest)
+            table.add(data)
+            return len(rows), 0
+        result = table.merge_insert("clip_id").when_matched_update_all().when_not_matched_insert_all().execute(data)
         return int(result.num_inserted_rows), int(result.num_updated_rows)
 
     def count_clips(self, where: str | None = None) -> int:

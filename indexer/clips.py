@@ -14,7 +14,7 @@ from pydicom.pixels import get_decoder
 
 from indexer.config import ClipConfig
 from indexer.discover import FileRef
-from indexer.headers import decode_options, read_dataset, rescale
+from indexer.headers import Elements, decode_options, elements, read_dataset, rescale
 from indexer.series import ClipPlan
 
 __all__ = ["cycle_indices", "clip_frames", "fixed_fov", "robust_uint8", "make_clip", "read_frames", "decode_stack", "PixelError"]
@@ -81,10 +81,10 @@ def make_clip(stack: np.ndarray, pixel_spacing: tuple[float, float], cfg: ClipCo
     return robust_uint8(fixed_fov(cycle, pixel_spacing, cfg.size, cfg.fov_mm), cfg.low_percentile, cfg.high_percentile)
 
 
-def _pixels(ds: Dataset) -> np.ndarray:
+def _pixels(ds: Dataset, elems: Elements) -> np.ndarray:
     """All frames of a dataset's pixel data, decoded by pydicom (from the buffer and the
     options read once from the header, where they are all present)."""
-    options = decode_options(ds)
+    options = decode_options(ds, elems)
     if options is None:
         if "PixelData" not in ds and "FloatPixelData" not in ds:
             raise PixelError("missing pixel data")
@@ -107,13 +107,16 @@ def decode_stack(
     for ref, items in wanted.items():
         try:
             ds = load(ref)
+            elems = elements(ds)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                pixels = _pixels(ds)
+                pixels = _pixels(ds, elems)
         except PixelError as err:
             raise PixelError(str(err), err.where or str(ref)) from err
         except Exception as err:  # decoders raise many types on truncated or corrupt data
             raise PixelError(f"pixel data cannot be decoded ({type(err).__name__}: {err})", str(ref)) from err
+        if pixels.dtype.kind == "f" and not np.isfinite(pixels).all():  # integers are always finite
+            raise PixelError("non-finite pixel values", str(ref))
         if pixels.ndim == 2:
             pixels = pixels[None]
         if pixels.ndim != 3 or pixels.shape[1:] != (rows, columns):
@@ -121,13 +124,13 @@ def decode_stack(
         for pos, frame in items:
             if frame >= pixels.shape[0]:
                 raise PixelError(f"frame {frame} missing from the pixel data", str(ref))
-            slope, intercept = rescale(ds, frame)
+            slope, intercept = rescale(ds, elems, frame)
+            if not (np.isfinite(slope) and np.isfinite(intercept)):
+                raise PixelError(f"non-finite rescale slope {slope} or intercept {intercept}", str(ref))
             out[pos] = pixels[frame]  # in float32, in place: no float64 temporaries per frame
             if slope != 1.0 or intercept != 0.0:
                 out[pos] *= slope
                 out[pos] += intercept
-    if not np.all(np.isfinite(out)):
-        raise PixelError("non-finite pixel values")
     return out
 
 

@@ -27,7 +27,7 @@ from indexer.discover import FileRef, open_bytes
 
 __all__ = [
     "FrameGeom", "FileHeader", "Rejection", "read_header", "read_dataset", "header_from_dataset", "patient_key",
-    "elements", "decode_options", "rescale", "transfer_syntax",
+    "Elements", "elements", "decode_options", "rescale", "transfer_syntax",
 ]
 
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -177,9 +177,9 @@ def transfer_syntax(ds: Dataset) -> UID | None:
     return UID(text) if text else None
 
 
-def rescale(ds: Dataset, frame: int) -> tuple[float, float]:
-    """Rescale slope and intercept of one frame, classic or Enhanced MR."""
-    elems = elements(ds)
+def rescale(ds: Dataset, elems: Elements, frame: int) -> tuple[float, float]:
+    """Rescale slope and intercept of one frame, classic or Enhanced MR (``elems``: the
+    dataset's ``elements``)."""
     if not _has(elems, "PerFrameFunctionalGroupsSequence"):
         return _float(_text(elems, "RescaleSlope")) or 1.0, _float(_text(elems, "RescaleIntercept")) or 0.0
     for groups in (ds.get("PerFrameFunctionalGroupsSequence"), ds.get("SharedFunctionalGroupsSequence")):
@@ -375,12 +375,11 @@ def pixel_problem(ds: Dataset, header: FileHeader) -> str:
     return f"truncated pixel data ({got} of {expected} bytes)" if got < expected else ""
 
 
-def decode_options(ds: Dataset) -> dict | None:
+def decode_options(ds: Dataset, elems: Elements) -> dict | None:
     """Keyword arguments for pydicom's ``Decoder.as_array`` on the dataset's PixelData
     buffer, read from the raw elements; None when anything needed is absent (let
     ``ds.pixel_array`` decode and explain). Handing pydicom the buffer with these options
     skips its per-call dataset lookups, which cost more than decoding a cine frame."""
-    elems = elements(ds)
     pixel = elems.get(_tag("PixelData"))
     syntax = transfer_syntax(ds)
     keys = ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "BitsStored", "PixelRepresentation", "PhotometricInterpretation")

@@ -94,7 +94,7 @@ def test_raw_header_values_equal_pydicom_conversion(real_datasets):
 def test_pixels_from_buffer_equal_pixel_array(real_datasets):
     compared = 0
     for path, ds in real_datasets:
-        if "PixelData" not in ds or decode_options(ds) is None:
+        if "PixelData" not in ds or decode_options(ds, elements(ds)) is None:
             continue
         try:
             with warnings.catch_warnings():
@@ -107,7 +107,7 @@ def test_pixels_from_buffer_equal_pixel_array(real_datasets):
         frames = expected if expected.ndim == 3 else expected[None]
         ref = FileRef(str(path))
         got = decode_stack([(ref, i) for i in range(len(frames))], ds.Rows, ds.Columns, lambda _: pydicom.dcmread(path))
-        slopes = np.array([rescale(ds, i) for i in range(len(frames))], np.float32)
+        slopes = np.array([rescale(ds, elements(ds), i) for i in range(len(frames))], np.float32)
         want = frames.astype(np.float32) * slopes[:, 0, None, None] + slopes[:, 1, None, None]
         np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=path.name)
         compared += 1
