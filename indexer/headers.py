@@ -280,10 +280,11 @@ def _enhanced_frames(ds: Dataset, acquisition: str) -> tuple[list[FrameGeom], tu
     return frames, spacing
 
 
-def header_from_dataset(ds: Dataset, ref: FileRef, salt: bytes) -> FileHeader | Rejection:
-    """Turn a parsed dataset (pixels not needed) into a FileHeader, or say why not."""
+def header_from_dataset(ds: Dataset, ref: FileRef, salt: bytes, elems: Elements | None = None) -> FileHeader | Rejection:
+    """Turn a parsed dataset (pixels not needed) into a FileHeader, or say why not
+    (``elems``: the dataset's ``elements``, when the caller has them already)."""
     where = str(ref)
-    elems = elements(ds)
+    elems = elements(ds) if elems is None else elems
     sop_class = _text(elems, "SOPClassUID") or str(getattr(ds.file_meta, "MediaStorageSOPClassUID", ""))
     if sop_class == MEDIA_STORAGE_DIRECTORY:
         return Rejection(where, "DICOMDIR index file, not an image", by_design=True)
@@ -359,12 +360,11 @@ def header_from_dataset(ds: Dataset, ref: FileRef, salt: bytes) -> FileHeader | 
     )
 
 
-def pixel_problem(ds: Dataset, header: FileHeader) -> str:
+def pixel_problem(ds: Dataset, elems: Elements, header: FileHeader) -> str:
     """What is wrong with a file's pixel data that can be seen without decoding it: absent,
     or (uncompressed) shorter than rows x columns x frames. Every frame of a series is
     checked, including the ones a clip does not decode, so a damaged series is never
     written as if it were whole."""
-    elems = elements(ds)
     if not _has(elems, "PixelData"):
         return "missing pixel data" if not _has(elems, "FloatPixelData") else ""
     if (transfer_syntax(ds) or UID("1.2.840.10008.1.2")).is_compressed:
@@ -428,9 +428,10 @@ def read_header(ref: FileRef, salt: bytes, pixels: bool = False) -> tuple[FileHe
     try:
         with warnings.catch_warnings():  # vendor quirks warn per element; the report is what counts
             warnings.simplefilter("ignore")
-            header = header_from_dataset(ds, ref, salt)
+            elems = elements(ds)
+            header = header_from_dataset(ds, ref, salt, elems)
             if pixels and isinstance(header, FileHeader):
-                header.pixel_problem = pixel_problem(ds, header)
+                header.pixel_problem = pixel_problem(ds, elems, header)
             return header, ds
     except Exception as err:
         return Rejection(str(ref), f"unusable DICOM header: {type(err).__name__}: {err}"), None

@@ -290,7 +290,7 @@ def ingest(
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if report.studies_written:
-        store.optimize()
+        store.optimize(rewritten=report.clips_updated > 0)
     report.phases["write"] = round(time.perf_counter() - t_write, 2)
     t_tables = time.perf_counter()
     _import_tables(store, report, reports, labels)

@@ -117,6 +117,20 @@ def test_reingest_is_idempotent(ingested, cohort, salt):
     assert again.clips_inserted == 0
     assert again.clips_updated == before
     assert store.count_clips() == before
+    # the rewrite left replaced rows behind: compacted away at once
+    assert store.clips.stats()["fragment_stats"]["num_fragments"] == 1
+
+
+def test_appends_are_not_compacted_until_fragments_pile_up(cohort, tmp_path, salt):
+    store = ClipStore.open(tmp_path / "store", create=True)
+    report = ingest([cohort / "dicom"], store, IngestConfig(workers=1, studies_per_commit=3), salt, progress=False)
+    commits = -(-report.studies_written // 3)
+    fragments = store.clips.stats()["fragment_stats"]["num_fragments"]
+    assert commits > 1 and fragments == commits  # one fragment per commit, none rewritten
+    assert not store.optimize(compact_fragments=commits)
+    assert store.optimize(compact_fragments=commits - 1)
+    assert store.clips.stats()["fragment_stats"]["num_fragments"] == 1
+    assert store.count_clips() == report.clips_inserted
 
 
 def test_no_patient_identifiers_in_store(ingested, cohort):
