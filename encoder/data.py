@@ -165,13 +165,14 @@ class ContrastiveBatches(torch.utils.data.Dataset):
 
     def __init__(self, corpus: ClipCorpus, studies: list[Study], studies_per_batch: int, views_per_study: int,
                  sentences: int, augment: AugmentConfig, pre: PreprocessConfig, seed: int, length: int,
-                 stratify_views: float = 0.0):
+                 stratify_views: float = 0.0, report_variants: int = 0):
         if not studies:
             raise StoreError("no training studies with a report; import reports with `cmr ingest --reports CSV`")
         self.corpus, self.studies = corpus, studies
         self.s, self.v, self.k = min(studies_per_batch, len(studies)), views_per_study, sentences
         self.augment, self.pre, self.seed, self.length = augment, pre, seed, length
         self.stratify_views = stratify_views
+        self.report_variants = report_variants
 
     def __len__(self) -> int:
         return self.length
@@ -184,12 +185,21 @@ class ContrastiveBatches(torch.utils.data.Dataset):
         perm = np.random.default_rng([self.seed, epoch]).permutation(n)
         return perm[pos * self.s : (pos + 1) * self.s]
 
+    def variant_texts(self) -> list[list[str]]:
+        """The ``report_variants`` sampled reports of every study (deterministic per seed):
+        what a locked text tower embeds once, before training."""
+        return [
+            [sample_report(st.report, self.k, np.random.default_rng([self.seed, i, 2, v])) for v in range(self.report_variants)]
+            for i, st in enumerate(self.studies)
+        ]
+
     def __getitem__(self, step: int) -> dict:
         rng = np.random.default_rng([self.seed, step, 1])
         gen = torch.Generator().manual_seed(int(rng.integers(1 << 62)))
-        rows, study_of_view, texts = [], [], []
+        rows, study_of_view, texts, variants = [], [], [], []
         group = STRATA[rng.integers(len(STRATA))] if rng.random() < self.stratify_views else None
-        for j, i in enumerate(self.study_indices(step)):
+        studies = self.study_indices(step)
+        for j, i in enumerate(studies):
             st = self.studies[i]
             # a study without the step's view type falls back to all its clips
             pool = [r for r, v in zip(st.row_ids, st.views) if v == group] if group else []
@@ -199,14 +209,21 @@ class ContrastiveBatches(torch.utils.data.Dataset):
             pick = rng.choice(len(pool), size=self.v, replace=len(pool) < self.v)
             rows += [pool[p] for p in pick]
             study_of_view += [j] * len(pick)
-            texts.append(sample_report(st.report, self.k, rng))
+            if self.report_variants:
+                variants.append(int(rng.integers(self.report_variants)))
+            else:
+                texts.append(sample_report(st.report, self.k, rng))
         clips = torch.from_numpy(self.corpus.read_clips(rows))
-        return {
+        batch = {
             "clips": augment_batch(clips, self.augment, self.pre, gen),
             "study_of_view": torch.tensor(study_of_view),
-            "texts": texts,
             "step": step,
         }
+        if self.report_variants:  # indices into the embeddings of ``variant_texts``
+            batch["report_ids"] = torch.as_tensor(studies, dtype=torch.long) * self.report_variants + torch.tensor(variants)
+        else:
+            batch["texts"] = texts
+        return batch
 
 
 def eval_clips(corpus: ClipCorpus, study: Study, pre: PreprocessConfig) -> torch.Tensor:

@@ -30,6 +30,10 @@ class TextConfig:
     freeze_projection: bool = False  # lock the whole text tower (LiT-style, for small data)
     max_tokens: int = 128  # reports are truncated to this many word pieces
     sentences: int = 5  # report sentences sampled per training step (paper: 5)
+    # with a locked tower (freeze_projection) its output never changes, so this many sampled
+    # reports per study are embedded once before training and each step draws one of them
+    # (LiT's precomputed locked tower); 0 encodes the sampled report at every step
+    cached_variants: int = 8
 
 
 def default_text_model_dir() -> Path:

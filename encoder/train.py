@@ -31,7 +31,7 @@ from encoder.loss import ContrastiveLoss, gather_with_grad
 from encoder.model import CmrClip
 from evals.retrieval import retrieval_summary
 
-__all__ = ["TrainResult", "Trainer", "embed_studies", "latest_checkpoint", "lr_at", "micro_step"]
+__all__ = ["ReportCache", "TrainResult", "Trainer", "embed_studies", "latest_checkpoint", "lr_at", "micro_step"]
 
 METRIC_FIELDS = ["step", "loss", "raw", "pair", "study", "v2t", "t2v", "lr", "temperature", "seconds",
                  "val_R@1", "val_R@5", "val_R@10", "val_median_rank", "val_pool"]
@@ -100,14 +100,38 @@ def embed_studies(model: CmrClip, corpus: ClipCorpus, studies: list[Study], devi
     return [v.cpu() for v in views], studies_emb.float().cpu()
 
 
+class ReportCache:
+    """A locked text tower's embeddings of a fixed list of sampled reports, each encoded the
+    first time a batch draws it. The tower never changes, so its output for a text is the same
+    at every step; encoding the reports was a quarter of a CPU training step, and a run never
+    pays for more encodings than it has draws (docs/BENCHMARKS.md)."""
+
+    def __init__(self, texts: list[str], model: CmrClip):
+        self.texts, self.model = texts, model
+        self.embeddings = torch.zeros(len(texts), model.cfg.dim)
+        self.done = torch.zeros(len(texts), dtype=torch.bool)
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        """Embeddings [len(ids), D] of the texts ``ids`` (CPU)."""
+        todo = [i for i in ids.unique().tolist() if not self.done[i]]
+        if todo:
+            self.embeddings[todo] = self.model.text.encode([self.texts[i] for i in todo]).float().cpu()
+            self.done[todo] = True
+        return self.embeddings[ids]
+
+
 def micro_step(net, model: CmrClip, loss_fn: ContrastiveLoss, batch: dict, views_per_study: int, amp,
-               accum_steps: int = 1) -> dict[str, torch.Tensor]:
-    """Forward (under ``amp``) and backward of one batch of ``{"clips", "texts"}``; ``net`` is
+               accum_steps: int = 1, reports: ReportCache | None = None) -> dict[str, torch.Tensor]:
+    """Forward (under ``amp``) and backward of one batch of ``{"clips", "texts"}``, or of
+    ``{"clips", "report_ids"}`` into ``reports`` (a locked text tower's cache); ``net`` is
     the model or its DDP wrapper, whose features the loss gathers across ranks."""
     device = next(model.parameters()).device
-    tokens = {k: v.to(device) for k, v in model.text.tokenize(batch["texts"]).items()}
+    if "report_ids" in batch:
+        text = reports(batch["report_ids"]).to(device)
+    else:
+        text = {k: v.to(device) for k, v in model.text.tokenize(batch["texts"]).items()}
     with amp:
-        views, reports, studies = net(batch["clips"].to(device), tokens, views_per_study)
+        views, reports, studies = net(batch["clips"].to(device), text, views_per_study)
         views, reports, studies = (gather_with_grad(x.float()) for x in (views, reports, studies))
         # clips are ordered by study, v per study, on every rank alike
         study_of_view = torch.arange(reports.shape[0], device=device).repeat_interleave(views_per_study)
@@ -209,9 +233,12 @@ class Trainer:
         end_step = min(max_steps or t.max_steps, t.max_steps)
         deadline = time.monotonic() + 60 * max_minutes if max_minutes else math.inf
         micro = t.accum_steps * self.world
+        locked = self.cfg.text.freeze_projection and self.cfg.text.cached_variants > 0
         data = ContrastiveBatches(self.corpus, self.train_studies, t.studies_per_batch, t.views_per_study,
                                   self.cfg.text.sentences, self.cfg.augment, self.cfg.preprocess, t.seed,
-                                  length=t.max_steps * micro, stratify_views=t.stratify_views)
+                                  length=t.max_steps * micro, stratify_views=t.stratify_views,
+                                  report_variants=self.cfg.text.cached_variants if locked else 0)
+        reports = ReportCache([text for v in data.variant_texts() for text in v], self.model) if locked else None
         indices = [s * micro + a * self.world + self.rank for s in range(self.step, end_step) for a in range(t.accum_steps)]
         loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=indices, num_workers=t.num_workers,
                                              persistent_workers=False)
@@ -232,7 +259,8 @@ class Trainer:
             for a in range(t.accum_steps):
                 sync = self.net.no_sync() if self.ddp and a < t.accum_steps - 1 else nullcontext()
                 with sync:
-                    out = micro_step(self.net, self.model, self.loss_fn, next(it), t.views_per_study, amp, t.accum_steps)
+                    out = micro_step(self.net, self.model, self.loss_fn, next(it), t.views_per_study, amp, t.accum_steps,
+                                     reports)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from encoder.checkpoint import load_checkpoint
 from encoder.data import ClipCorpus, ContrastiveBatches
 from encoder.loss import ContrastiveLoss
 from encoder.model import CmrClip
-from encoder.train import Trainer, latest_checkpoint, lr_at
+from encoder.train import ReportCache, Trainer, latest_checkpoint, lr_at, micro_step
 
 
 def test_lr_schedule_warms_up_then_decays(tiny_cfg):
@@ -29,6 +30,33 @@ def test_lr_schedule_warms_up_then_decays(tiny_cfg):
     assert max(values) == pytest.approx(1.0)
     assert values[-1] == pytest.approx(t.min_lr_ratio)
     assert all(a >= b for a, b in zip(values[t.warmup_steps - 1 :], values[t.warmup_steps :]))
+
+
+def test_locked_text_tower_cache_gives_the_step_of_encoding_the_same_reports(enc_store, tiny_cfg):
+    assert tiny_cfg.text.freeze_projection  # the CPU recipe locks the text tower
+    corpus = ClipCorpus(enc_store)
+    studies = corpus.with_reports()
+    k = 3
+    data = ContrastiveBatches(corpus, studies, 4, 2, 5, tiny_cfg.augment, tiny_cfg.preprocess, 0, 2, report_variants=k)
+    texts = data.variant_texts()
+    assert [len(v) for v in texts] == [k] * len(studies) and texts == data.variant_texts()  # seeded
+    assert any(len(set(v)) > 1 for v in texts)  # variants differ (sentence order and choice)
+    torch.manual_seed(0)
+    model = CmrClip(tiny_cfg).eval()
+    cache = ReportCache([t for v in texts for t in v], model)
+    batch = data[0]
+    assert "texts" not in batch and int(batch["report_ids"].max()) < len(studies) * k
+    assert int(cache.done.sum()) == 0  # nothing is encoded before a batch draws it
+    same = dict(batch, texts=[texts[i // k][i % k] for i in batch["report_ids"].tolist()])
+    del same["report_ids"]
+    loss_fn = ContrastiveLoss(flood=0.0)
+    cached = micro_step(model, model, loss_fn, batch, 2, nullcontext(), reports=cache)["loss"].item()
+    assert int(cache.done.sum()) == len(batch["report_ids"].unique())
+    model.zero_grad()
+    encoded = micro_step(model, model, loss_fn, same, 2, nullcontext())["loss"].item()
+    assert cached == pytest.approx(encoded, rel=1e-5)
+    # and the locked tower receives no gradient either way
+    assert all(p.grad is None for p in model.text.parameters())
 
 
 def test_a_few_steps_reduce_the_loss(enc_store, tiny_cfg):
