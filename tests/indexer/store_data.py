@@ -1,5 +1,6 @@
-"""Embedding stores filled with clustered unit vectors (no encoder needed), for the store,
-index and search tests. Its own module name: `conftest` is ambiguous across test folders."""
+"""Test data of the indexer tests: embedding stores filled with clustered unit vectors (no
+encoder needed), and the real DICOM files of pydicom and pydicom-data. Its own module name:
+`conftest` is ambiguous across test folders."""
 
 from __future__ import annotations
 
@@ -9,6 +10,21 @@ import numpy as np
 
 from indexer import ClipStore
 from indexer.embedding_store import EmbeddingStore
+
+def real_dicom_dirs() -> list[Path]:
+    """pydicom's own test files and the PyPI package pydicom-data's (real MR of several
+    vendors, multi-frame, compressed, big endian, broken)."""
+    import pydicom
+
+    dirs = [Path(pydicom.__file__).parent / "data" / "test_files"]
+    try:
+        import data_store  # the PyPI package pydicom-data
+
+        dirs.append(Path(data_store.__file__).parent / "data")
+    except ImportError:
+        pass
+    return dirs
+
 
 MODEL = "m-test"
 VIEWS = ["4CH", "2CH", "3CH", "SAX", "SAX", "SAX"]

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from store_data import real_dicom_dirs
 
 from indexer import ClipStore, IngestConfig, ingest
 
@@ -121,19 +122,8 @@ def test_zip_input_gives_the_same_clips(cohort, tmp_path, salt):
     assert np.array_equal(a.get_clip(ids_a[0])[1], b.get_clip(ids_a[0])[1])
 
 
-def _data_store_dirs() -> list[Path]:
-    dirs = [Path(pydicom.__file__).parent / "data" / "test_files"]
-    try:
-        import data_store  # the PyPI package pydicom-data
-
-        dirs.append(Path(data_store.__file__).parent / "data")
-    except ImportError:
-        pass
-    return dirs
-
-
 def test_real_files_from_pydicom_data_are_read_or_rejected_with_reasons(tmp_path, salt):
-    dirs = _data_store_dirs()
+    dirs = real_dicom_dirs()
     assert len(dirs) == 2, "pydicom-data (a dev dependency) is not installed"
     store = ClipStore.open(tmp_path / "store", create=True)
     report = ingest(dirs, store, IngestConfig(workers=2), salt, progress=False)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from store_data import real_dicom_dirs
 
 from indexer.clips import PixelError, decode_stack
 from indexer.discover import FileRef, discover
@@ -28,14 +29,7 @@ KEYWORDS = [
 
 
 def _real_files() -> list[Path]:
-    dirs = [Path(pydicom.__file__).parent / "data" / "test_files"]
-    try:
-        import data_store  # the PyPI package pydicom-data
-
-        dirs.append(Path(data_store.__file__).parent / "data")
-    except ImportError:
-        pass
-    return [Path(r.path) for r in discover(dirs)]
+    return [Path(r.path) for r in discover(real_dicom_dirs())]
 
 
 def _read(path: Path):
