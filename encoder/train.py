@@ -101,22 +101,28 @@ def embed_studies(model: CmrClip, corpus: ClipCorpus, studies: list[Study], devi
 
 
 class ReportCache:
-    """A locked text tower's embeddings of a fixed list of sampled reports, each encoded the
-    first time a batch draws it. The tower never changes, so its output for a text is the same
-    at every step; encoding the reports was a quarter of a CPU training step, and a run never
-    pays for more encodings than it has draws (docs/BENCHMARKS.md)."""
+    """A locked text tower's embeddings of each study's sampled reports (``variants[i]``:
+    study i's texts; id ``i * k + v`` is study i's variant v), encoded the first time a batch
+    draws one of them. The tower never changes, so its output for a text is the same at
+    every step; encoding the reports was a quarter of a CPU training step, and a study is
+    encoded once per run (docs/BENCHMARKS.md). A study's variants are encoded together, as
+    one batch of fixed composition: padding is then the same in every run, and a resumed
+    run stays bit-identical to an uninterrupted one.
+    """
 
-    def __init__(self, texts: list[str], model: CmrClip):
-        self.texts, self.model = texts, model
-        self.embeddings = torch.zeros(len(texts), model.cfg.dim)
-        self.done = torch.zeros(len(texts), dtype=torch.bool)
+    def __init__(self, variants: list[list[str]], model: CmrClip):
+        self.variants, self.model = variants, model
+        self.k = len(variants[0]) if variants else 0
+        self.embeddings = torch.zeros(len(variants) * self.k, model.cfg.dim)
+        self.done = torch.zeros(len(variants), dtype=torch.bool)
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         """Embeddings [len(ids), D] of the texts ``ids`` (CPU)."""
-        todo = [i for i in ids.unique().tolist() if not self.done[i]]
-        if todo:
-            self.embeddings[todo] = self.model.text.encode([self.texts[i] for i in todo]).float().cpu()
-            self.done[todo] = True
+        for study in (ids // self.k).unique().tolist():
+            if not self.done[study]:
+                rows = slice(study * self.k, (study + 1) * self.k)
+                self.embeddings[rows] = self.model.text.encode(self.variants[study]).float().cpu()
+                self.done[study] = True
         return self.embeddings[ids]
 
 
@@ -238,7 +244,7 @@ class Trainer:
                                   self.cfg.text.sentences, self.cfg.augment, self.cfg.preprocess, t.seed,
                                   length=t.max_steps * micro, stratify_views=t.stratify_views,
                                   report_variants=self.cfg.text.cached_variants if locked else 0)
-        reports = ReportCache([text for v in data.variant_texts() for text in v], self.model) if locked else None
+        reports = ReportCache(data.variant_texts(), self.model) if locked else None
         indices = [s * micro + a * self.world + self.rank for s in range(self.step, end_step) for a in range(t.accum_steps)]
         loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=indices, num_workers=t.num_workers,
                                              persistent_workers=False)
