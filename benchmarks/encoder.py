@@ -170,7 +170,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", type=Path, help="an ingested store with reports and labels")
     parser.add_argument("--studies", type=int, default=240, help="cohort size when no --store is given")
-    parser.add_argument("--steps", type=int, default=200, help="training steps per seed (the fixed budget)")
+    parser.add_argument("--steps", type=int, default=600, help="training steps per seed (the fixed budget: the CPU config's max_steps, about 10 minutes on 2 cores)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--config", default="mvit_xs_cpu")
     parser.add_argument("--json", type=Path, help="write every figure here")
