@@ -28,7 +28,7 @@ class IngestConfig:
 
     clip: ClipConfig = ClipConfig()
     min_frames: int = 8  # fewer frames per slice than this is not a usable cine
-    workers: int = 1  # processes for header and pixel work; 1 = in this process
+    workers: int = 1  # processes for header and pixel work, this one included
     allow_partial: bool = False  # write a study even when one of its cine series failed
     site: str = ""  # free-text site label stored with every clip
     studies_per_commit: int = 16  # whole studies per Lance commit (one atomic write each)
