@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Annotated
 
@@ -29,6 +30,7 @@ def serve(
 ) -> None:
     """Serve search, uploads, predictions and the web page over a store (docs at /docs)."""
     import uvicorn
+    from uvicorn.supervisors import Multiprocess
 
     from search_api.settings import ServeSettings
 
@@ -47,19 +49,52 @@ def serve(
     for name, value in settings.model_dump(exclude_none=True).items():
         # secrets dump as "**********": hand down their values (a --config file may hold them)
         os.environ[f"CMR_{name.upper()}"] = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
-    if settings.serve_workers > 1:
-        # The workers share one listening socket, and libuv (uvloop) accepts every pending
-        # connection at each wake-up: the first worker awake took most of a burst of
-        # keep-alive connections (measured: 76 % of the CPU in one of two workers, and the
-        # neighbour p99 with it). One accept per wake-up lets the idle worker take the next.
-        os.environ.setdefault("UV_TCP_SINGLE_ACCEPT", "1")
     err.print(f"serving {root} on http://{settings.host}:{settings.port} (API docs at /docs)")
+    config = uvicorn.Config("search_api.app:app_from_env", factory=True, host=settings.host, port=settings.port,
+                            workers=settings.serve_workers, log_level="info", access_log=settings.access_log,
+                            timeout_worker_healthcheck=120)  # a worker imports torch and loads encoders first
     try:
-        uvicorn.run("search_api.app:app_from_env", factory=True, host=settings.host, port=settings.port,
-                    workers=settings.serve_workers, log_level="info", access_log=settings.access_log,
-                    timeout_worker_healthcheck=120)  # a worker imports torch and loads encoders first
+        if config.workers > 1 and hasattr(socket, "SO_REUSEPORT"):
+            config.bind_socket().close()  # the address is free (else uvicorn's clear error), as uvicorn.run checks
+            try:
+                Multiprocess(config, sockets=[_ReusePortListener(config.host, config.port, config.backlog)]).run()
+            except KeyboardInterrupt:
+                pass
+        else:
+            uvicorn.run(config.app, factory=True, host=config.host, port=config.port, workers=config.workers,
+                        log_level="info", access_log=config.access_log, timeout_worker_healthcheck=120)
     except CmrError as error:
         fail(error)
+
+
+class _ReusePortListener:
+    """The listening socket that uvicorn's supervisor hands each worker process, made in the
+    worker: unpickled there, it becomes the worker's own socket on the shared address
+    (SO_REUSEPORT), and the kernel spreads new connections over the workers' sockets.
+
+    With one socket shared by all workers, the worker that woke first accepted every pending
+    connection (uvloop accepts until none is left): a burst of keep-alive clients landed
+    mostly on one worker, 76 % of the CPU in one of two, and the neighbour p99 at 32 clients
+    followed (measured, docs/BENCHMARKS.md). Supervision (health checks, restarts, signals)
+    stays uvicorn's.
+    """
+
+    def __init__(self, host: str, port: int, backlog: int):
+        self.host, self.port, self.backlog = host, port, backlog
+
+    def __reduce__(self):
+        return _listen_reuseport, (self.host, self.port, self.backlog)
+
+
+def _listen_reuseport(host: str, port: int, backlog: int) -> socket.socket:
+    """A listening TCP socket on (host, port) that other processes may bind as well."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(backlog)
+    sock.set_inheritable(True)
+    return sock
 
 
 @keys_app.command("create")
