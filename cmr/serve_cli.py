@@ -54,15 +54,19 @@ def serve(
                             workers=settings.serve_workers, log_level="info", access_log=settings.access_log,
                             timeout_worker_healthcheck=120)  # a worker imports torch and loads encoders first
     try:
+        sockets = None
         if config.workers > 1 and hasattr(socket, "SO_REUSEPORT"):
             config.bind_socket().close()  # the address is free (else uvicorn's clear error), as uvicorn.run checks
-            try:
-                Multiprocess(config, sockets=[_ReusePortListener(config.host, config.port, config.backlog)]).run()
-            except KeyboardInterrupt:
-                pass
-        else:
-            uvicorn.run(config.app, factory=True, host=config.host, port=config.port, workers=config.workers,
-                        log_level="info", access_log=config.access_log, timeout_worker_healthcheck=120)
+            sockets = [_ReusePortListener(config.host, config.port, config.backlog)]
+        elif config.workers > 1:
+            sockets = [config.bind_socket()]
+        server = uvicorn.Server(config)
+        try:
+            Multiprocess(config, sockets=sockets).run() if sockets else server.run()
+        except KeyboardInterrupt:
+            pass
+        if not sockets and not server.started:
+            raise typer.Exit(3)  # uvicorn's startup-failure code, as uvicorn.run exits
     except CmrError as error:
         fail(error)
 
