@@ -166,8 +166,8 @@ def serve_and_load(root: Path, work: Path, key: str, workers: int, args) -> list
 
     port = _free_port()
     env = os.environ | {"CMR_STORE": str(root), "CMR_PORT": str(port), "CMR_SERVE_WORKERS": str(workers)}
-    if args.threads:
-        env["CMR_SERVE_THREADS"] = str(args.threads)
+    if args.search_threads:
+        env["CMR_SEARCH_THREADS"] = str(args.search_threads)
     if args.index_threads:
         env["CMR_INDEX_THREADS"] = str(args.index_threads)
     cmr = Path(sys.executable).with_name("cmr")
@@ -208,7 +208,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--encoder", type=Path, help="a trained checkpoint folder (default: random weights)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="uvicorn worker processes (one run each)")
-    parser.add_argument("--threads", type=int, default=None, help="CMR_SERVE_THREADS for the server")
+    parser.add_argument("--search-threads", type=int, default=None, help="CMR_SEARCH_THREADS for the server")
     parser.add_argument("--index-threads", type=int, default=None, help="CMR_INDEX_THREADS for the server")
     parser.add_argument("--work", type=Path)
     parser.add_argument("--json", type=Path)

@@ -33,6 +33,7 @@ def serve(
     from uvicorn.supervisors import Multiprocess
 
     from search_api.settings import ServeSettings
+    from search_api.workers import BalancedHttpProtocol, ConnectionShare, WorkerListener
 
     if config is not None and not config.exists():
         err.print(f"[red]error:[/] --config {config} does not exist")
@@ -50,16 +51,20 @@ def serve(
         # secrets dump as "**********": hand down their values (a --config file may hold them)
         os.environ[f"CMR_{name.upper()}"] = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
     err.print(f"serving {root} on http://{settings.host}:{settings.port} (API docs at /docs)")
+    several = settings.serve_workers > 1
     config = uvicorn.Config("search_api.app:app_from_env", factory=True, host=settings.host, port=settings.port,
                             workers=settings.serve_workers, log_level="info", access_log=settings.access_log,
+                            http=BalancedHttpProtocol if several else "auto",  # even keep-alive shares
                             timeout_worker_healthcheck=120)  # a worker imports torch and loads encoders first
     try:
         sockets = None
-        if config.workers > 1 and hasattr(socket, "SO_REUSEPORT"):
-            config.bind_socket().close()  # the address is free (else uvicorn's clear error), as uvicorn.run checks
-            sockets = [_ReusePortListener(config.host, config.port, config.backlog)]
-        elif config.workers > 1:
-            sockets = [config.bind_socket()]
+        if several:
+            share = ConnectionShare(config.workers)
+            if hasattr(socket, "SO_REUSEPORT"):  # each worker its own socket: the kernel deals the connections
+                config.bind_socket().close()  # the address is free (else uvicorn's clear error), as uvicorn.run checks
+                sockets = [WorkerListener(config.host, config.port, config.backlog, share)]
+            else:
+                sockets = [WorkerListener(config.host, config.port, config.backlog, share, config.bind_socket())]
         server = uvicorn.Server(config)
         try:
             Multiprocess(config, sockets=sockets).run() if sockets else server.run()
@@ -69,36 +74,6 @@ def serve(
             raise typer.Exit(3)  # uvicorn's startup-failure code, as uvicorn.run exits
     except CmrError as error:
         fail(error)
-
-
-class _ReusePortListener:
-    """The listening socket that uvicorn's supervisor hands each worker process, made in the
-    worker: unpickled there, it becomes the worker's own socket on the shared address
-    (SO_REUSEPORT), and the kernel spreads new connections over the workers' sockets.
-
-    With one socket shared by all workers, the worker that woke first accepted every pending
-    connection (uvloop accepts until none is left): a burst of keep-alive clients landed
-    mostly on one worker, 76 % of the CPU in one of two, and the neighbour p99 at 32 clients
-    followed (measured, docs/BENCHMARKS.md). Supervision (health checks, restarts, signals)
-    stays uvicorn's.
-    """
-
-    def __init__(self, host: str, port: int, backlog: int):
-        self.host, self.port, self.backlog = host, port, backlog
-
-    def __reduce__(self):
-        return _listen_reuseport, (self.host, self.port, self.backlog)
-
-
-def _listen_reuseport(host: str, port: int, backlog: int) -> socket.socket:
-    """A listening TCP socket on (host, port) that other processes may bind as well."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    sock.listen(backlog)
-    sock.set_inheritable(True)
-    return sock
 
 
 @keys_app.command("create")

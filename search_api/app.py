@@ -1,8 +1,10 @@
 """The FastAPI application: routes, API-key auth, errors as one JSON shape, metrics, and
 the web page. ``create_app(settings)`` builds it; ``cmr serve`` runs it under uvicorn.
 
-Every endpoint that touches the store hands its work to a thread pool (sized by
-``serve_threads``) in one hop, so searches, uploads and cines never block the event loop.
+Every endpoint that touches the store hands its work to a thread in one hop, so searches,
+uploads and cines never block the event loop: searches to their own few threads
+(``search_threads``), the rest to the pool (``serve_threads``). A text query's encoding
+is awaited on the encoder's batching thread, holding no thread of either.
 The endpoints and dependencies themselves are ``async``: FastAPI would run a plain ``def``
 dependency, endpoint and response validation each on the pool, and those hops cost more
 CPU than the search (measured: 3.2 ms a request against a 1 ms FAISS query).
@@ -10,6 +12,7 @@ CPU than the search (measured: 3.2 ms a request against a 1 ms FAISS query).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
@@ -45,9 +48,9 @@ _ERRORS = {400: {"model": schemas.ErrorBody}, 401: {"model": schemas.ErrorBody},
            404: {"model": schemas.ErrorBody}, 422: {"model": schemas.ErrorBody}}
 
 
-async def _off_loop(fn, *args):
-    """Run ``fn(*args)`` on the thread pool and await it."""
-    return await anyio.to_thread.run_sync(functools.partial(fn, *args))
+async def _off_loop(fn, *args, limiter: anyio.CapacityLimiter | None = None):
+    """Run ``fn(*args)`` on a thread (at most ``limiter``'s many at once, else the pool's) and await it."""
+    return await anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=limiter)
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:
@@ -151,6 +154,11 @@ def create_app(settings: ServeSettings, service: SearchService | None = None, wa
     """The API over one store (the service is built here unless given)."""
     service = service or SearchService(settings)
     metrics = ApiMetrics()
+    # Searches take their own thread(s): a short CPU-bound job finishes sooner alone than
+    # time-sliced with seven others under the GIL (neighbour p99 at 32 clients, 2 workers:
+    # 57 ms on 8 threads, 40 ms on 1; docs/BENCHMARKS.md), and a slow upload or cine on the
+    # general pool cannot hold every search back.
+    searches = anyio.CapacityLimiter(settings.search_threads)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -223,7 +231,11 @@ def create_app(settings: ServeSettings, service: SearchService | None = None, wa
     @app.post("/search/text", tags=["search"], dependencies=[read], responses=_ERRORS)
     async def search_text(query: schemas.TextQuery, svc: Annotated[SearchService, Depends(_service)]) -> schemas.SearchResult:
         """Text-to-scan: studies ranked by the similarity of their embedding to the encoded query."""
-        return await _off_loop(svc.search_text, query)
+        svc.check_text_query(query)
+        # the encoder's batcher thread encodes it together with whatever else is waiting; no
+        # pool thread waits for it, so a burst of text queries fills whole batches
+        vector = await asyncio.wrap_future(svc.encode_text.submit(query.query))
+        return await _off_loop(svc.search_text, query, vector, limiter=searches)
 
     @app.get("/studies/{study_uid}/neighbors", tags=["search"], dependencies=[read], responses=_ERRORS)
     async def neighbors(study_uid: str, svc: Annotated[SearchService, Depends(_service)],
@@ -231,7 +243,7 @@ def create_app(settings: ServeSettings, service: SearchService | None = None, wa
                   filters: Annotated[str | None, Query(description='JSON, e.g. {"sex": "F", "view": "SAX"}')] = None,
                   exclude_same_patient: bool = False) -> schemas.NeighborList:
         """Scan-to-scan: the k nearest other studies (optionally not the same patient's)."""
-        return await _off_loop(svc.neighbors, study_uid, k, _filters(filters), exclude_same_patient)
+        return await _off_loop(svc.neighbors, study_uid, k, _filters(filters), exclude_same_patient, limiter=searches)
 
     # -- studies ----------------------------------------------------------------------------
     @app.post("/studies", tags=["studies"], dependencies=[write],

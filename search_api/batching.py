@@ -26,11 +26,15 @@ class MicroBatcher:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def __call__(self, item):
-        """The result for one item (blocks until its batch is done)."""
+    def submit(self, item) -> Future:
+        """A future of the result for one item (an event loop awaits it without a thread)."""
         future: Future = Future()
         self._queue.put((item, future))
-        return future.result()
+        return future
+
+    def __call__(self, item):
+        """The result for one item (blocks until its batch is done)."""
+        return self.submit(item).result()
 
     def _run(self) -> None:
         while True:

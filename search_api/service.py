@@ -105,13 +105,17 @@ class SearchService:
                               age=m.get("age"), vendor=m.get("vendor"), site=m.get("site"),
                               study_date=m.get("study_date"), links=_links(hit.study_uid))
 
-    def search_text(self, query: schemas.TextQuery) -> schemas.SearchResult:
-        """Text-to-scan."""
+    def check_text_query(self, query: schemas.TextQuery) -> None:
+        """Refuse a query before its text is encoded (k out of range, blank text)."""
         self._check_k(query.k)
-        where = query.filters.where()
         if not query.query.strip():
             raise ApiError(422, "invalid_request", "query: the text is blank; describe the findings to look for")
-        hits = self.searcher.by_vector(self.encode_text(query.query), query.k, where)
+
+    def search_text(self, query: schemas.TextQuery, vector: np.ndarray | None = None) -> schemas.SearchResult:
+        """Text-to-scan (``vector``: the query already encoded by ``encode_text``)."""
+        self.check_text_query(query)
+        where = query.filters.where()
+        hits = self.searcher.by_vector(self.encode_text(query.query) if vector is None else vector, query.k, where)
         return schemas.SearchResult(model_id=self.model_id, query=query.query, k=query.k,
                                     level=self.searcher.level_for(where), hits=[self.hit_out(h) for h in hits])
 

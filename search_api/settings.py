@@ -22,7 +22,12 @@ class ServeSettings(Settings):
     port: int = 8000
     #: uvicorn worker processes; each loads its own index and encoders (memory grows with it)
     serve_workers: int = Field(1, ge=1)
-    #: threads that run searches, uploads and cines beside the event loop, per process
+    #: threads that run searches (text and neighbours) beside the event loop, per process:
+    #: each search is a short CPU-bound job under the GIL, so one at a time has the lowest
+    #: tail latency (measured); scale with serve_workers, not with this
+    search_threads: int = Field(1, ge=1)
+    #: threads for everything else that touches the store (uploads, cines, studies,
+    #: predictions, clusters), per process
     serve_threads: int = Field(8, ge=1)
     #: one log line per request (method, path with query, status; never a body)
     access_log: bool = True

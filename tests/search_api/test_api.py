@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import io
 import json
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from api_data import open_api
 from PIL import Image
 
 QUERY = "severe LV dilatation with apical thrombus"
@@ -188,6 +191,30 @@ def test_concurrent_searches_from_many_threads(api):
 
     with ThreadPoolExecutor(8) as pool:
         assert set(pool.map(one, range(64))) == {200}
+
+
+def test_searches_are_not_held_back_by_a_busy_pool(trained_store, monkeypatch):
+    """Searches run on their own thread: with the general pool (serve_threads=1) held by a
+    slow request, text and neighbour searches still answer."""
+    handle = open_api(*trained_store, serve_threads=1)
+    with handle.client:
+        service, release = handle.client.app.state.service, threading.Event()
+        slow_study = service.study
+        monkeypatch.setattr(service, "study", lambda uid: release.wait(60) and slow_study(uid))
+        uid = _uids(handle)[0]
+        with ThreadPoolExecutor(2) as pool:
+            held = pool.submit(handle.client.get, f"/studies/{uid}", headers=handle.read)
+            time.sleep(0.5)
+            assert not held.done()  # it holds the only pool thread
+            searched = pool.submit(lambda: [
+                handle.client.post("/search/text", json={"query": QUERY, "k": 3}, headers=handle.read).status_code,
+                handle.client.get(f"/studies/{uid}/neighbors", headers=handle.read).status_code])
+            try:
+                assert searched.result(timeout=30) == [200, 200]
+                assert not held.done()
+            finally:
+                release.set()
+            assert held.result(timeout=30).status_code == 200
 
 
 @pytest.mark.parametrize("path", ["/docs", "/openapi.json", "/static/app.js", "/static/style.css"])

@@ -100,33 +100,3 @@ def test_serve_with_two_workers_sees_one_store(served, new_study):
         for _ in range(12):
             assert client.get(f"/studies/{uid}/neighbors").status_code == 404
     assert proc.poll() is None
-
-
-@pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="no SO_REUSEPORT on this platform")
-def test_each_worker_gets_its_own_listening_socket_on_one_port():
-    """What uvicorn's supervisor pickles for each worker becomes that worker's own socket on
-    the shared address, so the kernel spreads connections over the workers."""
-    import pickle
-
-    from cmr.serve_cli import _ReusePortListener
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    listener = _ReusePortListener("127.0.0.1", port, 16)
-    first, second = pickle.loads(pickle.dumps(listener)), pickle.loads(pickle.dumps(listener))
-    try:
-        assert first.fileno() != second.fileno()
-        assert first.getsockname() == second.getsockname() == ("127.0.0.1", port)
-        with socket.create_connection(("127.0.0.1", port), timeout=5):
-            pass  # accepted by one of the two listening sockets
-    finally:
-        first.close()
-        second.close()
-    with socket.socket() as plain, pytest.raises(OSError):  # a server without the option cannot join
-        second_socket = _ReusePortListener("127.0.0.1", port, 16)
-        held = pickle.loads(pickle.dumps(second_socket))
-        try:
-            plain.bind(("127.0.0.1", port))
-        finally:
-            held.close()
