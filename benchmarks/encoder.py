@@ -9,6 +9,8 @@ Figures (held-out patients only, never trained on): text-to-study Recall@1/5/10 
 study's own report as the query; a linear probe (ridge) of LVEF from frozen study
 embeddings (MAE); logistic probes of the phenotype labels (mean AUROC); view invariance
 (how often a view's nearest study embedding is its own study); embedding throughput.
+Every training seed is scored on the same held-out patients (``--split-seed``), so the
+spread over seeds is that of training and initialisation, not of which patients were held out.
 """
 
 from __future__ import annotations
@@ -89,14 +91,14 @@ def evaluate(model, corpus, train, test, labels: dict, device) -> dict:
     return out
 
 
-def run_seed(store: Path, seed: int, steps: int, config: str, work: Path) -> dict:
+def run_seed(store: Path, seed: int, steps: int, config: str, work: Path, split_seed: int | None = 0) -> dict:
     """Train one seed and score it against the same architecture at random init."""
     from encoder.config import load_config
     from encoder.model import CmrClip
     from encoder.train import Trainer
 
     cfg = load_config(config)
-    cfg.train = replace(cfg.train, seed=seed, max_steps=steps, val_fraction=0.25, eval_every=max(50, steps // 4),
+    cfg.train = replace(cfg.train, seed=seed, split_seed=split_seed, max_steps=steps, val_fraction=0.25, eval_every=max(50, steps // 4),
                         checkpoint_every=max(50, steps // 4))
     trainer = Trainer(store, cfg, run_dir=work / f"run-{seed}", device="cpu", progress=True, log=print)
     result = trainer.fit()
@@ -173,6 +175,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600, help="training steps per seed (the fixed budget: the CPU config's max_steps, about 10 minutes on 2 cores)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--config", default="mvit_xs_cpu")
+    parser.add_argument("--split-seed", type=int, default=0,
+                        help="seed of the held-out patients, the same for every training seed (-1: each seed its own split)")
     parser.add_argument("--json", type=Path, help="write every figure here")
     parser.add_argument("--throughput", action="store_true", help="only measure embedding throughput")
     parser.add_argument("--batch", type=int, default=8, help="clips per forward for --throughput")
@@ -189,7 +193,8 @@ def main() -> None:
         store = args.store or make_store(args.studies, 11, work)
         if args.store:  # train in a copy: the benchmark must not leave runs in the user's store
             store = Path(shutil.copytree(args.store, work / "store"))
-        runs = [run_seed(store, seed, args.steps, args.config, work) for seed in args.seeds]
+        split_seed = None if args.split_seed < 0 else args.split_seed
+        runs = [run_seed(store, seed, args.steps, args.config, work, split_seed) for seed in args.seeds]
     print(f"\n{args.config}: {runs[0]['steps']} steps/seed, {np.mean([r['train_minutes'] for r in runs]):.1f} min/seed "
           f"on {torch.get_num_threads()} threads; held-out studies {[r['held_out'] for r in runs]} "
           f"(train {[r['train_studies'] for r in runs]}); seeds {args.seeds}")

@@ -85,6 +85,9 @@ class TrainConfig:
     eval_every: int = 100  # steps between validation retrieval metrics
     val_fraction: float = 0.15  # patients held out for validation
     seed: int = 0
+    # seed of the patient split; None = ``seed``. Fixed across training seeds, every seed
+    # is scored on the same held-out patients, so their spread is the training's alone
+    split_seed: int | None = None
     num_workers: int = 0  # DataLoader worker processes
 
 

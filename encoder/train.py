@@ -179,7 +179,8 @@ class Trainer:
         if resume and self.ckpt_dir.exists():
             self._restore()
         self.corpus = ClipCorpus(self.store_root)
-        self.train_studies, self.val_studies = patient_split(self.corpus.with_reports(), t.val_fraction, t.seed)
+        self.train_studies, self.val_studies = patient_split(self.corpus.with_reports(), t.val_fraction,
+                                                             t.seed if t.split_seed is None else t.split_seed)
         self.net = self.model
         if self.ddp:
             self.net = torch.nn.parallel.DistributedDataParallel(

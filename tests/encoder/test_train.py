@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 
 import pytest
 import torch
@@ -107,6 +108,18 @@ def test_checkpoint_round_trip_and_exact_resume(enc_store, tiny_cfg, tmp_path):
     assert again.model_id == done.model_id  # bit-identical weights to the uninterrupted run
     steps = [int(r["step"]) for r in csv.DictReader((tmp_path / "b" / "metrics.csv").read_text().splitlines())]
     assert steps == [1, 2, 3, 4]
+
+
+def test_held_out_patients_follow_the_split_seed_not_the_training_seed(enc_store, tiny_cfg, tmp_path):
+    def held_out(seed: int, split_seed: int | None) -> tuple[str, ...]:
+        cfg = replace(tiny_cfg, train=replace(tiny_cfg.train, seed=seed, split_seed=split_seed, val_fraction=0.5))
+        trainer = Trainer(enc_store, cfg, run_dir=tmp_path / f"{seed}-{split_seed}", progress=False, log=lambda *_: None)
+        return tuple(sorted(s.study_uid for s in trainer.val_studies))
+
+    own = {held_out(seed, None) for seed in (0, 1, 2)}
+    assert len(own) > 1  # by default each training seed holds out its own patients
+    assert len({held_out(seed, 3) for seed in (0, 1, 2)}) == 1  # one split for every seed
+    assert held_out(0, 1) == held_out(1, None)  # split_seed draws the split that seed would
 
 
 def test_resume_with_another_config_is_refused(enc_store, tiny_cfg, tmp_path):
