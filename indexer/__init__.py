@@ -2,7 +2,7 @@
 
 from importlib import import_module
 
-__all__ = ["ClipStore", "ClipConfig", "IngestConfig", "IngestReport", "ingest"]
+__all__ = ["ClipConfig", "ClipStore", "IngestConfig", "IngestReport", "ingest"]
 
 _HOME = {
     "ClipStore": "indexer.clip_store",

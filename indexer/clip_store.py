@@ -8,7 +8,7 @@ import os
 import secrets
 import shutil
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import lancedb
@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from cmr.exceptions import InputError, StoreError
 from indexer.config import ClipConfig
 
-__all__ = ["ClipStore", "CLIP_SCHEMA", "CLIP_STORAGE_VERSION", "ImportResult", "read_study_table"]
+__all__ = ["CLIP_SCHEMA", "CLIP_STORAGE_VERSION", "ClipStore", "ImportResult", "read_study_table"]
 
 FORMAT_VERSION = 1
 
@@ -113,7 +113,7 @@ class ClipStore:
         self.db = lancedb.connect(self.root / "lance", read_consistency_interval=timedelta(0))
 
     @classmethod
-    def open(cls, root: Path, clip: ClipConfig | None = None, create: bool = False) -> "ClipStore":
+    def open(cls, root: Path, clip: ClipConfig | None = None, create: bool = False) -> ClipStore:
         """Open a store; with ``create`` make it (the first clip config fixes the clip shape)."""
         root = Path(root)
         meta_path = root / "store.json"
@@ -180,7 +180,7 @@ class ClipStore:
         """Insert or replace clips by ``clip_id`` in one commit; returns (inserted, updated)."""
         if not rows:
             return 0, 0
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         for r in rows:
             r.setdefault("ingested_at", now)
         data = pa.Table.from_pylist(rows, schema=CLIP_SCHEMA)

@@ -17,7 +17,7 @@ from indexer.discover import FileRef
 from indexer.headers import Elements, decode_options, elements, read_dataset, rescale
 from indexer.series import ClipPlan
 
-__all__ = ["cycle_indices", "clip_frames", "fixed_fov", "robust_uint8", "make_clip", "read_frames", "decode_stack", "PixelError"]
+__all__ = ["PixelError", "clip_frames", "cycle_indices", "decode_stack", "fixed_fov", "make_clip", "read_frames", "robust_uint8"]
 
 
 class PixelError(ValueError):

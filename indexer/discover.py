@@ -88,7 +88,7 @@ IN_MEMORY_MAX_BYTES = 256 * 2**20
 def open_bytes(ref: FileRef) -> io.BufferedIOBase:
     """Open a file reference for reading as a binary stream."""
     if ref.member is None:
-        fp = open(ref.path, "rb")
+        fp = open(ref.path, "rb")  # noqa: SIM115 - a large file is returned open, for the caller to close
         if os.fstat(fp.fileno()).st_size > IN_MEMORY_MAX_BYTES:
             return fp
         with fp:

@@ -26,8 +26,18 @@ from pydicom.uid import UID
 from indexer.discover import FileRef, open_bytes
 
 __all__ = [
-    "FrameGeom", "FileHeader", "Rejection", "read_header", "read_dataset", "header_from_dataset", "patient_key",
-    "Elements", "elements", "decode_options", "rescale", "transfer_syntax",
+    "Elements",
+    "FileHeader",
+    "FrameGeom",
+    "Rejection",
+    "decode_options",
+    "elements",
+    "header_from_dataset",
+    "patient_key",
+    "read_dataset",
+    "read_header",
+    "rescale",
+    "transfer_syntax",
 ]
 
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -295,7 +305,7 @@ def header_from_dataset(ds: Dataset, ref: FileRef, salt: bytes, elems: Elements 
     modality = _text(elems, "Modality")
     rows, columns = _int(_text(elems, "Rows")), _int(_text(elems, "Columns"))
     n_frames = _int(_text(elems, "NumberOfFrames"), 1) or 1
-    base = dict(where=where, study_uid=study_uid, series_uid=series_uid)
+    base = {"where": where, "study_uid": study_uid, "series_uid": series_uid}
     if modality and modality != "MR":
         return Rejection(reason=f"modality {modality} is not MR", by_design=True, **base)
     if rows <= 0 or columns <= 0:
@@ -388,11 +398,11 @@ def decode_options(ds: Dataset, elems: Elements) -> dict | None:
     if pixel is None or pixel.value is None or syntax is None or not syntax.is_little_endian or not all(values):
         return None
     rows, columns, samples, allocated, stored, representation, photometric = values
-    options = dict(
-        rows=_int(rows), columns=_int(columns), samples_per_pixel=_int(samples), bits_allocated=_int(allocated),
-        bits_stored=_int(stored), pixel_representation=_int(representation), photometric_interpretation=photometric,
-        number_of_frames=_int(_text(elems, "NumberOfFrames"), 1) or 1, transfer_syntax_uid=syntax, pixel_keyword="PixelData",
-    )
+    options = {
+        "rows": _int(rows), "columns": _int(columns), "samples_per_pixel": _int(samples), "bits_allocated": _int(allocated),
+        "bits_stored": _int(stored), "pixel_representation": _int(representation), "photometric_interpretation": photometric,
+        "number_of_frames": _int(_text(elems, "NumberOfFrames"), 1) or 1, "transfer_syntax_uid": syntax, "pixel_keyword": "PixelData",
+    }
     if options["samples_per_pixel"] > 1:
         options["planar_configuration"] = _int(_text(elems, "PlanarConfiguration"))
     return options
@@ -423,7 +433,7 @@ def read_header(ref: FileRef, salt: bytes, pixels: bool = False) -> tuple[FileHe
         return Rejection(str(ref), "not a DICOM file (no DICM preamble and no valid header)"), None
     except (OSError, EOFError) as err:
         return Rejection(str(ref), f"unreadable or truncated file: {getattr(err, 'strerror', None) or err}"), None
-    except Exception as err:  # pydicom raises many types on corrupt headers
+    except Exception as err:  # noqa: BLE001 - pydicom raises many types on corrupt headers
         return Rejection(str(ref), f"corrupt DICOM header: {type(err).__name__}: {err}"), None
     try:
         with warnings.catch_warnings():  # vendor quirks warn per element; the report is what counts
@@ -433,5 +443,5 @@ def read_header(ref: FileRef, salt: bytes, pixels: bool = False) -> tuple[FileHe
             if pixels and isinstance(header, FileHeader):
                 header.pixel_problem = pixel_problem(ds, elems, header)
             return header, ds
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - any failure of one file becomes its Rejection
         return Rejection(str(ref), f"unusable DICOM header: {type(err).__name__}: {err}"), None

@@ -18,12 +18,13 @@ import os
 import shutil
 import time
 from collections import defaultdict, deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -44,7 +45,7 @@ from indexer.series import (
 if TYPE_CHECKING:
     from indexer.clip_store import ClipStore
 
-__all__ = ["IngestReport", "ingest", "clip_id", "build_study", "scan_unit", "units_of", "frames_key"]
+__all__ = ["IngestReport", "build_study", "clip_id", "frames_key", "ingest", "scan_unit", "units_of"]
 
 
 @dataclass
@@ -88,35 +89,35 @@ def clip_id(series_uid: str, series_slice: int) -> str:
 
 
 def _row(plan: ClipPlan, clip, cfg: IngestConfig) -> dict:
-    return dict(
-        clip_id=clip_id(plan.series_uid, plan.series_slice),
-        study_uid=plan.study_uid,
-        series_uid=plan.series_uid,
-        patient_key=plan.patient_key,
-        view=plan.view,
-        view_source=plan.view_source,
-        slice_index=plan.slice_index,
-        n_slices=plan.n_slices,
-        series_slice=plan.series_slice,
-        frames=clip.shape[0],
-        height=clip.shape[1],
-        width=clip.shape[2],
-        clip=clip.tobytes(),
-        source_frames=len(plan.frames),
-        time_source=plan.time_source,
-        row_spacing_mm=plan.pixel_spacing[0],
-        col_spacing_mm=plan.pixel_spacing[1],
-        clip_spacing_mm=cfg.clip.fov_mm / cfg.clip.size,
-        position_mm=plan.position_mm,
-        rr_ms=plan.rr_ms,
-        series_number=plan.series_number,
-        series_description=plan.series_description,
-        vendor=plan.manufacturer,
-        site=cfg.site,
-        sex=plan.sex,
-        age=plan.age,
-        study_date=plan.study_date,
-    )
+    return {
+        "clip_id": clip_id(plan.series_uid, plan.series_slice),
+        "study_uid": plan.study_uid,
+        "series_uid": plan.series_uid,
+        "patient_key": plan.patient_key,
+        "view": plan.view,
+        "view_source": plan.view_source,
+        "slice_index": plan.slice_index,
+        "n_slices": plan.n_slices,
+        "series_slice": plan.series_slice,
+        "frames": clip.shape[0],
+        "height": clip.shape[1],
+        "width": clip.shape[2],
+        "clip": clip.tobytes(),
+        "source_frames": len(plan.frames),
+        "time_source": plan.time_source,
+        "row_spacing_mm": plan.pixel_spacing[0],
+        "col_spacing_mm": plan.pixel_spacing[1],
+        "clip_spacing_mm": cfg.clip.fov_mm / cfg.clip.size,
+        "position_mm": plan.position_mm,
+        "rr_ms": plan.rr_ms,
+        "series_number": plan.series_number,
+        "series_description": plan.series_description,
+        "vendor": plan.manufacturer,
+        "site": cfg.site,
+        "sex": plan.sex,
+        "age": plan.age,
+        "study_date": plan.study_date,
+    }
 
 
 def frames_key(series_uid: str, series_slice: int, frames: list[tuple[FileRef, int]]) -> str:
@@ -157,7 +158,7 @@ def _scan_unit(refs: list[FileRef], salt: bytes, cfg: IngestConfig, scratch: Pat
             out.headers.append(header)
             datasets[ref] = ds
     for files in group_by_series(out.headers).values():
-        slices, problem = plan_series(files, cfg.min_frames)
+        slices, _problem = plan_series(files, cfg.min_frames)
         for sl in slices:  # a problem is re-derived (once, for the whole series) by plan_study
             frames = [(h.ref, f.file_frame) for h, f in sl.ordered]
             key = frames_key(files[0].series_uid, sl.series_slice, frames)

@@ -19,7 +19,7 @@ from indexer.views import (
     view_from_text,
 )
 
-__all__ = ["ClipPlan", "StudyPlan", "plan_study", "plan_series", "group_by_study", "group_by_series"]
+__all__ = ["ClipPlan", "StudyPlan", "group_by_series", "group_by_study", "plan_series", "plan_study"]
 
 SLICE_TOLERANCE_MM = 1.0  # positions closer than this along the normal are one slice
 PARALLEL_COS = 0.97  # |cos| above this: two planes are parallel (about 14 degrees)
@@ -163,7 +163,7 @@ def plan_series(files: list[FileHeader], min_frames: int = 8) -> tuple[list[_Sli
     first = files[0]
     desc = first.series_description
     where = f"series {first.series_number} '{desc}'"
-    base = dict(study_uid=first.study_uid, series_uid=first.series_uid)
+    base = {"study_uid": first.study_uid, "series_uid": first.series_uid}
     reason = decoy_reason(desc, first.image_type)
     if reason:
         return [], Rejection(where, f"not a cine: {reason}", by_design=True, **base)

@@ -11,9 +11,9 @@ so API threads search concurrently and never see an index half-updated.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
-import gc
 import math
 import os
 import secrets

@@ -9,12 +9,12 @@ import numpy as np
 
 __all__ = [
     "VIEWS",
-    "view_from_text",
+    "apex_sign",
     "decoy_reason",
+    "lax_view_from_geometry",
     "looks_like_cine",
     "plane_normal",
-    "apex_sign",
-    "lax_view_from_geometry",
+    "view_from_text",
 ]
 
 VIEWS = ("4CH", "3CH", "2CH", "SAX", "LVOT", "OTHER")

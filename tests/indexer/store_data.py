@@ -11,6 +11,7 @@ import numpy as np
 from indexer import ClipStore
 from indexer.embedding_store import EmbeddingStore
 
+
 def real_dicom_dirs() -> list[Path]:
     """pydicom's own test files and the PyPI package pydicom-data's (real MR of several
     vendors, multi-frame, compressed, big endian, broken)."""

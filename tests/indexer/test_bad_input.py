@@ -61,7 +61,7 @@ def damaged(cohort, tmp_path) -> dict:
     del ds.PixelData
     ds.save_as(f)
     # 4. a cine with a single frame
-    ds = pydicom.dcmread(sorted(_classic_cine_series(good).glob("*.dcm"))[0])
+    ds = pydicom.dcmread(min(_classic_cine_series(good).glob("*.dcm")))
     ds.StudyInstanceUID = pydicom.uid.generate_uid(entropy_srcs=["loose-study"])  # not the good study's
     ds.SeriesInstanceUID = pydicom.uid.generate_uid(entropy_srcs=["one-frame"])
     ds.SeriesDescription = "cine_2ch_single"
@@ -140,17 +140,17 @@ def test_real_files_from_pydicom_data_are_read_or_rejected_with_reasons(tmp_path
 def test_cli_exit_codes_and_json(cohort, tmp_path):
     study = _study_dirs(cohort)[0]
     cmd = [sys.executable, "-m", "cmr.cli"]
-    ok = subprocess.run([*cmd, "ingest", str(study), "--store", str(tmp_path / "s"), "--json", "--workers", "1"], capture_output=True, text=True)
+    ok = subprocess.run([*cmd, "ingest", str(study), "--store", str(tmp_path / "s"), "--json", "--workers", "1"], capture_output=True, text=True, check=False)
     assert ok.returncode == 0, ok.stderr
     doc = json.loads(ok.stdout)
     assert doc["exit_code"] == 0 and doc["clips_inserted"] > 0
-    missing = subprocess.run([*cmd, "ingest", str(tmp_path / "nope"), "--store", str(tmp_path / "s")], capture_output=True, text=True)
+    missing = subprocess.run([*cmd, "ingest", str(tmp_path / "nope"), "--store", str(tmp_path / "s")], capture_output=True, text=True, check=False)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
-    mismatch = subprocess.run([*cmd, "ingest", str(study), "--store", str(tmp_path / "s"), "--size", "224"], capture_output=True, text=True)
+    mismatch = subprocess.run([*cmd, "ingest", str(study), "--store", str(tmp_path / "s"), "--size", "224"], capture_output=True, text=True, check=False)
     assert mismatch.returncode == 2 and "use a new store" in mismatch.stderr.replace("\n", " ")
     bad_labels = tmp_path / "labels.csv"
     bad_labels.write_text("id,lvef\n1,50\n")
-    r = subprocess.run([*cmd, "ingest", str(study), "--store", str(tmp_path / "s"), "--labels", str(bad_labels)], capture_output=True, text=True)
+    r = subprocess.run([*cmd, "ingest", str(study), "--store", str(tmp_path / "s"), "--labels", str(bad_labels)], capture_output=True, text=True, check=False)
     assert r.returncode == 2 and "no 'study_uid' column" in r.stderr.replace("\n", " ")
 
 

@@ -18,7 +18,7 @@ def renamed_store(cohort, tmp_path_factory, salt):
 
 
 def test_views_from_geometry(renamed_store, truth):
-    store, report = renamed_store
+    store, _report = renamed_store
     view_of = {r["series_uid"]: r["view"] for r in truth if r["kind"] == "cine"}
     clips = store.clip_metadata().to_pylist()
     assert clips and all(c["view_source"] == "geometry" for c in clips)

@@ -111,7 +111,7 @@ def test_clip_shape_and_metadata(ingested):
 
 
 def test_reingest_is_idempotent(ingested, cohort, salt):
-    store, first = ingested
+    store, _first = ingested
     before = store.count_clips()
     again = ingest([cohort / "dicom"], store, IngestConfig(workers=1), salt, progress=False)
     assert again.clips_inserted == 0
@@ -168,9 +168,9 @@ def test_repeat_visits_share_a_patient_key(ingested, cohort):
         ds = pydicom.dcmread(f, stop_before_pixels=True)
         patient_of[ds.StudyInstanceUID] = str(ds.PatientID)
     key_of = {c["study_uid"]: c["patient_key"] for c in _clips(store)}
-    for a in key_of:
-        for b in key_of:
-            assert (key_of[a] == key_of[b]) == (patient_of[a] == patient_of[b])
+    for a, key_a in key_of.items():
+        for b, key_b in key_of.items():
+            assert (key_a == key_b) == (patient_of[a] == patient_of[b])
 
 
 def test_every_clip_is_ordered_by_cardiac_timing(ingested, truth):
