@@ -163,6 +163,7 @@ def training(config: str, device: torch.device, text_dir: Path | None, steps: in
 
 
 def _train_steps(cfg, precision: str, studies: int, device: torch.device, steps: int, compile: bool) -> dict:
+    from encoder.data import sample_augment
     from encoder.loss import ContrastiveLoss
     from encoder.model import CmrClip
     from encoder.train import micro_step, param_groups
@@ -172,9 +173,12 @@ def _train_steps(cfg, precision: str, studies: int, device: torch.device, steps:
     model = CmrClip(cfg).to(device).train()
     optimizer = torch.optim.AdamW(param_groups(model, t), betas=(0.9, 0.98), eps=1e-6)
     loss_fn = ContrastiveLoss(cfg.loss.lam, cfg.loss.flood, cfg.loss.study_weight)
-    # as the Trainer gets them: preprocessed float clips on the host
-    shape = (3, cfg.vision.frames, cfg.preprocess.crop, cfg.preprocess.crop)
-    batch = {"clips": torch.randn(studies * t.views_per_study, *shape), "texts": [REPORT] * studies}
+    # as the Trainer gets them on a GPU (train.augment_on "auto"): uint8 clips at the crop
+    # size on the host with their augmentation's parameters, augmented in micro_step
+    n, side = studies * t.views_per_study, cfg.preprocess.crop
+    clips = torch.randint(0, 256, (n, cfg.vision.frames, side, side), dtype=torch.uint8)
+    batch = {"clips": clips.pin_memory() if device.type == "cuda" else clips,
+             "augment": sample_augment(n, cfg.augment, torch.Generator().manual_seed(0)), "texts": [REPORT] * studies}
     losses = []
     net = torch.compile(model) if compile else model  # as Trainer(compile=True) does
 

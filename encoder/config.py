@@ -27,6 +27,7 @@ __all__ = [
 ]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+AUGMENT_ON = ("auto", "loader", "device")
 
 
 @dataclass
@@ -89,6 +90,10 @@ class TrainConfig:
     # is scored on the same held-out patients, so their spread is the training's alone
     split_seed: int | None = None
     num_workers: int = 0  # DataLoader worker processes
+    # where clips are augmented: "loader" (its workers, on the CPU), "device" (uint8 clips go
+    # to the training device, which augments them) or "auto": the device when it is a GPU,
+    # whose loader would otherwise move 12x the bytes and spend CPU cores on the warp
+    augment_on: str = "auto"
 
 
 @dataclass
@@ -109,6 +114,8 @@ class EncoderConfig:
         if self.preprocess.crop != self.vision.crop_size:
             raise InputError(f"preprocess.crop ({self.preprocess.crop}) must equal vision.crop_size "
                              f"({self.vision.crop_size}): the model sees what preprocessing makes")
+        if self.train.augment_on not in AUGMENT_ON:
+            raise InputError(f"train.augment_on is {self.train.augment_on!r}; use one of {', '.join(AUGMENT_ON)}")
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict (what a checkpoint stores)."""

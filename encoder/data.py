@@ -22,7 +22,8 @@ from encoder.config import AugmentConfig
 from encoder.text import split_sentences
 from encoder.video import PreprocessConfig, preprocess_batch
 
-__all__ = ["ClipCorpus", "ContrastiveBatches", "Study", "augment_batch", "eval_clips", "patient_split", "sample_report"]
+__all__ = ["ClipCorpus", "ContrastiveBatches", "Study", "apply_augment", "augment_batch", "eval_clips", "patient_split",
+           "sample_augment", "sample_report"]
 
 META_COLUMNS = ["clip_id", "study_uid", "patient_key", "view", "slice_index"]
 STRATA = ("4CH", "3CH", "2CH", "SAX")  # view types a stratified batch is drawn from
@@ -123,15 +124,11 @@ def sample_report(report: str, k: int, rng: np.random.Generator) -> str:
     return " ".join(sentences[i] for i in picked)
 
 
-def augment_batch(clips: torch.Tensor, cfg: AugmentConfig, pre: PreprocessConfig,
-                  gen: torch.Generator) -> torch.Tensor:
-    """uint8 clips [B, T, H, W] -> augmented, normalised [B, 3, T, crop, crop].
-
-    One random resized crop, rotation (and optional flip) per clip, applied identically to
-    all of its frames in one ``grid_sample``; then contrast, brightness, gamma and noise.
-    """
-    b, t = clips.shape[:2]
-    x = clips.float() / 255.0
+def sample_augment(b: int, cfg: AugmentConfig, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random parameters of ``b`` clips' augmentation, drawn from ``gen`` (CPU): an affine
+    grid ``theta`` [b, 2, 3] (resized crop, rotation, optional flip), ``contrast``,
+    ``brightness`` and ``gamma`` [b], and ``noise_seed`` for the Gaussian noise. A few
+    hundred bytes, so a loader can hand them to the training device with uint8 clips."""
 
     def uniform(lo: float, hi: float) -> torch.Tensor:
         return lo + (hi - lo) * torch.rand(b, generator=gen)
@@ -148,24 +145,53 @@ def augment_batch(clips: torch.Tensor, cfg: AugmentConfig, pre: PreprocessConfig
     theta = torch.stack(
         [torch.stack([flip * sx * cos, -sy * sin, cx], 1), torch.stack([flip * sx * sin, sy * cos, cy], 1)], 1
     )  # [B, 2, 3]: output grid -> input coordinates
-    grid = F.affine_grid(theta, [b, t, pre.crop, pre.crop], align_corners=False)
+    return {
+        "theta": theta,
+        "contrast": uniform(1 - cfg.contrast, 1 + cfg.contrast),
+        "brightness": uniform(-cfg.brightness, cfg.brightness),
+        "gamma": uniform(1 - cfg.gamma, 1 + cfg.gamma),
+        "noise_seed": torch.randint(1 << 62, (1,), generator=gen),
+    }
+
+
+def apply_augment(clips: torch.Tensor, params: dict[str, torch.Tensor], cfg: AugmentConfig,
+                  pre: PreprocessConfig) -> torch.Tensor:
+    """uint8 clips [B, T, H, W] -> augmented, normalised [B, 3, T, crop, crop], on the
+    clips' device: one ``grid_sample`` warps every frame of a clip alike, then contrast,
+    brightness, gamma and noise. The noise comes from a generator on that device seeded
+    by ``params``, so a given batch is the same on every run on the same kind of device."""
+    b, t = clips.shape[:2]
+    dev = clips.device
+    x = clips.float() / 255.0
+    grid = F.affine_grid(params["theta"].to(dev), [b, t, pre.crop, pre.crop], align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    contrast = uniform(1 - cfg.contrast, 1 + cfg.contrast).view(b, 1, 1, 1)
-    bright = uniform(-cfg.brightness, cfg.brightness).view(b, 1, 1, 1)
-    gamma = uniform(1 - cfg.gamma, 1 + cfg.gamma).view(b, 1, 1, 1)
-    x = ((x.clamp(0, 1) ** gamma) * contrast + bright)
-    x = x + cfg.noise * torch.randn(x.shape, generator=gen)
+    contrast, bright, gamma = (params[k].to(dev).view(b, 1, 1, 1) for k in ("contrast", "brightness", "gamma"))
+    x = (x.clamp(0, 1) ** gamma) * contrast + bright
+    if cfg.noise:
+        noise_gen = torch.Generator(device=dev).manual_seed(int(params["noise_seed"]))
+        x = x + cfg.noise * torch.randn(x.shape, generator=noise_gen, device=dev)
     x = (x.clamp(0, 1) * 255.0 - pre.pixel_mean) / pre.pixel_std
     return x.unsqueeze(1).expand(b, 3, t, pre.crop, pre.crop).contiguous()
 
 
+def augment_batch(clips: torch.Tensor, cfg: AugmentConfig, pre: PreprocessConfig,
+                  gen: torch.Generator) -> torch.Tensor:
+    """uint8 clips [B, T, H, W] -> augmented, normalised [B, 3, T, crop, crop]: a random
+    resized crop, rotation (and optional flip) per clip, the same for all of its frames;
+    then contrast, brightness, gamma and noise (``sample_augment`` + ``apply_augment``)."""
+    return apply_augment(clips, sample_augment(clips.shape[0], cfg, gen), cfg, pre)
+
+
 class ContrastiveBatches(torch.utils.data.Dataset):
     """Item ``step`` is that step's batch: ``studies_per_batch`` studies, ``views_per_study``
-    clips each, a sampled report per study, augmented clips."""
+    clips each, a sampled report per study, augmented clips. With ``device_augment`` the
+    clips stay uint8 and the batch carries their augmentation's parameters
+    (``sample_augment``), for the training device to apply: a quarter of the bytes of the
+    float clips at one channel, a twelfth at the model's three."""
 
     def __init__(self, corpus: ClipCorpus, studies: list[Study], studies_per_batch: int, views_per_study: int,
                  sentences: int, augment: AugmentConfig, pre: PreprocessConfig, seed: int, length: int,
-                 stratify_views: float = 0.0, report_variants: int = 0):
+                 stratify_views: float = 0.0, report_variants: int = 0, device_augment: bool = False):
         if not studies:
             raise StoreError("no training studies with a report; import reports with `cmr ingest --reports CSV`")
         self.corpus, self.studies = corpus, studies
@@ -173,6 +199,7 @@ class ContrastiveBatches(torch.utils.data.Dataset):
         self.augment, self.pre, self.seed, self.length = augment, pre, seed, length
         self.stratify_views = stratify_views
         self.report_variants = report_variants
+        self.device_augment = device_augment
 
     def __len__(self) -> int:
         return self.length
@@ -214,11 +241,11 @@ class ContrastiveBatches(torch.utils.data.Dataset):
             else:
                 texts.append(sample_report(st.report, self.k, rng))
         clips = torch.from_numpy(self.corpus.read_clips(rows))
-        batch = {
-            "clips": augment_batch(clips, self.augment, self.pre, gen),
-            "study_of_view": torch.tensor(study_of_view),
-            "step": step,
-        }
+        batch = {"study_of_view": torch.tensor(study_of_view), "step": step}
+        if self.device_augment:
+            batch |= {"clips": clips, "augment": sample_augment(len(clips), self.augment, gen)}
+        else:
+            batch["clips"] = augment_batch(clips, self.augment, self.pre, gen)
         if self.report_variants:  # indices into the embeddings of ``variant_texts``
             batch["report_ids"] = torch.as_tensor(studies, dtype=torch.long) * self.report_variants + torch.tensor(variants)
         else:

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from cmr.exceptions import InputError
 from encoder.checkpoint import save_checkpoint
 from encoder.config import EncoderConfig, TrainConfig
-from encoder.data import ClipCorpus, ContrastiveBatches, Study, eval_clips, patient_split
+from encoder.data import ClipCorpus, ContrastiveBatches, Study, apply_augment, eval_clips, patient_split
 from encoder.loss import ContrastiveLoss, gather_with_grad
 from encoder.model import CmrClip
 from evals.retrieval import retrieval_summary
@@ -130,14 +130,18 @@ def micro_step(net, model: CmrClip, loss_fn: ContrastiveLoss, batch: dict, views
                accum_steps: int = 1, reports: ReportCache | None = None) -> dict[str, torch.Tensor]:
     """Forward (under ``amp``) and backward of one batch of ``{"clips", "texts"}``, or of
     ``{"clips", "report_ids"}`` into ``reports`` (a locked text tower's cache); ``net`` is
-    the model or its DDP wrapper, whose features the loss gathers across ranks."""
+    the model or its DDP wrapper, whose features the loss gathers across ranks. uint8
+    clips with an ``"augment"`` entry are augmented here, on the model's device."""
     device = next(model.parameters()).device
+    clips = batch["clips"].to(device, non_blocking=True)
+    if "augment" in batch:
+        clips = apply_augment(clips, batch["augment"], model.cfg.augment, model.cfg.preprocess)
     if "report_ids" in batch:
         text = reports(batch["report_ids"]).to(device)
     else:
         text = {k: v.to(device) for k, v in model.text.tokenize(batch["texts"]).items()}
     with amp:
-        views, reports, studies = net(batch["clips"].to(device), text, views_per_study)
+        views, reports, studies = net(clips, text, views_per_study)
         views, reports, studies = (gather_with_grad(x.float()) for x in (views, reports, studies))
         # clips are ordered by study, v per study, on every rank alike
         study_of_view = torch.arange(reports.shape[0], device=device).repeat_interleave(views_per_study)
@@ -189,9 +193,17 @@ class Trainer:
         if compile:  # a run-time choice, not part of the model's config (docs/BENCHMARKS.md)
             self.net = torch.compile(self.net)
 
+    @property
+    def augments_on_device(self) -> bool:
+        """Whether the training device augments uint8 clips (``train.augment_on``)."""
+        on = self.cfg.train.augment_on
+        return on == "device" or (on == "auto" and self.device.type == "cuda")
+
     def _restore(self) -> None:
         meta = json.loads((self.ckpt_dir / "config.json").read_text())
-        if meta["config"] != json.loads(json.dumps(self.cfg.to_dict())):
+        # through from_dict, so settings added since the run started compare at their defaults
+        as_json = lambda cfg: json.loads(json.dumps(cfg.to_dict()))  # noqa: E731 (tuples and lists alike)
+        if as_json(EncoderConfig.from_dict(meta["config"])) != as_json(self.cfg):
             raise InputError(f"{self.run_dir} was trained with another config; resume it with the same --config")
         self.model.load_state_dict(load_file(self.ckpt_dir / "model.safetensors", device=str(self.device)))
         state = torch.load(self.ckpt_dir / "train_state.pt", map_location=self.device, weights_only=True)
@@ -244,11 +256,12 @@ class Trainer:
         data = ContrastiveBatches(self.corpus, self.train_studies, t.studies_per_batch, t.views_per_study,
                                   self.cfg.text.sentences, self.cfg.augment, self.cfg.preprocess, t.seed,
                                   length=t.max_steps * micro, stratify_views=t.stratify_views,
-                                  report_variants=self.cfg.text.cached_variants if locked else 0)
+                                  report_variants=self.cfg.text.cached_variants if locked else 0,
+                                  device_augment=self.augments_on_device)
         reports = ReportCache(data.variant_texts(), self.model) if locked else None
         indices = [s * micro + a * self.world + self.rank for s in range(self.step, end_step) for a in range(t.accum_steps)]
         loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=indices, num_workers=t.num_workers,
-                                             persistent_workers=False)
+                                             persistent_workers=False, pin_memory=self.device.type == "cuda")
         amp = (torch.autocast("cuda", dtype=torch.bfloat16)
                if self.device.type == "cuda" and t.precision == "bf16" else nullcontext())
         metrics_path = self.run_dir / "metrics.csv"

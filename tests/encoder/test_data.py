@@ -9,6 +9,7 @@ from encoder.data import (
     ClipCorpus,
     ContrastiveBatches,
     Study,
+    apply_augment,
     augment_batch,
     patient_split,
     sample_report,
@@ -83,6 +84,25 @@ def test_batches_come_from_the_store_and_repeat_per_step(enc_store):
     # an epoch visits every study once
     seen = np.concatenate([data.study_indices(step) for step in range(len(studies) // 4)])
     assert len(set(seen.tolist())) == len(seen)
+
+
+def test_device_augmented_batches_carry_uint8_clips_that_augment_to_the_loader_s(enc_store):
+    corpus = ClipCorpus(enc_store)
+    side = corpus.clip_shape[-1]
+    pre = PreprocessConfig(crop=side, resize=side)  # the model sees the store's frame size
+    args = (corpus, corpus.with_reports(), 4, 2, 5, AugmentConfig(), pre, 0, 10)
+    on_loader, on_device = ContrastiveBatches(*args)[3], ContrastiveBatches(*args, device_augment=True)[3]
+    raw = on_device["clips"]
+    assert raw.dtype == torch.uint8 and raw.shape == (8, *corpus.clip_shape)
+    assert on_device["texts"] == on_loader["texts"]
+    moved = raw.nelement() * raw.element_size() + sum(v.nelement() * v.element_size() for v in on_device["augment"].values())
+    floats = on_loader["clips"]
+    assert moved * 10 < floats.nelement() * floats.element_size()  # a twelfth of the bytes to the device
+    # the same draws give the same clips wherever they are applied (noise comes from its own seed)
+    assert torch.equal(apply_augment(raw, on_device["augment"], AugmentConfig(), pre), on_loader["clips"])
+    again = ContrastiveBatches(*args, device_augment=True)[3]
+    assert all(torch.equal(again["augment"][k], v) for k, v in on_device["augment"].items())
+    assert not torch.equal(on_device["augment"]["theta"], ContrastiveBatches(*args, device_augment=True)[4]["augment"]["theta"])
 
 
 def test_stratified_batches_draw_one_view_type_per_step(enc_store):

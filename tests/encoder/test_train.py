@@ -110,6 +110,32 @@ def test_checkpoint_round_trip_and_exact_resume(enc_store, tiny_cfg, tmp_path):
     assert steps == [1, 2, 3, 4]
 
 
+def test_training_augments_uint8_clips_on_the_device_when_asked(enc_store, tiny_cfg, tmp_path):
+    with pytest.raises(InputError, match="augment_on"):
+        replace(tiny_cfg, train=replace(tiny_cfg.train, augment_on="gpu"))
+    cfg = replace(tiny_cfg, train=replace(tiny_cfg.train, augment_on="device"))
+    auto = Trainer(enc_store, tiny_cfg, run_dir=tmp_path / "auto", progress=False, log=lambda *_: None)
+    assert tiny_cfg.train.augment_on == "auto" and not auto.augments_on_device  # on a CPU, the loader
+    straight = Trainer(enc_store, cfg, run_dir=tmp_path / "a", progress=False, log=lambda *_: None)
+    assert straight.augments_on_device
+    done = straight.fit(max_steps=3)
+    rows = list(csv.DictReader((tmp_path / "a" / "metrics.csv").read_text().splitlines()))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3] and all(float(r["loss"]) > 0 for r in rows)
+    # same seeds, same batches: a resumed device-augmented run is bit-identical too
+    Trainer(enc_store, cfg, run_dir=tmp_path / "b", progress=False, log=lambda *_: None).fit(max_steps=2)
+    resumed = Trainer(enc_store, cfg, run_dir=tmp_path / "b", resume=True, progress=False, log=lambda *_: None)
+    assert resumed.fit(max_steps=3).model_id == done.model_id
+
+
+def test_a_run_started_before_a_new_setting_still_resumes(enc_store, tiny_cfg, tmp_path):
+    Trainer(enc_store, tiny_cfg, run_dir=tmp_path / "r", progress=False, log=lambda *_: None).fit(max_steps=1)
+    meta_path = tmp_path / "r" / "checkpoint" / "config.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["config"]["train"]["augment_on"]  # as written by a cmr without that setting
+    meta_path.write_text(json.dumps(meta))
+    assert Trainer(enc_store, tiny_cfg, run_dir=tmp_path / "r", resume=True, progress=False, log=lambda *_: None).step == 1
+
+
 def test_held_out_patients_follow_the_split_seed_not_the_training_seed(enc_store, tiny_cfg, tmp_path):
     def held_out(seed: int, split_seed: int | None) -> tuple[str, ...]:
         cfg = replace(tiny_cfg, train=replace(tiny_cfg.train, seed=seed, split_seed=split_seed, val_fraction=0.5))
