@@ -26,7 +26,14 @@ from safetensors.torch import load_file
 from cmr.exceptions import InputError
 from encoder.checkpoint import save_checkpoint
 from encoder.config import EncoderConfig, TrainConfig
-from encoder.data import ClipCorpus, ContrastiveBatches, Study, apply_augment, eval_clips, patient_split
+from encoder.data import (
+    ClipCorpus,
+    ContrastiveBatches,
+    Study,
+    apply_augment,
+    eval_clips,
+    patient_split,
+)
 from encoder.loss import ContrastiveLoss, gather_with_grad
 from encoder.model import CmrClip
 from evals.retrieval import retrieval_summary
@@ -202,7 +209,7 @@ class Trainer:
     def _restore(self) -> None:
         meta = json.loads((self.ckpt_dir / "config.json").read_text())
         # through from_dict, so settings added since the run started compare at their defaults
-        as_json = lambda cfg: json.loads(json.dumps(cfg.to_dict()))  # noqa: E731 (tuples and lists alike)
+        as_json = lambda cfg: json.loads(json.dumps(cfg.to_dict()))
         if as_json(EncoderConfig.from_dict(meta["config"])) != as_json(self.cfg):
             raise InputError(f"{self.run_dir} was trained with another config; resume it with the same --config")
         self.model.load_state_dict(load_file(self.ckpt_dir / "model.safetensors", device=str(self.device)))
