@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -56,9 +58,14 @@ def serve(
                             workers=settings.serve_workers, log_level="info", access_log=settings.access_log,
                             http=BalancedHttpProtocol if several else "auto",  # even keep-alive shares
                             timeout_worker_healthcheck=120)  # a worker imports torch and loads encoders first
+    metrics_dir = None
     try:
         sockets = None
         if several:
+            # the workers' Prometheus values, summed by whichever worker a scrape reaches
+            # (search_api/metrics.py); read by prometheus_client when a worker imports it
+            metrics_dir = tempfile.mkdtemp(prefix="cmr-metrics-")
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
             share = ConnectionShare(config.workers)
             if hasattr(socket, "SO_REUSEPORT"):  # each worker its own socket: the kernel deals the connections
                 config.bind_socket().close()  # the address is free (else uvicorn's clear error), as uvicorn.run checks
@@ -74,6 +81,9 @@ def serve(
             raise typer.Exit(3)  # uvicorn's startup-failure code, as uvicorn.run exits
     except CmrError as error:
         fail(error)
+    finally:
+        if metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 @keys_app.command("create")

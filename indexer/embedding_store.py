@@ -207,6 +207,40 @@ class EmbeddingStore:
         """Insert or replace study rows by (study_uid, model_id), one commit."""
         return self.upsert("studies", rows)
 
+    def put_study(self, clip_rows: list[dict], view_rows: list[dict], study_row: dict) -> bool:
+        """Store one study's clips and one model's embeddings of them as all the store holds
+        of that study; returns whether it replaced a stored one.
+
+        A replacement drops the clips the study no longer has, and every other model's
+        embeddings of it (they describe the old pixels; ``cmr embed`` makes them anew). If a
+        write fails, the study's rows are put back as they were (or removed, if it is new),
+        so nothing is half-stored; other studies' rows are never touched.
+        """
+        where = f"study_uid = '{_quote(study_row['study_uid'])}'"
+        before = {name: self.clip_store.db.open_table(name).search().where(where).limit(None).to_arrow()
+                  for name in ("clips", "views", "studies") if self.has(name)}
+        replaced = "clips" in before and before["clips"].num_rows > 0
+        keep = ", ".join(f"'{_quote(r['clip_id'])}'" for r in clip_rows)
+        model = f"'{_quote(study_row['model_id'])}'"
+        try:
+            self.clip_store.upsert_clips(clip_rows)
+            self.upsert_views(view_rows)
+            self.upsert_studies([study_row])
+            if replaced:
+                self.clip_store.clips.delete(f"{where} AND clip_id NOT IN ({keep})")
+                self.views.delete(f"{where} AND (clip_id NOT IN ({keep}) OR model_id != {model})")
+                self.studies.delete(f"{where} AND model_id != {model}")
+        except Exception:
+            log.exception("storing a study failed; putting back what the store held of it")
+            for name in ("clips", "views", "studies"):
+                if self.has(name):
+                    table = self.clip_store.db.open_table(name)
+                    table.delete(where)
+                    if name in before and before[name].num_rows:
+                        table.add(before[name])
+            raise
+        return replaced
+
     def _maybe_compact(self, table) -> None:
         # a B-tree on the key keeps get() fast in a large table (upserts still replace: tested)
         key = EMBEDDING_TABLES[table.name]

@@ -99,18 +99,23 @@ def _filters(filters: str | None) -> schemas.Filters:
 
 
 class _BodyLimit:
-    """Refuse a request body over the upload limit before it is read (413)."""
+    """Refuse a request body over the upload limit (413): at once when its Content-Length
+    says so, else when the bytes read pass it (a chunked upload has no length)."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, framing: int):
+        self.app, self.limit, self.framing = app, limit, framing
+
+    def message(self, what: str) -> str:
+        return (f"{what}; uploads are limited to {self.limit:,} bytes (CMR_MAX_UPLOAD_BYTES, plus "
+                f"{self.framing:,} of multipart framing): upload fewer files or ask the operator to raise it")
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT"):
             return await self.app(scope, receive, send)
+        allowed = self.limit + self.framing
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            response = _error(413, "upload_too_large", f"the request has {int(length):,} bytes; the limit is "
-                              f"{self.limit:,} (CMR_MAX_UPLOAD_BYTES)")
+        if length is not None and length.isdigit() and int(length) > allowed:
+            response = _error(413, "upload_too_large", self.message(f"the request has {int(length):,} bytes"))
             return await response(scope, receive, send)
         seen = 0
 
@@ -118,8 +123,10 @@ class _BodyLimit:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise ApiError(413, "upload_too_large", f"the request body passed the limit of {self.limit:,} bytes")
+            if seen > allowed:
+                # an HTTPException: FastAPI passes it on from body parsing (anything else
+                # becomes its generic 400), and the handler below gives it its code
+                raise StarletteHTTPException(413, self.message(f"the request body passed {allowed:,} bytes"))
             return message
 
         return await self.app(scope, limited, send)
@@ -168,6 +175,7 @@ def create_app(settings: ServeSettings, service: SearchService | None = None, wa
         else:
             service.warm()
         yield
+        metrics.close()
 
     app = FastAPI(title="cmr-search", version="0.1.0", lifespan=lifespan,
                   description="Text-to-scan and scan-to-scan search over cine cardiac MRI embeddings, new-study "
@@ -195,8 +203,12 @@ def create_app(settings: ServeSettings, service: SearchService | None = None, wa
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request, error: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
-        return _error(error.status_code, code, str(error.detail))
+        detail = str(error.detail)
+        if error.status_code == 400 and detail.startswith("Too many files"):  # Starlette's form limit
+            return _error(413, "too_many_files", f"the upload has more than {settings.max_upload_files:,} files "
+                          "(CMR_MAX_UPLOAD_FILES); zip the study, or upload it in fewer files")
+        code = {404: "not_found", 405: "method_not_allowed", 413: "upload_too_large"}.get(error.status_code, "http_error")
+        return _error(error.status_code, code, detail)
 
     @app.exception_handler(Exception)
     async def internal_error(_request, error: Exception):
@@ -204,22 +216,22 @@ def create_app(settings: ServeSettings, service: SearchService | None = None, wa
         return _error(500, "internal", "an internal error occurred; the operator's log has the details")
 
     app.add_middleware(_Observe, metrics=metrics)
-    app.add_middleware(_BodyLimit, limit=settings.max_upload_bytes + (1 << 20))  # + multipart framing
+    app.add_middleware(_BodyLimit, limit=settings.max_upload_bytes, framing=1 << 20)
 
     read, write = require("read"), require("write")
 
     # -- health -----------------------------------------------------------------------------
     @app.get("/healthz", tags=["health"])
-    def healthz() -> dict:
+    def healthz() -> schemas.Health:
         """The process is up."""
-        return {"status": "ok"}
+        return schemas.Health()
 
     @app.get("/readyz", tags=["health"], responses={503: {"model": schemas.ErrorBody}})
-    def readyz() -> dict:
+    def readyz() -> schemas.Ready:
         """Index and encoders loaded; searches answer at full speed."""
         if not service.ready.is_set():
             raise ApiError(503, "starting", "loading the index and encoders")
-        return {"status": "ready", "model_id": service.model_id}
+        return schemas.Ready(model_id=service.model_id)
 
     @app.get("/metrics", tags=["health"], dependencies=[read], response_class=Response)
     def prometheus() -> Response:
@@ -247,6 +259,7 @@ def create_app(settings: ServeSettings, service: SearchService | None = None, wa
 
     # -- studies ----------------------------------------------------------------------------
     @app.post("/studies", tags=["studies"], dependencies=[write],
+              form_limits={"max_files": settings.max_upload_files, "max_fields": 16},
               responses={**_ERRORS, 409: {"model": schemas.ErrorBody}, 413: {"model": schemas.ErrorBody}})
     async def upload(files: Annotated[list[UploadFile], File(description="DICOM files of one study, or zips of them")],
                svc: Annotated[SearchService, Depends(_service)], persist: bool = True) -> schemas.UploadResult:
@@ -279,7 +292,7 @@ def create_app(settings: ServeSettings, service: SearchService | None = None, wa
         return await _off_loop(svc.predictions, study_uid)
 
     @app.delete("/studies/{study_uid}", tags=["studies"], dependencies=[write], responses=_ERRORS)
-    async def delete(study_uid: str, svc: Annotated[SearchService, Depends(_service)]) -> dict:
+    async def delete(study_uid: str, svc: Annotated[SearchService, Depends(_service)]) -> schemas.Withdrawal:
         """Withdraw a study everywhere: clips, reports, labels, embeddings, indexes, caches."""
         return await _off_loop(svc.delete, study_uid)
 

@@ -220,6 +220,26 @@ class ClusterList(BaseModel):
     clusters: list[Cluster]
 
 
+class Withdrawal(BaseModel):
+    """What ``DELETE /studies/{study_uid}`` removed."""
+
+    study_uid: str
+    rows_deleted: dict[str, int] = Field(description="table -> rows removed (clips, reports, labels, views, studies)")
+
+
+class Health(BaseModel):
+    """``/healthz``: the process answers."""
+
+    status: Literal["ok"] = "ok"
+
+
+class Ready(BaseModel):
+    """``/readyz``: the index and encoders are loaded."""
+
+    status: Literal["ready"] = "ready"
+    model_id: str
+
+
 class ErrorDetail(BaseModel):
     status: int
     code: str

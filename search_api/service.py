@@ -18,7 +18,7 @@ import pyarrow as pa
 from cmr.exceptions import InputError
 from heads.data import VIEW_ORDER, Bags
 from heads.registry import Head, HeadRegistry
-from indexer.clip_store import _quote
+from indexer.clip_store import _quote, study_cache_dir
 from indexer.search import Hit, Searcher
 from search_api import schemas
 from search_api.auth import KeyRing
@@ -303,21 +303,11 @@ class SearchService:
 
     def _persist(self, study_uid: str, clip_rows: list[dict], view_rows: list[dict], study_row: dict) -> bool:
         with self._write_lock:
-            existed = bool(self._clip_rows(study_uid, ["clip_id"]))
-            try:
-                self.store.clip_store.upsert_clips(clip_rows)
-                self.store.upsert_views(view_rows)
-                self.store.upsert_studies([study_row])
-            except Exception:
-                if not existed:  # nothing half-stored: a new study leaves no trace
-                    log.exception("storing an uploaded study failed; removing what was written")
-                    try:
-                        self.store.withdraw(study_uids=[study_uid])
-                    except InputError:
-                        pass
-                raise
+            replaced = self.store.put_study(clip_rows, view_rows, study_row)
+            if replaced:  # cines of the old clips: made anew on demand
+                shutil.rmtree(study_cache_dir(self.root, study_uid), ignore_errors=True)
             self.searcher.refresh()
-        return existed
+        return replaced
 
     def _bag(self, study_row: dict, view_rows: list[dict]) -> Bags:
         import torch
@@ -328,7 +318,7 @@ class SearchService:
                     torch.tensor(np.asarray([study_row["vector"]], np.float32)), views,
                     torch.ones(1, len(view_rows), dtype=torch.bool), names)
 
-    def delete(self, study_uid: str) -> dict:
+    def delete(self, study_uid: str) -> schemas.Withdrawal:
         """Withdraw a study everywhere (clips, reports, labels, embeddings, indexes, caches)."""
         with self._write_lock:
             try:
@@ -336,7 +326,7 @@ class SearchService:
             except InputError as error:
                 raise ApiError(404, "study_not_found", str(error)) from error
             self.searcher.refresh()
-        return {"study_uid": study_uid, "rows_deleted": report.rows_deleted}
+        return schemas.Withdrawal(study_uid=study_uid, rows_deleted=report.rows_deleted)
 
     def stats(self) -> dict[str, int]:
         """Row counts of the open indexes (for /metrics and /readyz)."""

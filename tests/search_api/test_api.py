@@ -36,6 +36,23 @@ def test_health_endpoints_need_no_key(api):
     assert api.client.get("/openapi.json").json()["info"]["title"] == "cmr-search"
 
 
+def test_readyz_and_searches_say_503_until_the_service_has_warmed(trained_store):
+    from fastapi.testclient import TestClient
+
+    from search_api.app import create_app
+    from search_api.settings import ServeSettings
+
+    root, model_id = trained_store
+    client = TestClient(create_app(ServeSettings(store=root, auth=False), warm_in_background=False))
+    # outside ``with``, the app's lifespan (which warms the service) has not run
+    assert client.get("/healthz").json() == {"status": "ok"}
+    for r in (client.get("/readyz"), client.post("/search/text", json={"query": "x"})):
+        assert r.status_code == 503 and r.json()["error"]["code"] == "starting", r.text
+    with client:
+        assert client.get("/readyz").json() == {"status": "ready", "model_id": model_id}
+        assert client.post("/search/text", json={"query": "x"}).status_code == 200
+
+
 def test_every_data_endpoint_needs_a_valid_key_of_the_right_role(api):
     uid = _uids(api)[0]
     for method, path in [("get", "/heads"), ("get", f"/studies/{uid}"), ("get", f"/studies/{uid}/neighbors"),
@@ -106,8 +123,19 @@ def test_neighbors_exclude_the_study_and_optionally_its_patient(api):
     women = api.client.get(f"/studies/{uid}/neighbors", params={"k": 9, "filters": json.dumps({"sex": "F"})},
                            headers=api.read).json()["hits"]
     assert all(h["sex"] == "F" for h in women)
-    other = api.client.get(f"/studies/{uid}/neighbors", params={"k": 9, "exclude_same_patient": True}, headers=api.read)
-    assert other.status_code == 200 and uid not in [h["study_uid"] for h in other.json()["hits"]]
+    # the cohort has one patient with two visits: the other visit is a neighbour unless excluded
+    rows = api.client.app.state.service.store.study_rows(api.model_id, ["study_uid", "patient_key"]).to_pylist()
+    by_patient: dict[str, list[str]] = {}
+    for row in rows:
+        by_patient.setdefault(row["patient_key"], []).append(row["study_uid"])
+    (first, second), = [uids for uids in by_patient.values() if len(uids) == 2]
+    every = api.client.get(f"/studies/{first}/neighbors", params={"k": len(rows) - 1}, headers=api.read).json()["hits"]
+    assert second in [h["study_uid"] for h in every]
+    other = api.client.get(f"/studies/{first}/neighbors", params={"k": len(rows) - 1, "exclude_same_patient": True},
+                           headers=api.read)
+    assert other.status_code == 200
+    found = [h["study_uid"] for h in other.json()["hits"]]
+    assert second not in found and first not in found and len(found) == len(rows) - 2
 
 
 def test_bad_neighbor_requests(api):

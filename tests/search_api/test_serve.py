@@ -100,3 +100,19 @@ def test_serve_with_two_workers_sees_one_store(served, new_study):
         for _ in range(12):
             assert client.get(f"/studies/{uid}/neighbors").status_code == 404
     assert proc.poll() is None
+
+
+def _heads_count(text: str) -> float:
+    line = next(ln for ln in text.splitlines() if ln.startswith("cmr_requests_total{") and 'route="/heads"' in ln
+                and 'status="200"' in ln)
+    return float(line.rsplit(" ", 1)[1])
+
+
+def test_metrics_count_the_requests_of_every_worker(served):
+    base, auth, _ = served
+    for _ in range(10):  # each on a new connection, which the kernel deals to either worker
+        assert httpx.get(base + "/heads", headers=auth).status_code == 200
+    scrapes = [httpx.get(base + "/metrics", headers=auth) for _ in range(8)]
+    assert all(r.status_code == 200 for r in scrapes)
+    assert [_heads_count(r.text) for r in scrapes] == [10.0] * 8  # the sum, whichever worker answers
+    assert 'cmr_index_rows{table="studies"}' in scrapes[0].text
