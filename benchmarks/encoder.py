@@ -163,8 +163,9 @@ def summarise(runs: list[dict]) -> list[tuple]:
         a = np.array([r["contrastive"][key] for r in runs])
         b = np.array([r["random"][key] for r in runs])
         gap = (a.mean() - b.mean()) * (1 if higher else -1)
-        spread = max(a.std(), b.std())
-        rows.append((key, a.mean(), a.std(), b.mean(), b.std(), gap > spread))
+        # sample standard deviations (n - 1): with 3 seeds the population form is 18 % smaller
+        sd_a, sd_b = a.std(ddof=1) if len(a) > 1 else 0.0, b.std(ddof=1) if len(b) > 1 else 0.0
+        rows.append((key, a.mean(), sd_a, b.mean(), sd_b, gap > max(sd_a, sd_b)))
     return rows
 
 

@@ -5,7 +5,7 @@ Public API (the search service, heads and tests rely on it)::
     load_video_encoder(path)   our checkpoint folder or the published cmr_c0.1 .ckpt
     load_text_encoder(path)    module with encode(list[str]) -> [N, 512]
     preprocess_clip(clip, cfg) uint8 [T, H, W] -> float [3, T, crop, crop]
-    Embedder(path), encode_study(clips, embedder) -> (views, study, attention)
+    Embedder(path), encode_study(clips, embedder or checkpoint folder) -> (views, study, attention)
     load_config(name), list_configs()
 """
 

@@ -191,11 +191,16 @@ class ContrastiveBatches(torch.utils.data.Dataset):
 
     def __init__(self, corpus: ClipCorpus, studies: list[Study], studies_per_batch: int, views_per_study: int,
                  sentences: int, augment: AugmentConfig, pre: PreprocessConfig, seed: int, length: int,
-                 stratify_views: float = 0.0, report_variants: int = 0, device_augment: bool = False):
+                 stratify_views: float = 0.0, report_variants: int = 0, device_augment: bool = False,
+                 ranks: int = 1):
         if not studies:
             raise StoreError("no training studies with a report; import reports with `cmr ingest --reports CSV`")
         self.corpus, self.studies = corpus, studies
-        self.s, self.v, self.k = min(studies_per_batch, len(studies)), views_per_study, sentences
+        # items i*ranks .. i*ranks + ranks-1 are one step's micro-batches on the ranks (DDP),
+        # whose features are gathered into one batch: they draw disjoint studies
+        self.ranks = ranks
+        self.s = min(studies_per_batch, max(1, len(studies) // ranks))
+        self.v, self.k = views_per_study, sentences
         self.augment, self.pre, self.seed, self.length = augment, pre, seed, length
         self.stratify_views = stratify_views
         self.report_variants = report_variants
@@ -205,12 +210,17 @@ class ContrastiveBatches(torch.utils.data.Dataset):
         return self.length
 
     def study_indices(self, step: int) -> np.ndarray:
-        """Studies of a step: consecutive slices of a per-epoch permutation (every study once per epoch)."""
+        """Studies of item ``step``: consecutive slices of a per-epoch permutation (every
+        study once per epoch). The ``ranks`` items gathered together always come from one
+        epoch, so a study is never in one gathered batch twice (its copies would be each
+        other's negatives)."""
         n = len(self.studies)
-        per_epoch = max(1, n // self.s)
-        epoch, pos = divmod(step, per_epoch)
+        group, rank = divmod(step, self.ranks)
+        per_epoch = max(1, n // (self.s * self.ranks))
+        epoch, pos = divmod(group, per_epoch)
         perm = np.random.default_rng([self.seed, epoch]).permutation(n)
-        return perm[pos * self.s : (pos + 1) * self.s]
+        start = (pos * self.ranks + rank) * self.s
+        return perm[start : start + self.s]
 
     def variant_texts(self) -> list[list[str]]:
         """The ``report_variants`` sampled reports of every study (deterministic per seed):

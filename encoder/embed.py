@@ -83,9 +83,12 @@ def _encode_batches(clips: np.ndarray, embedder: Embedder, batch_size: int) -> t
     return torch.cat([embedder.encode_clips(clips[i : i + batch_size]) for i in range(0, len(clips), batch_size)])
 
 
-def encode_study(clips: list[np.ndarray] | np.ndarray, embedder: Embedder, batch_size: int = 16):
+def encode_study(clips: list[np.ndarray] | np.ndarray, embedder: Embedder | str | Path, batch_size: int = 16):
     """A new study's uint8 clips [N, T, H, W] -> (view embeddings [N, 512], study embedding
-    [512], attention [N]) as numpy arrays."""
+    [512], attention [N]) as numpy arrays. ``embedder``: a loaded ``Embedder`` (to encode
+    many studies) or a checkpoint folder (``STORE/encoders/<model_id>``) for just this one."""
+    if not isinstance(embedder, Embedder):
+        embedder = Embedder(Path(embedder))
     clips = np.stack([np.asarray(c) for c in clips]) if isinstance(clips, list) else np.asarray(clips)
     if clips.ndim != 4 or len(clips) == 0:
         raise InputError(f"a study needs one or more clips [N, T, H, W]; got shape {clips.shape}")

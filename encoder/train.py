@@ -38,7 +38,8 @@ from encoder.loss import ContrastiveLoss, gather_with_grad
 from encoder.model import CmrClip
 from evals.retrieval import retrieval_summary
 
-__all__ = ["ReportCache", "TrainResult", "Trainer", "embed_studies", "latest_checkpoint", "lr_at", "micro_step"]
+__all__ = ["ReportCache", "TrainResult", "Trainer", "any_rank", "embed_studies", "latest_checkpoint", "lr_at",
+           "micro_step"]
 
 METRIC_FIELDS = ["step", "loss", "raw", "pair", "study", "v2t", "t2v", "lr", "temperature", "seconds",
                  "val_R@1", "val_R@5", "val_R@10", "val_median_rank", "val_pool"]
@@ -68,6 +69,13 @@ def param_groups(model: CmrClip, cfg: TrainConfig) -> list[dict]:
             lr = cfg.text_lr if is_text else cfg.lr
             out.append({"params": params, "base_lr": lr, "lr": lr, "weight_decay": cfg.weight_decay if decay else 0.0})
     return out
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is True on any (a collective: every rank must call it)."""
+    value = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
 
 
 @dataclass
@@ -216,6 +224,8 @@ class Trainer:
         state = torch.load(self.ckpt_dir / "train_state.pt", map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.elapsed, self.val = int(state["step"]), float(state["elapsed"]), state.get("val", {})
+        if self.rank == 0:  # rows the killed run flushed after its last checkpoint come again
+            self._trim_metrics()
         self.log(f"resumed {self.run_dir.name} at step {self.step}")
 
     def _checkpoint(self) -> None:
@@ -264,7 +274,7 @@ class Trainer:
                                   self.cfg.text.sentences, self.cfg.augment, self.cfg.preprocess, t.seed,
                                   length=t.max_steps * micro, stratify_views=t.stratify_views,
                                   report_variants=self.cfg.text.cached_variants if locked else 0,
-                                  device_augment=self.augments_on_device)
+                                  device_augment=self.augments_on_device, ranks=self.world)
         reports = ReportCache(data.variant_texts(), self.model) if locked else None
         indices = [s * micro + a * self.world + self.rank for s in range(self.step, end_step) for a in range(t.accum_steps)]
         loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=indices, num_workers=t.num_workers,
@@ -276,7 +286,7 @@ class Trainer:
         bar = self._bar(end_step)
         self.model.train()
         started, window, it = time.monotonic(), [], iter(loader)
-        while self.step < end_step and time.monotonic() < deadline:
+        while self.step < end_step and not self._out_of_time(deadline):
             # dropout and stochastic depth draw from a generator seeded by the step, so a
             # resumed run repeats exactly what the killed run would have done
             torch.manual_seed(t.seed * 1_000_003 + self.step * self.world + self.rank)
@@ -316,6 +326,13 @@ class Trainer:
             bar[0].stop()
         self._checkpoint()
         return self._export()
+
+    def _out_of_time(self, deadline: float) -> bool:
+        """Whether the time budget is spent; under DDP every rank stops at the same step (a
+        rank's own clock alone would leave one at the export barrier and another in the
+        next step's all-reduce, both waiting forever)."""
+        late = time.monotonic() >= deadline
+        return any_rank(late, self.device) if self.ddp and deadline != math.inf else late
 
     def _bar(self, end_step: int):
         if not self.progress or self.rank != 0:

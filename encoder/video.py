@@ -32,7 +32,9 @@ class PreprocessConfig:
 
 
 def preprocess_batch(clips: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
-    """uint8 or float clips [B, T, H, W] (0..255) -> float32 [B, 3, T, crop, crop]."""
+    """uint8 or float clips [B, T, H, W] (0..255) -> float32 [B, 3, T, crop, crop].
+    ``cfg``: the preprocessing, or a whole ``EncoderConfig`` (its ``preprocess``)."""
+    cfg = getattr(cfg, "preprocess", cfg)
     if clips.dim() != 4:
         raise ValueError(f"expected clips [B, T, H, W]; got shape {tuple(clips.shape)}")
     x = clips.float()
@@ -50,7 +52,8 @@ def preprocess_batch(clips: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor
 
 
 def preprocess_clip(clip: np.ndarray | torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
-    """One uint8 clip [T, H, W] -> float32 [3, T, crop, crop] (grey copied to 3 channels)."""
+    """One uint8 clip [T, H, W] -> float32 [3, T, crop, crop] (grey copied to 3 channels);
+    ``cfg`` as for ``preprocess_batch``."""
     x = torch.as_tensor(np.asarray(clip)) if not isinstance(clip, torch.Tensor) else clip
     if x.dim() != 3:
         raise ValueError(f"expected one clip [T, H, W]; got shape {tuple(x.shape)}")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from encoder.config import AugmentConfig
+from encoder.config import AugmentConfig, load_config
 from encoder.data import (
     ClipCorpus,
     ContrastiveBatches,
@@ -66,6 +66,8 @@ def test_preprocess_resizes_crops_and_normalises():
     with pytest.raises(ValueError, match=r"\[T, H, W\]"):
         preprocess_clip(clip[0], pre)
     assert preprocess_batch(torch.zeros(2, 4, 96, 96, dtype=torch.uint8), pre).shape == (2, 3, 4, 96, 96)
+    whole = load_config("mvit_xs_cpu")  # the whole config works too: its preprocessing is used
+    assert torch.equal(preprocess_clip(clip, whole), preprocess_clip(clip, whole.preprocess))
 
 
 def test_batches_come_from_the_store_and_repeat_per_step(enc_store):
@@ -84,6 +86,20 @@ def test_batches_come_from_the_store_and_repeat_per_step(enc_store):
     # an epoch visits every study once
     seen = np.concatenate([data.study_indices(step) for step in range(len(studies) // 4)])
     assert len(set(seen.tolist())) == len(seen)
+
+
+def test_ranks_gathered_in_one_step_never_share_a_study(enc_store):
+    corpus = ClipCorpus(enc_store)
+    studies = corpus.with_reports()  # 10 studies: 3 per rank, 2 ranks, so an epoch has 1 step and 4 left over
+    args = (corpus, studies, 3, 2, 5, AugmentConfig(), PreprocessConfig(crop=48, resize=48), 0, 40)
+    two = ContrastiveBatches(*args, ranks=2)
+    for step in range(12):
+        a, b = two.study_indices(2 * step), two.study_indices(2 * step + 1)
+        assert len(a) == len(b) == 3 and not set(a.tolist()) & set(b.tolist()), step
+    one = ContrastiveBatches(*args)  # one rank: consecutive slices of each epoch's permutation, as before
+    perm = np.random.default_rng([0, 0]).permutation(len(studies))
+    assert [one.study_indices(i).tolist() for i in range(3)] == [perm[0:3].tolist(), perm[3:6].tolist(), perm[6:9].tolist()]
+    assert one.study_indices(3).tolist() == np.random.default_rng([0, 1]).permutation(len(studies))[0:3].tolist()
 
 
 def test_device_augmented_batches_carry_uint8_clips_that_augment_to_the_loader_s(enc_store):

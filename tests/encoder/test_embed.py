@@ -50,6 +50,8 @@ def test_encode_study_matches_the_stored_embeddings(enc_store, trained):
     study = tables.study_rows(trained.model_id).to_pylist()[0]
     clips = [store.get_clip(cid)[1] for cid in study["clip_ids"]]
     views, pooled, attention = encode_study(clips, Embedder(trained.checkpoint))
+    by_path = encode_study(clips, str(trained.checkpoint))  # a checkpoint folder loads its Embedder
+    assert np.allclose(by_path[1], pooled, atol=1e-6)
     assert views.shape == (len(clips), 512) and pooled.shape == (512,)
     assert np.allclose(pooled, study["vector"], atol=1e-5)
     assert np.allclose(attention, study["attention"], atol=1e-5)

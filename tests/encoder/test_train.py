@@ -21,7 +21,7 @@ from encoder.checkpoint import load_checkpoint
 from encoder.data import ClipCorpus, ContrastiveBatches
 from encoder.loss import ContrastiveLoss
 from encoder.model import CmrClip
-from encoder.train import ReportCache, Trainer, latest_checkpoint, lr_at, micro_step
+from encoder.train import ReportCache, Trainer, any_rank, latest_checkpoint, lr_at, micro_step
 
 
 def test_lr_schedule_warms_up_then_decays(tiny_cfg):
@@ -146,6 +146,44 @@ def test_held_out_patients_follow_the_split_seed_not_the_training_seed(enc_store
     assert len(own) > 1  # by default each training seed holds out its own patients
     assert len({held_out(seed, 3) for seed in (0, 1, 2)}) == 1  # one split for every seed
     assert held_out(0, 1) == held_out(1, None)  # split_seed draws the split that seed would
+
+
+def test_a_resumed_run_logs_each_step_once(enc_store, tiny_cfg, tmp_path):
+    cfg = replace(tiny_cfg, train=replace(tiny_cfg.train, checkpoint_every=4))
+    Trainer(enc_store, cfg, run_dir=tmp_path / "r", progress=False, log=lambda *_: None).fit(max_steps=4)
+    log = tmp_path / "r" / "metrics.csv"
+    rows = list(csv.DictReader(log.read_text().splitlines()))
+    # a killed run may have flushed steps after its last checkpoint: those steps run again
+    with log.open("a", newline="") as fp:
+        writer = csv.DictWriter(fp, fieldnames=list(rows[0]))
+        writer.writerows([dict(rows[-1], step=5), dict(rows[-1], step=6)])
+    Trainer(enc_store, cfg, run_dir=tmp_path / "r", resume=True, progress=False, log=lambda *_: None).fit(max_steps=6)
+    assert [int(r["step"]) for r in csv.DictReader(log.read_text().splitlines())] == [1, 2, 3, 4, 5, 6]
+
+
+def _any_rank_worker(rank: int, port: int, out) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    out.put((rank, any_rank(rank == 0, torch.device("cpu")), any_rank(False, torch.device("cpu"))))
+    torch.distributed.destroy_process_group()
+
+
+def test_ranks_agree_on_the_time_budget():
+    """One rank past its deadline stops every rank at the same step (else DDP deadlocks)."""
+    import multiprocessing as mp
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_any_rank_worker, args=(rank, port, out)) for rank in range(2)]
+    for proc in procs:
+        proc.start()
+    got = sorted(out.get(timeout=120) for _ in procs)
+    for proc in procs:
+        proc.join(30)
+    assert got == [(0, True, False), (1, True, False)]
 
 
 def test_resume_with_another_config_is_refused(enc_store, tiny_cfg, tmp_path):
