@@ -164,6 +164,9 @@ class Prediction(BaseModel):
     prediction: dict[str, float] = Field(description="probability (classification) or value in label units")
     positive: dict[str, bool] | None = Field(None, description="call at the head's validation Youden threshold")
     attention: list[AttentionOut] = []
+    attention_source: Literal["head", "encoder_pooling"] | None = Field(
+        None, description="'head': the MIL head's own attention; 'encoder_pooling': a head that reads the study "
+                          "embedding, whose views weigh in as the encoder's attention pooling weighed them")
 
 
 class PredictionList(BaseModel):

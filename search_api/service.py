@@ -72,7 +72,9 @@ class SearchService:
         self._embedder = None
         self.encode_text = MicroBatcher(self.searcher.encode_text, max_batch=16, name="cmr-text")
         self._heads: dict[str, tuple[float, Head]] = {}
-        self._lock = threading.Lock()  # lazy loads (embedder, heads, clusters)
+        self._lock = threading.Lock()  # lazy loads (embedder, heads)
+        # HDBSCAN can take seconds: on its own lock, so predictions and uploads do not wait for it
+        self._cluster_lock = threading.Lock()
         self._write_lock = threading.Lock()  # this process writes one study at a time
         self.ready = threading.Event()
 
@@ -202,12 +204,17 @@ class SearchService:
         return out
 
     @staticmethod
-    def _predictions(heads: list[Head], bags: Bags) -> list[schemas.Prediction]:
+    def _predictions(heads: list[Head], bags: Bags, pooling: dict[str, float]) -> list[schemas.Prediction]:
+        """Each head's rows for one study; ``pooling``: the encoder's attention weight of each
+        of its clips, the per-view attention of a head that reads only the study embedding."""
+        pooled = [{**v, "weight": pooling[v["clip_id"]]} for v in bags.view_names[0] if v["clip_id"] in pooling]
         out = []
         for head in heads:
             for row in head.predict_bags(bags):
+                own = row.get("attention", [])
                 out.append(schemas.Prediction(head=row["head"], task=row["task"], prediction=row["prediction"],
-                                              positive=row.get("positive"), attention=row.get("attention", [])))
+                                              positive=row.get("positive"), attention=own or pooled,
+                                              attention_source="head" if own else "encoder_pooling" if pooled else None))
         return out
 
     def predictions(self, study_uid: str) -> schemas.PredictionList:
@@ -216,9 +223,13 @@ class SearchService:
 
         self._require_study(study_uid)
         heads = self._loaded_heads()
-        bags = load_bags(self.store, self.model_id, [study_uid]) if heads else None
+        if not heads:
+            return schemas.PredictionList(study_uid=study_uid, model_id=self.model_id, predictions=[])
+        bags = load_bags(self.store, self.model_id, [study_uid])
+        study = self.store.get_study(study_uid, self.model_id) or {}
+        pooling = dict(zip(study.get("clip_ids") or [], study.get("attention") or []))
         return schemas.PredictionList(study_uid=study_uid, model_id=self.model_id,
-                                      predictions=self._predictions(heads, bags) if heads else [])
+                                      predictions=self._predictions(heads, bags, pooling))
 
     # -- clusters ---------------------------------------------------------------------------
     def clusters(self) -> schemas.ClusterList:
@@ -227,7 +238,7 @@ class SearchService:
 
         version, size = self.store.version("studies"), self.settings.cluster_min_size
         path = self.root / "cache" / "clusters" / f"{self.model_id}-v{version}-m{size}.json"
-        with self._lock:  # one computation at a time; the others then read its file
+        with self._cluster_lock:  # one computation at a time; the others then read its file
             if path.exists():
                 return schemas.ClusterList.model_validate_json(path.read_text())
             rows = self.store.study_rows(self.model_id, ["study_uid", "vector"])
@@ -292,8 +303,8 @@ class SearchService:
         vector = np.asarray(study_row["vector"], np.float32)
         neighbors = self.searcher.by_vector(vector, min(10, self.settings.max_k), exclude_studies=(study_uid,))
         heads = self._loaded_heads()
-        predictions = self._predictions(heads, self._bag(study_row, view_rows)) if heads else []
         attention = dict(zip(study_row["clip_ids"], study_row["attention"]))
+        predictions = self._predictions(heads, self._bag(study_row, view_rows), attention) if heads else []
         views = ([self._view_out(study_uid, r, attention.get(r["clip_id"])) for r in sorted(clip_rows, key=_view_order)]
                  if persist else [])
         return schemas.UploadResult(study_uid=study_uid, model_id=self.model_id, persisted=persist, replaced=replaced,

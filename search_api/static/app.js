@@ -39,16 +39,16 @@ function filters() {
   return f;
 }
 
-// one clip of each long-axis view and the mid short-axis slice, at most four
+// one clip of each view the study has: the long-axis views, then the mid short-axis slice
 function pickViews(views) {
   const chosen = [];
-  for (const name of ["4CH", "2CH", "3CH", "LVOT"]) {
+  for (const name of ["4CH", "2CH", "3CH", "LVOT", "OTHER"]) {
     const v = views.find((x) => x.view === name);
     if (v) chosen.push(v);
   }
-  const sax = views.filter((x) => x.view === "SAX");
-  if (sax.length) chosen.splice(Math.min(chosen.length, 3), 0, sax[Math.floor(sax.length / 2)]);
-  return chosen.slice(0, 4);
+  const sax = views.filter((x) => x.view === "SAX").sort((a, b) => (a.slice_index ?? 0) - (b.slice_index ?? 0));
+  if (sax.length) chosen.push(sax[Math.floor(sax.length / 2)]);
+  return chosen;
 }
 
 async function showCines(card, studyUrl) {
@@ -83,7 +83,9 @@ function renderPredictions(card, predictions) {
       if (p.attention && p.attention.length) {
         const bars = document.createElement("div");
         bars.className = "attention";
-        bars.title = "attention of the head on each view";
+        bars.title = p.attention_source === "encoder_pooling"
+          ? "weight of each view in the study embedding this head reads"
+          : "attention of the head on each view";
         const top = Math.max(...p.attention.map((a) => a.weight));
         for (const a of p.attention) {
           const bar = document.createElement("span");

@@ -10,7 +10,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from api_data import open_api
+from api_data import copy_api, open_api
 from PIL import Image
 
 QUERY = "severe LV dilatation with apical thrombus"
@@ -181,8 +181,25 @@ def test_predictions_and_heads(api):
     assert pred["head"] == "lvef-mil" and 0 < pred["prediction"]["lvef"] < 100
     study = api.client.get(f"/studies/{uid}", headers=api.read).json()
     assert {a["clip_id"] for a in pred["attention"]} == {v["clip_id"] for v in study["views"]}
-    assert abs(sum(a["weight"] for a in pred["attention"]) - 1) < 1e-4
+    assert abs(sum(a["weight"] for a in pred["attention"]) - 1) < 1e-4 and pred["attention_source"] == "head"
     _error(api.client.get("/studies/9.9.9/predictions", headers=api.read), 404, "study_not_found")
+
+
+def test_a_linear_head_shows_the_encoder_s_weight_of_each_view(trained_store, tmp_path):
+    from heads import HeadConfig, train_head
+
+    handle = copy_api(trained_store, tmp_path)
+    train_head(handle.root, ["lvef"], HeadConfig(kind="linear", max_epochs=3), model_id=handle.model_id,
+               name="lvef-linear")
+    with handle.client:
+        uid = _uids(handle)[0]
+        preds = {p["head"]: p for p in handle.client.get(f"/studies/{uid}/predictions", headers=handle.read).json()["predictions"]}
+        linear = preds["lvef-linear"]
+        assert linear["attention_source"] == "encoder_pooling" and preds["lvef-mil"]["attention_source"] == "head"
+        study = handle.client.get(f"/studies/{uid}", headers=handle.read).json()
+        pooled = {v["clip_id"]: v["attention"] for v in study["views"]}
+        assert {a["clip_id"]: a["weight"] for a in linear["attention"]} == pytest.approx(pooled)
+        assert linear["attention"] != preds["lvef-mil"]["attention"]
 
 
 def test_clusters_are_computed_once_per_table_version(api):
