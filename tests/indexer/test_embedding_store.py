@@ -183,3 +183,51 @@ def test_the_key_gets_a_btree_once_large_and_survives_a_purge(tmp_path):
     assert store.count("studies") == 60
     store.withdraw(study_uids=["1.2.826.0.1.3"])
     assert [ix.columns for ix in store.studies.list_indices()] == [["study_uid"]] and store.count("studies") == 59
+
+
+def _study_of(store: EmbeddingStore, uid: str) -> tuple[list[dict], list[dict], list[dict]]:
+    where = f"study_uid = '{uid}'"
+    return tuple(store.clip_store.db.open_table(name).search().where(where).limit(None).to_arrow().to_pylist()
+                 for name in ("clips", "views", "studies"))
+
+
+def _replace_repeatedly(root: str, uid: str, rounds: int, out) -> None:
+    """Put a stored study back ``rounds`` times, every other time without its last clip."""
+    store = EmbeddingStore.open(root)
+    clips, views, (study,) = _study_of(store, uid)
+    errors = []
+    for i in range(rounds):
+        keep = clips if i % 2 == 0 else clips[:-1]
+        ids = {c["clip_id"] for c in keep}
+        try:
+            store.put_study([dict(c) for c in keep], [dict(v) for v in views if v["clip_id"] in ids], dict(study))
+        except Exception as error:  # noqa: BLE001 - reported to the test, which fails on any
+            errors.append(repr(error))
+    out.put((uid, errors))
+
+
+def test_two_processes_replacing_studies_at_once_leave_each_whole(trained_store, tmp_path):
+    """Two writers (two uvicorn workers) storing studies at once: no lost commit, no mixture."""
+    import multiprocessing as mp
+    import shutil
+
+    root = tmp_path / "store"
+    shutil.copytree(trained_store[0], root)
+    store = EmbeddingStore.open(root)
+    uids = sorted(set(store.clip_store.clips.to_arrow()["study_uid"].to_pylist()))[:2]
+    sizes = {u: len(_study_of(store, u)[0]) for u in uids}
+    others = store.clip_store.clips.count_rows() - sum(sizes.values())
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_replace_repeatedly, args=(str(root), u, 7, out)) for u in uids]
+    for proc in procs:
+        proc.start()
+    results = dict(out.get(timeout=300) for _ in procs)
+    for proc in procs:
+        proc.join(60)
+    assert results == {u: [] for u in uids}
+    for uid in uids:  # the last round (even) put every clip back
+        clips, views, studies = _study_of(store, uid)
+        assert len(clips) == len(views) == sizes[uid] and len(studies) == 1
+        assert {c["clip_id"] for c in clips} == {v["clip_id"] for v in views} == set(studies[0]["clip_ids"])
+    assert store.clip_store.clips.count_rows() == others + sum(sizes.values())
