@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from filelock import FileLock
 from lancedb.index import Bitmap, BTree, LabelList
 
 from cmr.exceptions import InputError, StoreError
@@ -207,6 +208,13 @@ class EmbeddingStore:
         """Insert or replace study rows by (study_uid, model_id), one commit."""
         return self.upsert("studies", rows)
 
+    def write_lock(self) -> FileLock:
+        """The store-wide lock of study writes (``put_study``, ``withdraw``), across processes:
+        two workers storing one study take turns rather than interleave their rows."""
+        folder = self.root / "locks"
+        folder.mkdir(exist_ok=True)
+        return FileLock(folder / "study-writes.lock")
+
     def put_study(self, clip_rows: list[dict], view_rows: list[dict], study_row: dict) -> bool:
         """Store one study's clips and one model's embeddings of them as all the store holds
         of that study; returns whether it replaced a stored one.
@@ -216,6 +224,10 @@ class EmbeddingStore:
         write fails, the study's rows are put back as they were (or removed, if it is new),
         so nothing is half-stored; other studies' rows are never touched.
         """
+        with self.write_lock():
+            return self._put_study(clip_rows, view_rows, study_row)
+
+    def _put_study(self, clip_rows: list[dict], view_rows: list[dict], study_row: dict) -> bool:
         where = f"study_uid = '{_quote(study_row['study_uid'])}'"
         before = {name: self.clip_store.db.open_table(name).search().where(where).limit(None).to_arrow()
                   for name in ("clips", "views", "studies") if self.has(name)}
@@ -302,6 +314,10 @@ class EmbeddingStore:
         the next open. With ``purge`` the old table versions are rewritten away, so the bytes
         are gone from disk, not only hidden (readers still on an old version fail).
         """
+        with self.write_lock():
+            return self._withdraw_asked(study_uids, patient_keys, purge)
+
+    def _withdraw_asked(self, study_uids: list[str], patient_keys: list[str], purge: bool) -> WithdrawReport:
         asked = ", ".join(f"'{_quote(u)}'" for u in study_uids)
         keys = ", ".join(f"'{_quote(k)}'" for k in patient_keys)
         uids: set[str] = set()

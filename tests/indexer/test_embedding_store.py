@@ -191,19 +191,24 @@ def _study_of(store: EmbeddingStore, uid: str) -> tuple[list[dict], list[dict], 
                  for name in ("clips", "views", "studies"))
 
 
-def _replace_repeatedly(root: str, uid: str, rounds: int, out) -> None:
-    """Put a stored study back ``rounds`` times, every other time without its last clip."""
+def _replace_repeatedly(root: str, uid: str, rounds: int, out, drop: int = 1, every: int = 2, start=None) -> None:
+    """Put a stored study back ``rounds`` times; every ``every``-th time (from the second)
+    without its last ``drop`` clips."""
     store = EmbeddingStore.open(root)
     clips, views, (study,) = _study_of(store, uid)
     errors = []
+    if start is not None:  # both writers begin together
+        start.wait(120)
     for i in range(rounds):
-        keep = clips if i % 2 == 0 else clips[:-1]
-        ids = {c["clip_id"] for c in keep}
+        keep = clips[: len(clips) - drop] if i % every == every - 1 else clips
+        ids = [c["clip_id"] for c in keep]
+        pooled = dict(zip(study["clip_ids"], study["attention"]))
+        row = dict(study, clip_ids=ids, attention=[pooled[c] for c in ids])
         try:
-            store.put_study([dict(c) for c in keep], [dict(v) for v in views if v["clip_id"] in ids], dict(study))
+            store.put_study([dict(c) for c in keep], [dict(v) for v in views if v["clip_id"] in ids], row)
         except Exception as error:  # noqa: BLE001 - reported to the test, which fails on any
             errors.append(repr(error))
-    out.put((uid, errors))
+    out.put((f"{uid}:{drop}", errors))
 
 
 def test_two_processes_replacing_studies_at_once_leave_each_whole(trained_store, tmp_path):
@@ -225,9 +230,47 @@ def test_two_processes_replacing_studies_at_once_leave_each_whole(trained_store,
     results = dict(out.get(timeout=300) for _ in procs)
     for proc in procs:
         proc.join(60)
-    assert results == {u: [] for u in uids}
+    assert results == {f"{u}:1": [] for u in uids}
     for uid in uids:  # the last round (even) put every clip back
         clips, views, studies = _study_of(store, uid)
         assert len(clips) == len(views) == sizes[uid] and len(studies) == 1
         assert {c["clip_id"] for c in clips} == {v["clip_id"] for v in views} == set(studies[0]["clip_ids"])
     assert store.clip_store.clips.count_rows() == others + sum(sizes.values())
+
+
+def _put_without_clips(root: str, uid: str, drop: int, out) -> None:
+    store = EmbeddingStore.open(root)
+    clips, views, (study,) = _study_of(store, uid)
+    keep = [c["clip_id"] for c in clips[: len(clips) - drop]]
+    pooled = dict(zip(study["clip_ids"], study["attention"]))
+    out.put("writing")
+    store.put_study([c for c in clips if c["clip_id"] in keep], [v for v in views if v["clip_id"] in keep],
+                    dict(study, clip_ids=keep, attention=[pooled[c] for c in keep]))
+    out.put("done")
+
+
+def test_a_study_write_waits_for_another_process_s(trained_store, tmp_path):
+    """Writes of studies take a store-wide file lock, so two workers storing the same study
+    at once take turns instead of interleaving their clips, views and study rows."""
+    import multiprocessing as mp
+    import queue
+    import shutil
+
+    root = tmp_path / "store"
+    shutil.copytree(trained_store[0], root)
+    store = EmbeddingStore.open(root)
+    uid = sorted(set(store.clip_store.clips.to_arrow()["study_uid"].to_pylist()))[0]
+    n = len(_study_of(store, uid)[0])
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    with store.write_lock():  # as another worker's put_study or withdraw holds it
+        proc = ctx.Process(target=_put_without_clips, args=(str(root), uid, 2, out))
+        proc.start()
+        assert out.get(timeout=120) == "writing"
+        with pytest.raises(queue.Empty):
+            out.get(timeout=2)  # it waits for the lock ...
+        assert len(_study_of(store, uid)[0]) == n  # ... and has written nothing
+    assert out.get(timeout=120) == "done"
+    proc.join(60)
+    clips, views, (study,) = _study_of(store, uid)
+    assert len(clips) == n - 2 and {c["clip_id"] for c in clips} == {v["clip_id"] for v in views} == set(study["clip_ids"])
