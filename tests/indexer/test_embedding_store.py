@@ -259,7 +259,7 @@ def test_a_study_write_waits_for_another_process_s(trained_store, tmp_path):
     root = tmp_path / "store"
     shutil.copytree(trained_store[0], root)
     store = EmbeddingStore.open(root)
-    uid = sorted(set(store.clip_store.clips.to_arrow()["study_uid"].to_pylist()))[0]
+    uid = min(store.clip_store.clips.to_arrow()["study_uid"].to_pylist())
     n = len(_study_of(store, uid)[0])
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
