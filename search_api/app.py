@@ -38,6 +38,7 @@ from search_api.errors import ApiError
 from search_api.metrics import ApiMetrics
 from search_api.service import SearchService
 from search_api.settings import ServeSettings
+from search_api.workers import current_share
 
 __all__ = ["app_from_env", "create_app"]
 
@@ -167,13 +168,18 @@ def create_app(settings: ServeSettings, service: SearchService | None = None, wa
     # general pool cannot hold every search back.
     searches = anyio.CapacityLimiter(settings.search_threads)
 
+    def warm() -> None:
+        service.warm()
+        if (share := current_share()) is not None:
+            share.mark_warm()  # the other workers' /readyz counts this one
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.serve_threads
         if warm_in_background:
-            threading.Thread(target=service.warm, name="cmr-warm", daemon=True).start()
+            threading.Thread(target=warm, name="cmr-warm", daemon=True).start()
         else:
-            service.warm()
+            warm()
         yield
         metrics.close()
 
@@ -228,9 +234,12 @@ def create_app(settings: ServeSettings, service: SearchService | None = None, wa
 
     @app.get("/readyz", tags=["health"], responses={503: {"model": schemas.ErrorBody}})
     def readyz() -> schemas.Ready:
-        """Index and encoders loaded; searches answer at full speed."""
+        """Index and encoders loaded, in every worker process; searches answer at full speed."""
         if not service.ready.is_set():
             raise ApiError(503, "starting", "loading the index and encoders")
+        share = current_share()
+        if share is not None and (warm := share.warm_workers()) < share.workers:
+            raise ApiError(503, "starting", f"{warm} of {share.workers} workers have loaded the index and encoders")
         return schemas.Ready(model_id=service.model_id)
 
     @app.get("/metrics", tags=["health"], dependencies=[read], response_class=Response)

@@ -11,6 +11,10 @@ with ``Connection: close``; the client reconnects and the kernel deals the new c
 again, until the shares are even. That is the whole protocol: plain HTTP/1.1, nothing a
 client has to know.
 
+The same shared memory says which workers have loaded the index and encoders, so that
+``/readyz`` answers 200 only when every worker would answer a search (a worker warms in
+the background, and the kernel deals it connections from its first moment).
+
 ``WorkerListener`` carries the listening socket and the shared counts into each worker
 process (uvicorn's supervisor pickles its sockets into the spawned workers; unpickled,
 this registers the worker and gives uvicorn its socket). ``BalancedHttpProtocol`` is
@@ -27,44 +31,64 @@ import socket
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-__all__ = ["BalancedHttpProtocol", "ConnectionShare", "WorkerListener"]
+__all__ = ["BalancedHttpProtocol", "ConnectionShare", "WorkerListener", "current_share"]
+
+FIELDS = 3  # per worker slot: pid, connections kept, warm (0/1)
 
 
 class ConnectionShare:
-    """Per worker process: (pid, connections kept) in memory shared by all the workers."""
+    """Per worker process: (pid, connections kept, warm) in memory shared by all the workers."""
 
     def __init__(self, workers: int):
         # spawn: uvicorn starts its workers that way, and only a spawn-context array pickles into them
-        self.slots = multiprocessing.get_context("spawn").Array("q", 2 * workers)
+        self.slots = multiprocessing.get_context("spawn").Array("q", FIELDS * workers)
+        self.workers = workers
         self.slot: int | None = None
         self.leaving = 0  # this process's connections already told to close
 
     def __getstate__(self):
-        return {"slots": self.slots}
+        return {"slots": self.slots, "workers": self.workers}
 
     def __setstate__(self, state):
-        self.slots, self.slot, self.leaving = state["slots"], None, 0
+        self.slots, self.workers, self.slot, self.leaving = state["slots"], state["workers"], None, 0
 
     def join(self) -> None:
         """Take this process's slot: a free one, or one whose worker has died (a restart)."""
         with self.slots.get_lock():
             raw = self.slots.get_obj()
-            for i in range(len(raw) // 2):
-                if raw[2 * i] == 0 or not _alive(raw[2 * i]):
-                    raw[2 * i], raw[2 * i + 1], self.slot = os.getpid(), 0, i
+            for i in range(self.workers):
+                if raw[FIELDS * i] == 0 or not _alive(raw[FIELDS * i]):
+                    raw[FIELDS * i], raw[FIELDS * i + 1], raw[FIELDS * i + 2] = os.getpid(), 0, 0
+                    self.slot = i
                     return
         raise RuntimeError("more uvicorn workers than connection slots")
 
     def publish(self, kept: int) -> None:
         """This worker now keeps ``kept`` connections (one writer per slot: no lock)."""
         if self.slot is not None:
-            self.slots.get_obj()[2 * self.slot + 1] = kept
+            self.slots.get_obj()[FIELDS * self.slot + 1] = kept
 
     def over_share(self, kept: int) -> bool:
         """Whether a worker keeping ``kept`` connections holds more than its fair share."""
         raw = self.slots.get_obj()
-        counts = [raw[2 * i + 1] for i in range(len(raw) // 2) if raw[2 * i]]
+        counts = [raw[FIELDS * i + 1] for i in range(self.workers) if raw[FIELDS * i]]
         return bool(counts) and kept > math.ceil(sum(counts) / len(counts))
+
+    def mark_warm(self) -> None:
+        """This worker has loaded the index and encoders."""
+        if self.slot is not None:
+            self.slots.get_obj()[FIELDS * self.slot + 2] = 1
+
+    def warm_workers(self) -> int:
+        """How many live workers have loaded the index and encoders (a restarted one has not yet)."""
+        raw = self.slots.get_obj()
+        return sum(1 for i in range(self.workers)
+                   if raw[FIELDS * i] and raw[FIELDS * i + 2] and _alive(raw[FIELDS * i]))
+
+
+def current_share() -> ConnectionShare | None:
+    """This worker process's share, when ``cmr serve`` runs several workers (else None)."""
+    return BalancedHttpProtocol.share
 
 
 def _alive(pid: int) -> bool:

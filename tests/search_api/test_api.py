@@ -53,6 +53,33 @@ def test_readyz_and_searches_say_503_until_the_service_has_warmed(trained_store)
         assert client.post("/search/text", json={"query": "x"}).status_code == 200
 
 
+def test_readyz_waits_for_every_worker_of_cmr_serve(trained_store):
+    """Under several workers a warm worker's /readyz says 503 while a sibling is still
+    loading: the kernel deals that sibling connections, which it would answer with 503."""
+    import os
+
+    from fastapi.testclient import TestClient
+
+    from search_api.app import create_app
+    from search_api.settings import ServeSettings
+    from search_api.workers import FIELDS, BalancedHttpProtocol, ConnectionShare
+
+    share = ConnectionShare(2)
+    share.join()
+    BalancedHttpProtocol.share = share  # as WorkerListener sets it in a worker process
+    try:
+        with TestClient(create_app(ServeSettings(store=trained_store[0], auth=False), warm_in_background=False)) as client:
+            raw = share.slots.get_obj()
+            raw[FIELDS], raw[FIELDS + 2] = os.getppid(), 0  # a live sibling, still loading
+            r = client.get("/readyz")
+            assert r.status_code == 503 and r.json()["error"]["message"].startswith("1 of 2 workers"), r.text
+            assert client.post("/search/text", json={"query": "x"}).status_code == 200  # this worker is warm
+            raw[FIELDS + 2] = 1
+            assert client.get("/readyz").json()["status"] == "ready"
+    finally:
+        BalancedHttpProtocol.share = None
+
+
 def test_every_data_endpoint_needs_a_valid_key_of_the_right_role(api):
     uid = _uids(api)[0]
     for method, path in [("get", "/heads"), ("get", f"/studies/{uid}"), ("get", f"/studies/{uid}/neighbors"),

@@ -14,7 +14,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
-from search_api.workers import BalancedHttpProtocol, ConnectionShare, WorkerListener
+from search_api.workers import FIELDS, BalancedHttpProtocol, ConnectionShare, WorkerListener
 
 
 def _port() -> int:
@@ -32,10 +32,10 @@ def share():
     BalancedHttpProtocol.share = None
 
 
-def _sibling(share: ConnectionShare, pid: int, kept: int) -> None:
+def _sibling(share: ConnectionShare, pid: int, kept: int, warm: bool = False) -> None:
     """Pretend another worker (process ``pid``) keeps ``kept`` connections."""
     raw = share.slots.get_obj()
-    raw[2], raw[3] = pid, kept
+    raw[FIELDS], raw[FIELDS + 1], raw[FIELDS + 2] = pid, kept, int(warm)
 
 
 def test_fair_share_is_the_mean_over_live_workers_rounded_up(share):
@@ -47,6 +47,19 @@ def test_fair_share_is_the_mean_over_live_workers_rounded_up(share):
     _sibling(share, os.getppid(), 2)
     share.publish(3)
     assert not share.over_share(3)  # 5 / 2 rounds up to 3: an odd total cannot split evenly
+
+
+def test_ready_counts_the_live_warm_workers(share):
+    assert share.warm_workers() == 0
+    share.mark_warm()
+    assert share.warm_workers() == 1  # the sibling slot is still empty: not every worker is warm
+    _sibling(share, os.getppid(), 0, warm=False)
+    assert share.warm_workers() == 1
+    _sibling(share, os.getppid(), 0, warm=True)
+    assert share.warm_workers() == 2 == share.workers
+    dead, _ = _in_worker(_join, ConnectionShare(1))  # a pid that has exited
+    _sibling(share, dead, 0, warm=True)
+    assert share.warm_workers() == 1  # a dead worker's flag does not count
 
 
 def _join(share: ConnectionShare, answers) -> None:
@@ -78,9 +91,10 @@ def _in_worker(target, *args):
 
 def test_a_dead_workers_slot_is_taken_by_its_replacement(share):
     first, (_, slot) = _in_worker(_join, share)
-    assert slot == 1 and share.slots.get_obj()[2] == first  # that worker has exited since
+    assert slot == 1 and share.slots.get_obj()[FIELDS] == first  # that worker has exited since
     second, (_, slot) = _in_worker(_join, share)
-    assert slot == 1 and share.slots.get_obj()[2] == second  # its replacement took the slot
+    assert slot == 1 and share.slots.get_obj()[FIELDS] == second  # its replacement took the slot
+    assert share.slots.get_obj()[FIELDS + 2] == 0  # and has not loaded anything yet
     _sibling(share, os.getppid(), 0)  # both slots live
     _, (_, error) = _in_worker(_join, share)
     assert "more uvicorn workers" in error
@@ -126,7 +140,7 @@ def balanced_server(share):
 
 
 def _kept(share: ConnectionShare) -> int:
-    return share.slots.get_obj()[2 * share.slot + 1]
+    return share.slots.get_obj()[FIELDS * share.slot + 1]
 
 
 def test_a_worker_over_its_share_closes_connections_until_even(share, balanced_server):
