@@ -237,12 +237,14 @@ def tiny_cfg_from(path):
     return load_config(path)
 
 
-def test_torchrun_ddp_on_two_cpu_ranks(enc_store, tiny_cfg_file):
+def test_torchrun_ddp_on_two_cpu_ranks(enc_store, tiny_cfg_file, tmp_path):
     """The multi-GPU path (torchrun + DDP + feature gather) on two gloo ranks."""
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531"]
+    # --standalone: a free port, not a fixed one another job may hold
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     cmd = [*torchrun, "-m", "cmr.cli", "train-encoder", "--store", str(enc_store), "--config", str(tiny_cfg_file),
            "--max-steps", "2", "--run-name", "ddp", "--json"]
-    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
+    # TMPDIR: torchrun's torchelastic_* folder goes with the test's, not into /tmp for good
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])  # only rank 0 prints
