@@ -74,11 +74,20 @@ class TextEncoder(nn.Module):
     def __init__(self, cfg: TextConfig, dim: int = 512):
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
         path = _resolve(cfg)
         self.cfg = cfg
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.bert = AutoModel.from_pretrained(path, local_files_only=True)
+        # no "Loading weights" bar: a few ms of work, printed by every command and every
+        # server worker, and its tqdm lock is a semaphore a stopped worker leaves behind
+        shown = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            self.bert = AutoModel.from_pretrained(path, local_files_only=True)
+        finally:
+            if shown:
+                hf_logging.enable_progress_bar()
         self.text_proj = nn.Linear(self.bert.config.hidden_size, dim, bias=False)
         self.freeze(cfg.frozen_layers)
         if getattr(self.bert, "pooler", None) is not None:  # unused (mean pooling); DDP needs every
