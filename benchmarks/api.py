@@ -57,12 +57,13 @@ def text_queries(n: int, seed: int = 0) -> list[str]:
 
 def build_store(root: Path, n: int, encoder: Path | None) -> str:
     """A store with an encoder and N study rows of its model; returns the model_id."""
-    from encoder.checkpoint import checkpoint_model_id, save_checkpoint
-    from encoder.config import load_config
-    from encoder.model import CmrClip
-    from indexer import ClipStore
-    from indexer.embedding_store import EmbeddingStore
-    from indexer.vector_index import IndexConfig, VectorIndex
+    from cmr_search.encoder.checkpoint import checkpoint_model_id, save_checkpoint
+    from cmr_search.encoder.config import load_config
+    from cmr_search.encoder.model import CmrClip
+    from cmr_search.store import ClipStore
+    from cmr_search.store.config import IndexConfig
+    from cmr_search.store.embedding_store import EmbeddingStore
+    from cmr_search.store.vector_index import VectorIndex
 
     store = EmbeddingStore(ClipStore.open(root, create=True))
     if encoder is not None:
@@ -92,9 +93,9 @@ def build_store(root: Path, n: int, encoder: Path | None) -> str:
 
 def in_process(root: Path, texts: list[str], uids: list[str]) -> dict:
     """The same queries through SearchService, one at a time (no HTTP)."""
-    from search_api import schemas
-    from search_api.service import SearchService
-    from search_api.settings import ServeSettings
+    from cmr_search.api import schemas
+    from cmr_search.api.service import SearchService
+    from cmr_search.api.settings import ServeSettings
 
     service = SearchService(ServeSettings(store=root, check_interval_s=0))
     service.warm()
@@ -234,7 +235,7 @@ def main() -> None:
            "in_process": in_process(root, items["text"], items["neighbors"])}
     print(f"in process: {out['in_process']}", file=sys.stderr, flush=True)
 
-    from search_api.auth import KeyRing
+    from cmr_search.api.auth import KeyRing
 
     key, _ = KeyRing(root).create("read", "benchmark")
     out["service"] = []

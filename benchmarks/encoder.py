@@ -37,8 +37,9 @@ PHENOTYPES = ["lv_dilatation", "reduced_lvef", "hcm", "concentric_lvh", "dcm", "
 
 def make_store(studies: int, seed: int, root: Path) -> Path:
     """Synthesise a cohort and ingest it (imports inside: ingest workers re-import this script)."""
-    from evals.synth import generate_cohort
-    from indexer import ClipStore, IngestConfig, ingest
+    from cmr_search.ingest import IngestConfig, ingest
+    from cmr_search.store import ClipStore
+    from cmr_search.synth import generate_cohort
 
     generate_cohort(studies, root / "cohort", seed=seed, workers=2, progress=True)
     store = ClipStore.open(root / "store", create=True)
@@ -53,8 +54,8 @@ def evaluate(model, corpus, train, test, labels: dict, device) -> dict:
     from sklearn.metrics import roc_auc_score
     from sklearn.preprocessing import StandardScaler
 
-    from encoder.train import embed_studies
-    from evals.retrieval import retrieval_summary
+    from cmr_search.encoder.train import embed_studies
+    from cmr_search.metrics.retrieval import retrieval_summary
 
     model.eval()
     t0 = time.perf_counter()
@@ -93,9 +94,9 @@ def evaluate(model, corpus, train, test, labels: dict, device) -> dict:
 
 def run_seed(store: Path, seed: int, steps: int, config: str, work: Path, split_seed: int | None = 0) -> dict:
     """Train one seed and score it against the same architecture at random init."""
-    from encoder.config import load_config
-    from encoder.model import CmrClip
-    from encoder.train import Trainer
+    from cmr_search.encoder.config import load_config
+    from cmr_search.encoder.model import CmrClip
+    from cmr_search.encoder.train import Trainer
 
     cfg = load_config(config)
     cfg.train = replace(cfg.train, seed=seed, split_seed=split_seed, max_steps=steps, val_fraction=0.25, eval_every=max(50, steps // 4),
@@ -118,8 +119,8 @@ def throughput(configs: list[str], batch: int, repeats: int) -> list[dict]:
     and the time for one study of 14 clips (3 long-axis views + 11 SAX slices)."""
     from contextlib import nullcontext
 
-    from encoder.config import load_config
-    from encoder.video import VideoEncoder
+    from cmr_search.encoder.config import load_config
+    from cmr_search.encoder.video import VideoEncoder
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = []
@@ -149,7 +150,7 @@ def throughput(configs: list[str], batch: int, repeats: int) -> list[dict]:
 
 
 def _labels(store: Path) -> dict:
-    from indexer import ClipStore
+    from cmr_search.store import ClipStore
 
     rows = ClipStore.open(store).db.open_table("labels").to_arrow().to_pylist()
     return {r["study_uid"]: r for r in rows}

@@ -77,10 +77,10 @@ def _reset_peak(device: torch.device) -> None:
 def embedding(config: str, device: torch.device, batches: list[int], repeats: int, work: Path,
               compile: bool = False) -> dict:
     """Vision tower clips/s per precision and batch; one 14-clip study end to end."""
-    from encoder.checkpoint import save_checkpoint
-    from encoder.config import load_config
-    from encoder.embed import Embedder, encode_study
-    from encoder.model import CmrClip
+    from cmr_search.encoder.checkpoint import save_checkpoint
+    from cmr_search.encoder.config import load_config
+    from cmr_search.encoder.embed import Embedder, encode_study
+    from cmr_search.encoder.model import CmrClip
 
     cfg = load_config(config)
     torch.manual_seed(0)
@@ -144,7 +144,7 @@ def _text_folder(src: Path | None, work: Path) -> Path | None:
 def training(config: str, device: torch.device, text_dir: Path | None, steps: int, compile: bool = False) -> list[dict]:
     """Seconds per optimizer step of the whole contrastive model, per precision; the batch
     halves until it fits (the figure per clip stays comparable)."""
-    from encoder.config import load_config
+    from cmr_search.encoder.config import load_config
 
     cfg = load_config(config)
     if text_dir is not None:
@@ -163,10 +163,10 @@ def training(config: str, device: torch.device, text_dir: Path | None, steps: in
 
 
 def _train_steps(cfg, precision: str, studies: int, device: torch.device, steps: int, compile: bool) -> dict:
-    from encoder.data import sample_augment
-    from encoder.loss import ContrastiveLoss
-    from encoder.model import CmrClip
-    from encoder.train import micro_step, param_groups
+    from cmr_search.encoder.data import sample_augment
+    from cmr_search.encoder.loss import ContrastiveLoss
+    from cmr_search.encoder.model import CmrClip
+    from cmr_search.encoder.train import micro_step, param_groups
 
     t = cfg.train
     torch.manual_seed(0)
@@ -215,7 +215,7 @@ def search(sizes: list[int], n_queries: int, k: int, device: torch.device) -> li
 def _search_size(n: int, n_queries: int, k: int, device: torch.device) -> dict:
     import faiss
 
-    from indexer.torch_exact import TorchExactIndex
+    from cmr_search.store.torch_exact import TorchExactIndex
 
     data = embeddings(n + n_queries, seed=n)
     x, queries = data[:n], data[n:]

@@ -29,12 +29,12 @@ import time
 import numpy as np
 import torch
 
-from evals.metrics import regression_metrics
-from evals.synth.embeddings import embedding_cohort
-from heads.config import HeadConfig
-from heads.data import Bags, LabelSet, patient_split
-from heads.model import build_head
-from heads.train import EarlyStopping, fit_head, head_loss, predict_outputs
+from cmr_search.heads.config import HeadConfig
+from cmr_search.heads.data import Bags, LabelSet, patient_split
+from cmr_search.heads.model import build_head
+from cmr_search.heads.train import EarlyStopping, fit_head, head_loss, predict_outputs
+from cmr_search.metrics.prediction import regression_metrics
+from cmr_search.synth.embeddings import embedding_cohort
 
 
 def batch_size_one(bags: Bags, y: np.ndarray, split, cfg: HeadConfig, target_val_mae: float, minutes: float) -> dict:
@@ -88,10 +88,10 @@ def data_efficiency(store: Path, seeds: list[int], fractions=(0.01, 0.1, 1.0)) -
     """Linear vs MIL at 1 %, 10 %, 100 % of the training labels, on a store's own
     embeddings (its latest encoder): LVEF MAE and the AUROC of each binary label present
     (one multi-label head), averaged over seeds (the split stays fixed)."""
-    from evals.synth.labels import BINARY_LABELS
-    from heads.data import load_bags, load_labels
-    from indexer.embedding_store import EmbeddingStore
-    from indexer.search import default_model_id
+    from cmr_search.heads.data import load_bags, load_labels
+    from cmr_search.store.embedding_store import EmbeddingStore
+    from cmr_search.store.search import default_model_id
+    from cmr_search.synth.labels import BINARY_LABELS
 
     emb = EmbeddingStore.open(store)
     bags = load_bags(emb, default_model_id(emb))

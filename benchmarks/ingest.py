@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pydicom
 
-from indexer.discover import discover
+from cmr_search.ingest.discover import discover
 
 # Pool workers re-import this script (as multiprocessing does with __main__): importing
 # lancedb here would load it into every worker, which the `cmr` command never does and
@@ -40,7 +40,8 @@ def floor(paths: list[Path]) -> float:
 
 def pipeline(data: Path, workers: int) -> tuple[float, int, dict]:
     """Seconds for a full ingest into a fresh store, the clips written, seconds per stage."""
-    from indexer import ClipStore, IngestConfig, ingest
+    from cmr_search.ingest import IngestConfig, ingest
+    from cmr_search.store import ClipStore
 
     with tempfile.TemporaryDirectory() as tmp:
         store = ClipStore.open(Path(tmp) / "store", create=True)
@@ -61,7 +62,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data
         if data is None:
-            from evals.synth import generate_cohort
+            from cmr_search.synth import generate_cohort
 
             generate_cohort(args.studies, Path(tmp) / "cohort", seed=1, progress=False)
             data = Path(tmp) / "cohort" / "dicom"

@@ -38,10 +38,11 @@ import numpy as np
 import pyarrow as pa
 
 from benchmarks.vectors import DIM, embeddings, exact, latency, qps, recall
-from indexer import ClipStore
-from indexer.embedding_store import EmbeddingStore
-from indexer.search import Searcher
-from indexer.vector_index import IndexConfig, VectorIndex
+from cmr_search.store import ClipStore
+from cmr_search.store.config import IndexConfig
+from cmr_search.store.embedding_store import EmbeddingStore
+from cmr_search.store.search import Searcher
+from cmr_search.store.vector_index import VectorIndex
 
 MODEL = "bench"
 

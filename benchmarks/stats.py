@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evals.stats import auroc_ci, delong_test
+from cmr_search.metrics.stats import auroc_ci, delong_test
 
 R_TIMED = r"""
 suppressPackageStartupMessages(library(pROC))

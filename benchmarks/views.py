@@ -14,9 +14,10 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from evals.synth import generate_cohort
-from evals.synth.variants import strip_view_names
-from indexer import ClipStore, IngestConfig, ingest
+from cmr_search.ingest import IngestConfig, ingest
+from cmr_search.store import ClipStore
+from cmr_search.synth import generate_cohort
+from cmr_search.synth.variants import strip_view_names
 
 
 def accuracy(dicom: Path, truth: dict[str, dict], workers: int) -> dict:

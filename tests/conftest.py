@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from tiny_models import tiny_encoder_config
 
-from indexer import ClipStore, IngestConfig, ingest
+from cmr_search.ingest import IngestConfig, ingest
+from cmr_search.store import ClipStore
 
 COHORT_STUDIES = 10
 COHORT_SEED = 223  # covers every vendor style, decoy, transfer syntax, repeat (see tests/evals)
@@ -32,7 +33,7 @@ def salt() -> bytes:
 @pytest.fixture(scope="session")
 def cohort(tmp_path_factory) -> Path:
     """A synthetic cohort of 10 studies (all vendor styles, decoys, repeats) on disk."""
-    from evals.synth import generate_cohort
+    from cmr_search.synth import generate_cohort
 
     out = tmp_path_factory.mktemp("cohort")
     generate_cohort(COHORT_STUDIES, out, seed=COHORT_SEED, workers=2, progress=False)
@@ -60,9 +61,9 @@ def ingested(cohort, tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained_store(ingested, tmp_path_factory) -> tuple[Path, str]:
     """A store with clips, a 1-step tiny encoder, its embeddings and a registered MIL LVEF head."""
-    from encoder.embed import embed_store
-    from encoder.train import Trainer
-    from heads import HeadConfig, train_head
+    from cmr_search.encoder.embed import embed_store
+    from cmr_search.encoder.train import Trainer
+    from cmr_search.heads import HeadConfig, train_head
 
     store, _ = ingested
     root = tmp_path_factory.mktemp("api") / "store"

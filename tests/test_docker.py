@@ -99,7 +99,7 @@ def test_compose_serves_the_image_with_a_key_from_an_env_file():
 
 
 def test_the_environment_the_image_sets_reaches_the_service(monkeypatch):
-    from search_api.settings import ServeSettings
+    from cmr_search.api.settings import ServeSettings
 
     for name, value in (("CMR_STORE", "/data/store"), ("CMR_HOST", "0.0.0.0"), ("CMR_PORT", "8000")):
         monkeypatch.setenv(name, value)
@@ -113,6 +113,6 @@ def test_the_wheel_carries_the_page_and_the_model_configs(tmp_path):
                            str(tmp_path), str(REPO)], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     names = zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist()
-    for path in ("search_api/static/index.html", "search_api/static/app.js", "search_api/static/style.css",
-                 "encoder/configs/mvit_xs_cpu.json"):
+    for path in ("cmr_search/api/static/index.html", "cmr_search/api/static/app.js", "cmr_search/api/static/style.css",
+                 "cmr_search/encoder/configs/mvit_xs_cpu.json"):
         assert path in names

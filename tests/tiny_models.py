@@ -12,7 +12,7 @@ def tiny_encoder_config():
     """The CPU encoder configuration made smaller still, so a training step takes well under a second."""
     from dataclasses import replace
 
-    from encoder.config import load_config
+    from cmr_search.encoder.config import load_config
 
     cfg = load_config("mvit_xs_cpu")
     cfg.vision = replace(cfg.vision, **TINY_VISION)

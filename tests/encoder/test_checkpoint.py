@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cmr.exceptions import InputError
-from encoder import load_video_encoder
-from encoder.config import load_config
-from encoder.video import VideoEncoder
+from cmr_search.core.exceptions import InputError
+from cmr_search.encoder import load_video_encoder
+from cmr_search.encoder.config import load_config
+from cmr_search.encoder.video import VideoEncoder
 
 FIXTURE = Path(__file__).parent / "fixtures" / "pytorchvideo_mvit_base_16x4.json"
 
@@ -69,7 +69,7 @@ def test_not_a_checkpoint_is_a_clear_error(tmp_path):
         load_video_encoder(bad)
     with pytest.raises(InputError, match="does not exist"):
         load_video_encoder(tmp_path / "missing.ckpt")
-    torch.save({"state_dict": {"encoder.weight": torch.zeros(2)}}, tmp_path / "other.ckpt")
+    torch.save({"state_dict": {"cmr_search.encoder.weight": torch.zeros(2)}}, tmp_path / "other.ckpt")
     with pytest.raises(InputError, match="model.video_encoder"):
         load_video_encoder(tmp_path / "other.ckpt")
 

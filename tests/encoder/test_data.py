@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from encoder.config import AugmentConfig, load_config
-from encoder.data import (
+from cmr_search.encoder.config import AugmentConfig, load_config
+from cmr_search.encoder.data import (
     ClipCorpus,
     ContrastiveBatches,
     Study,
@@ -14,8 +14,8 @@ from encoder.data import (
     patient_split,
     sample_report,
 )
-from encoder.text import split_sentences
-from encoder.video import PreprocessConfig, preprocess_batch, preprocess_clip
+from cmr_search.encoder.text import split_sentences
+from cmr_search.encoder.video import PreprocessConfig, preprocess_batch, preprocess_clip
 
 
 def _study(i, patient):

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from encoder import Embedder, embed_store, encode_study
-from encoder.train import Trainer
-from encoder.video import VideoEncoder
-from indexer import ClipStore
-from indexer.embedding_store import EmbeddingStore
+from cmr_search.encoder import Embedder, embed_store, encode_study
+from cmr_search.encoder.train import Trainer
+from cmr_search.encoder.video import VideoEncoder
+from cmr_search.store import ClipStore
+from cmr_search.store.embedding_store import EmbeddingStore
 
 
 @pytest.fixture()
@@ -75,7 +75,7 @@ def test_compiled_embedder_pads_batches_to_one_shape(trained, monkeypatch):
 
 
 def test_the_published_layout_embeds_with_mean_pooling(enc_store, tiny_cfg_file, tmp_path):
-    from encoder.config import load_config
+    from cmr_search.encoder.config import load_config
 
     cfg = load_config(tiny_cfg_file)
     module = VideoEncoder(cfg.vision)
@@ -91,7 +91,7 @@ def test_the_published_layout_embeds_with_mean_pooling(enc_store, tiny_cfg_file,
 
 def test_cli_train_then_embed(enc_store, tiny_cfg_file):
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    cmr = [sys.executable, "-m", "cmr.cli"]
+    cmr = [sys.executable, "-m", "cmr_search.cli"]
     out = subprocess.run([*cmr, "train-encoder", "--store", str(enc_store), "--config", str(tiny_cfg_file),
                           "--max-steps", "1", "--json"], capture_output=True, text=True, env=env, check=False)
     assert out.returncode == 0, out.stderr
@@ -107,11 +107,11 @@ def test_cli_train_then_embed(enc_store, tiny_cfg_file):
     found = json.loads(out.stdout)
     assert found["model_id"] == trained["model_id"] and len(found["hits"]) == 3
     # the CLI ranks by the model's own text tower against the stored study embeddings
-    from indexer.embedding_store import EmbeddingStore
+    from cmr_search.store.embedding_store import EmbeddingStore
 
     store = EmbeddingStore.open(enc_store)
     rows = store.study_rows(trained["model_id"], ["study_uid", "vector"])
-    from encoder import load_text_encoder
+    from cmr_search.encoder import load_text_encoder
 
     q = load_text_encoder(enc_store / "encoders" / trained["model_id"]).encode([query])[0].numpy()
     best = np.argsort(-(EmbeddingStore.vectors(rows) @ q))[:3]
@@ -122,7 +122,7 @@ def test_cli_train_then_embed(enc_store, tiny_cfg_file):
 
 
 def test_text_tower_of_a_trained_checkpoint(trained):
-    from encoder import load_checkpoint, load_text_encoder
+    from cmr_search.encoder import load_checkpoint, load_text_encoder
 
     text = load_text_encoder(trained.checkpoint)
     assert text.model_id == trained.model_id

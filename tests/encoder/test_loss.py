@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from encoder.loss import ContrastiveLoss, pair_infonce
+from cmr_search.encoder.loss import ContrastiveLoss, pair_infonce
 
 
 def nll(pos, *others):

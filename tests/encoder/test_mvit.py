@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from encoder.mvit import MViT, MViTConfig, mvit_param_shapes
+from cmr_search.encoder.mvit import MViT, MViTConfig, mvit_param_shapes
 
 FIXTURE = Path(__file__).parent / "fixtures" / "pytorchvideo_mvit_base_16x4.json"
 

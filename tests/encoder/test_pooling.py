@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from encoder.pooling import GatedAttentionPool
+from cmr_search.encoder.pooling import GatedAttentionPool
 
 
 def test_padding_gets_exactly_zero_attention_and_does_not_change_the_result():

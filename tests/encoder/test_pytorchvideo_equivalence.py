@@ -15,7 +15,7 @@ from pytorchvideo.models.vision_transformers import (
     create_multiscale_vision_transformers,
 )
 
-from encoder.mvit import MViT, MViTConfig
+from cmr_search.encoder.mvit import MViT, MViTConfig
 
 TOL = 1e-4
 

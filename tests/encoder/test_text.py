@@ -7,9 +7,9 @@ import shutil
 import pytest
 import torch
 
-from cmr.exceptions import InputError
-from encoder import load_text_encoder
-from encoder.text import TextConfig, TextEncoder, default_text_model_dir, split_sentences
+from cmr_search.core.exceptions import InputError
+from cmr_search.encoder import load_text_encoder
+from cmr_search.encoder.text import TextConfig, TextEncoder, default_text_model_dir, split_sentences
 
 
 @pytest.fixture(scope="module")

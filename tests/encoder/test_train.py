@@ -16,12 +16,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cmr.exceptions import InputError
-from encoder.checkpoint import load_checkpoint
-from encoder.data import ClipCorpus, ContrastiveBatches
-from encoder.loss import ContrastiveLoss
-from encoder.model import CmrClip
-from encoder.train import ReportCache, Trainer, any_rank, latest_checkpoint, lr_at, micro_step
+from cmr_search.core.exceptions import InputError
+from cmr_search.encoder.checkpoint import load_checkpoint
+from cmr_search.encoder.data import ClipCorpus, ContrastiveBatches
+from cmr_search.encoder.loss import ContrastiveLoss
+from cmr_search.encoder.model import CmrClip
+from cmr_search.encoder.train import (
+    ReportCache,
+    Trainer,
+    any_rank,
+    latest_checkpoint,
+    lr_at,
+    micro_step,
+)
 
 
 def test_lr_schedule_warms_up_then_decays(tiny_cfg):
@@ -202,7 +209,7 @@ def _ckpt_step(run_dir) -> int:
 
 
 def test_kill_9_then_resume_loses_nothing_before_the_last_checkpoint(enc_store, tiny_cfg_file, tmp_path):
-    cmd = [sys.executable, "-m", "cmr.cli", "train-encoder", "--store", str(enc_store), "--config", str(tiny_cfg_file),
+    cmd = [sys.executable, "-m", "cmr_search.cli", "train-encoder", "--store", str(enc_store), "--config", str(tiny_cfg_file),
            "--run-name", "killed", "--max-steps", "6", "--device", "cpu"]
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     run_dir = enc_store / "encoders" / "runs" / "killed"
@@ -232,7 +239,7 @@ def test_kill_9_then_resume_loses_nothing_before_the_last_checkpoint(enc_store, 
 
 
 def tiny_cfg_from(path):
-    from encoder.config import load_config
+    from cmr_search.encoder.config import load_config
 
     return load_config(path)
 
@@ -241,7 +248,7 @@ def test_torchrun_ddp_on_two_cpu_ranks(enc_store, tiny_cfg_file, tmp_path):
     """The multi-GPU path (torchrun + DDP + feature gather) on two gloo ranks."""
     # --standalone: a free port, not a fixed one another job may hold
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    cmd = [*torchrun, "-m", "cmr.cli", "train-encoder", "--store", str(enc_store), "--config", str(tiny_cfg_file),
+    cmd = [*torchrun, "-m", "cmr_search.cli", "train-encoder", "--store", str(enc_store), "--config", str(tiny_cfg_file),
            "--max-steps", "2", "--run-name", "ddp", "--json"]
     # TMPDIR: torchrun's torchelastic_* folder goes with the test's, not into /tmp for good
     env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}

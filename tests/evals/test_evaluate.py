@@ -13,10 +13,15 @@ import numpy as np
 import pytest
 from browser import CHROMIUM, DRIVER, open_chromium
 
-from evals.clusters import cluster_agreement, embedding_map, main_phenotype, neighbour_agreement
-from evals.config import EvalConfig
-from evals.plots import bland_altman_plot, efficiency_plot, map_plot
-from evals.report import SECTIONS, render_html, write_report
+from cmr_search.evals.config import EvalConfig
+from cmr_search.evals.plots import bland_altman_plot, efficiency_plot, map_plot
+from cmr_search.evals.report import SECTIONS, render_html, write_report
+from cmr_search.metrics.clusters import (
+    cluster_agreement,
+    embedding_map,
+    main_phenotype,
+    neighbour_agreement,
+)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -99,7 +104,7 @@ def test_report_renders_every_section_even_when_empty(tmp_path):
 
 
 def test_eval_config_refuses_bad_values():
-    from cmr.exceptions import InputError
+    from cmr_search.core.exceptions import InputError
 
     with pytest.raises(InputError, match="fractions"):
         EvalConfig(fractions=(0.0, 1.0))
@@ -113,7 +118,7 @@ def test_cmr_eval_on_a_trained_store(trained_store, tmp_path):
     store = tmp_path / "store"
     shutil.copytree(root, store)  # the baseline is embedded into the store: keep the shared one as it is
     out = tmp_path / "eval"
-    done = subprocess.run([sys.executable, "-m", "cmr.cli", "eval", "--store", str(store), "--out", str(out),
+    done = subprocess.run([sys.executable, "-m", "cmr_search.cli", "eval", "--store", str(store), "--out", str(out),
                            "--fractions", "0.5,1", "--seeds", "1", "--map", "pca", "-k", "3", "--json"],
                           capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -151,7 +156,7 @@ def test_cmr_eval_on_a_trained_store(trained_store, tmp_path):
 def test_cmr_eval_scores_plain_prediction_files(tmp_path):
     """`cmr eval --predictions A --baseline-predictions B`: a CSV of study id, score, label per
     model gives each model's AUROC with DeLong limits and the paired test, as evals.stats does."""
-    from evals.stats import auroc_ci, delong_test
+    from cmr_search.metrics.stats import auroc_ci, delong_test
 
     rng = np.random.default_rng(7)
     y = (rng.random(120) < 0.3).astype(int)
@@ -160,7 +165,7 @@ def test_cmr_eval_scores_plain_prediction_files(tmp_path):
     for name, scores, rows in (("a.csv", a, range(120)), ("b.csv", b, order)):
         lines = ["study_id,score,label"] + [f"s{i},{float(scores[i])!r},{y[i]}" for i in rows]
         (tmp_path / name).write_text("\n".join(lines) + "\n")
-    done = subprocess.run([sys.executable, "-m", "cmr.cli", "eval", "--predictions", str(tmp_path / "a.csv"),
+    done = subprocess.run([sys.executable, "-m", "cmr_search.cli", "eval", "--predictions", str(tmp_path / "a.csv"),
                            "--baseline-predictions", str(tmp_path / "b.csv"), "--out", str(tmp_path / "out"),
                            "--json"], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -170,6 +175,6 @@ def test_cmr_eval_scores_plain_prediction_files(tmp_path):
     assert p["baseline"]["auroc"] == pytest.approx(auroc_ci(y, b)[0])
     assert p["p_delong"] == pytest.approx(delong_test(y, a, b))
     assert "Prediction files" in (tmp_path / "out" / "report.html").read_text()
-    bad = subprocess.run([sys.executable, "-m", "cmr.cli", "eval", "--predictions", str(tmp_path / "missing.csv"),
+    bad = subprocess.run([sys.executable, "-m", "cmr_search.cli", "eval", "--predictions", str(tmp_path / "missing.csv"),
                           "--out", str(tmp_path / "out2")], capture_output=True, text=True, check=False)
     assert bad.returncode == 2 and "missing.csv" in bad.stderr

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from proc_reference import REFERENCE_JSON, SEED_DIR, rscript, run_proc, seed_cases
 
-from evals.reference import (
+from cmr_search.evals.reference import (
     PAPER_LVEF,
     Predictions,
     compare_classification,
@@ -19,7 +19,7 @@ from evals.reference import (
     paired,
     read_predictions,
 )
-from evals.stats import auroc_ci, delong_test, delong_unpaired_test
+from cmr_search.metrics.stats import auroc_ci, delong_test, delong_unpaired_test
 
 TOL = 1e-6
 needs_seed = pytest.mark.skipif(not SEED_DIR.is_dir(),

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pyarrow.csv as pacsv
 
-from evals.synth.embeddings import EmbeddingCohort, embedding_cohort
-from indexer import ClipStore
-from indexer.embedding_store import EmbeddingStore
+from cmr_search.store import ClipStore
+from cmr_search.store.embedding_store import EmbeddingStore
+from cmr_search.synth.embeddings import EmbeddingCohort, embedding_cohort
 
 MODEL = "m-heads"
 

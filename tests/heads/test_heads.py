@@ -11,16 +11,16 @@ import pytest
 import torch
 from head_data import MODEL, make_head_store, write_cohort
 
-from cmr.exceptions import InputError
-from evals.synth.embeddings import embedding_cohort
-from heads import HeadConfig, HeadRegistry, evaluate_head, train_head
-from heads.data import load_bags, load_labels, patient_split, sample_fraction
-from heads.model import MILHead
-from heads.train import _pos_weight, head_loss
-from indexer import ClipStore
-from indexer.embedding_store import EmbeddingStore
+from cmr_search.core.exceptions import InputError
+from cmr_search.heads import HeadConfig, HeadRegistry, evaluate_head, train_head
+from cmr_search.heads.data import load_bags, load_labels, patient_split, sample_fraction
+from cmr_search.heads.model import MILHead
+from cmr_search.heads.train import _pos_weight, head_loss
+from cmr_search.store import ClipStore
+from cmr_search.store.embedding_store import EmbeddingStore
+from cmr_search.synth.embeddings import embedding_cohort
 
-CMR = [sys.executable, "-m", "cmr.cli"]
+CMR = [sys.executable, "-m", "cmr_search.cli"]
 
 
 @pytest.fixture(scope="module")

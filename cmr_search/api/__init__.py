@@ -1,0 +1,1 @@
+"""The FastAPI search service and its web page."""

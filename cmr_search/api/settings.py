@@ -1,0 +1,63 @@
+"""Settings of the search service: ``CMR_*`` environment variables, optionally a ``.env``
+style file (``cmr serve --config FILE``), then command-line flags; built once and passed down."""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr
+from pydantic_settings import SettingsConfigDict
+
+from cmr_search.core.settings import Settings
+
+__all__ = ["ServeSettings"]
+
+MiB = 1024 * 1024
+
+
+class ServeSettings(Settings):
+    """What ``cmr serve`` runs with (every field also as ``CMR_<NAME>``)."""
+
+    model_config = SettingsConfigDict(env_prefix="CMR_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    #: uvicorn worker processes; each loads its own index and encoders (memory grows with it)
+    serve_workers: int = Field(1, ge=1)
+    #: threads that run searches (text and neighbours) beside the event loop, per process:
+    #: each search is a short CPU-bound job under the GIL, so one at a time has the lowest
+    #: tail latency (measured); scale with serve_workers, not with this
+    search_threads: int = Field(1, ge=1)
+    #: threads for everything else that touches the store (uploads, cines, studies,
+    #: predictions, clusters), per process
+    serve_threads: int = Field(8, ge=1)
+    #: one log line per request (method, path with query, status; never a body)
+    access_log: bool = True
+    #: require an API key on every endpoint but /healthz, /readyz, the page and the docs
+    auth: bool = True
+    #: a key to register at start (e.g. a container's env file; `cmr keys create --no-store`
+    #: makes one), with its role; only its hash is written to the store
+    api_key: SecretStr | None = None
+    api_key_role: str = Field("read", pattern="^(read|write)$")
+    #: OpenMP threads per FAISS search: 1, since requests already run side by side (the
+    #: store default, all cores per search, oversubscribes them under load)
+    index_threads: int | None = 1
+    #: torch threads per process for the encoders; None = cores / workers (several workers
+    #: each using every core made text queries 4x slower, measured)
+    torch_threads: int | None = Field(None, ge=1)
+    #: encoder whose embeddings are searched (default: the store's latest)
+    model_id: str | None = None
+    #: most results one request may ask for
+    max_k: int = Field(100, ge=1, le=10_000)
+    #: at most this often (seconds) a search checks that the index reflects the table; 0 =
+    #: before every search (a stat of the table's version folder: other processes' writes
+    #: are seen at once)
+    check_interval_s: float = Field(0.0, ge=0)
+    #: uploads: bytes received, files, bytes after unzipping, per-member compression ratio
+    max_upload_bytes: int = Field(512 * MiB, ge=1)
+    max_upload_files: int = Field(5000, ge=1)
+    max_unzipped_bytes: int = Field(2048 * MiB, ge=1)
+    max_zip_ratio: float = Field(100.0, ge=1)
+    #: cine images: webp (small, every current browser) or gif
+    cine_format: str = Field("webp", pattern="^(webp|gif)$")
+    #: clusters: smallest cluster HDBSCAN reports, and a cap on the studies clustered
+    cluster_min_size: int = Field(10, ge=2)
+    cluster_max_studies: int = Field(20_000, ge=10)

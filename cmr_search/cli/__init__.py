@@ -1,0 +1,1 @@
+"""The `cmr` command line: parsing and printing over the libraries below it."""

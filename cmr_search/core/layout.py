@@ -1,0 +1,150 @@
+"""The store directory's layout: every path of a store in one place, the ``LATEST`` pointer,
+and the atomic writes the store relies on (a folder or a small file published by rename).
+
+The format itself (what each table holds) is described in docs/ARCHITECTURE.md, "The store
+directory"; a path spelled anywhere else is a bug waiting for the next layout change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["StoreLayout", "publish_folder", "write_atomic"]
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """Where each part of the store at ``root`` lives. Pure path arithmetic: nothing is created."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    # -- tables and their metadata -----------------------------------------------------------
+    @property
+    def meta(self) -> Path:
+        """``store.json``: format version and the clip shape."""
+        return self.root / "store.json"
+
+    @property
+    def lance(self) -> Path:
+        """The LanceDB database (clips, reports, labels, views, studies)."""
+        return self.root / "lance"
+
+    def table_versions(self, table: str) -> Path:
+        """A Lance table's ``_versions`` folder (one manifest per commit)."""
+        return self.lance / f"{table}.lance" / "_versions"
+
+    # -- secrets -------------------------------------------------------------------------------
+    @property
+    def patient_salt(self) -> Path:
+        """The store's own salt for patient keys when ``CMR_PATIENT_SALT`` is unset."""
+        return self.root / "secrets" / "patient_salt"
+
+    @property
+    def api_keys(self) -> Path:
+        """API keys of the service (hashes and roles only)."""
+        return self.root / "secrets" / "api_keys.json"
+
+    # -- models ----------------------------------------------------------------------------------
+    @property
+    def encoders(self) -> Path:
+        """Trained encoders, one folder per ``model_id``."""
+        return self.root / "encoders"
+
+    def encoder(self, model_id: str) -> Path:
+        """The exported encoder ``model_id`` (model.safetensors + config.json)."""
+        return self.encoders / model_id
+
+    @property
+    def latest(self) -> Path:
+        """The file naming the store's newest trained encoder."""
+        return self.encoders / "LATEST"
+
+    def run(self, name: str) -> Path:
+        """A training run's folder (checkpoint/ and metrics.csv)."""
+        return self.encoders / "runs" / name
+
+    def latest_model_id(self) -> str | None:
+        """The ``model_id`` that ``LATEST`` names, or None before the first trained encoder."""
+        try:
+            return self.latest.read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def set_latest(self, model_id: str) -> None:
+        """Point ``LATEST`` at encoder ``model_id`` (atomically)."""
+        write_atomic(self.latest, model_id + "\n")
+
+    @property
+    def heads(self) -> Path:
+        """Registered heads, one folder per name."""
+        return self.root / "heads"
+
+    # -- indexes, caches, bookkeeping ------------------------------------------------------------
+    def index(self, table: str, model_id: str) -> Path:
+        """The FAISS index generations of (table, model_id) and their ``CURRENT`` file."""
+        return self.indexes / table / model_id
+
+    @property
+    def indexes(self) -> Path:
+        """Every persisted FAISS index."""
+        return self.root / "indexes"
+
+    @property
+    def eval(self) -> Path:
+        """The report of the last ``cmr eval`` (the default ``--out``)."""
+        return self.root / "eval"
+
+    @property
+    def journal(self) -> Path:
+        """Pending withdrawals (empty unless one was interrupted)."""
+        return self.root / "journal"
+
+    @property
+    def study_write_lock(self) -> Path:
+        """The file lock study writes (uploads, withdrawals) take in turn across processes."""
+        return self.root / "locks" / "study-writes.lock"
+
+    def study_cache(self, study_uid: str) -> Path:
+        """Cached cines of one study, named by a hash so no UID appears in a path."""
+        return self.root / "cache" / "studies" / hashlib.sha256(study_uid.encode()).hexdigest()[:24]
+
+    @property
+    def clusters_cache(self) -> Path:
+        """HDBSCAN results per model and table version."""
+        return self.root / "cache" / "clusters"
+
+    @property
+    def ingest_reports(self) -> Path:
+        """One JSON report per ingest run (file paths withheld)."""
+        return self.root / "ingest_reports"
+
+    @property
+    def tmp(self) -> Path:
+        """Scratch of running ingests and uploads."""
+        return self.root / "tmp"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace a small text file so that a reader sees the old content or the new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def publish_folder(tmp: Path, final: Path) -> Path:
+    """Move a complete folder into place by one rename. Content-addressed folders (a
+    ``model_id``) that already exist hold the same bytes, so the new copy is dropped."""
+    if Path(final).exists():
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, final)
+    return Path(final)

@@ -1,0 +1,23 @@
+"""Linear and attention-MIL heads trained on stored embeddings, and their registry.
+
+Python API (the search service uses it)::
+
+    HeadRegistry(store).load(name).predict(EmbeddingStore.open(store), [study_uid, ...])
+    train_head(store, ["lvef"], HeadConfig(kind="mil"))
+    evaluate_head(store, name)
+"""
+
+from importlib import import_module
+
+__all__ = ["Head", "HeadConfig", "HeadRegistry", "evaluate_head", "train_head"]
+
+_HOME = {"HeadConfig": "cmr_search.heads.config", "Head": "cmr_search.heads.registry",
+         "HeadRegistry": "cmr_search.heads.registry", "evaluate_head": "cmr_search.heads.registry",
+         "train_head": "cmr_search.heads.registry"}
+
+
+def __getattr__(name: str):
+    # Lazy: `cmr --help` and `cmr keys` need HeadConfig's fields, not torch and lancedb
+    if name in _HOME:
+        return getattr(import_module(_HOME[name]), name)
+    raise AttributeError(f"module 'cmr_search.heads' has no attribute {name!r}")

@@ -1,0 +1,189 @@
+"""The head registry: ``STORE/heads/<name>/{model.safetensors, card.json}``.
+
+A card says what the head predicts and from what: task, labels, kind, the encoder's
+``model_id``, the label source and its sha256, the split and seeds, the metrics and the
+training time. A head only runs on embeddings of its own ``model_id``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from cmr_search.core.exceptions import InputError
+from cmr_search.heads.config import HeadConfig
+from cmr_search.heads.data import Bags, LabelSet, load_bags, load_labels, patient_split
+from cmr_search.heads.model import build_head
+from cmr_search.heads.train import (
+    TrainedHead,
+    fit_head,
+    metrics_for,
+    predict_outputs,
+    to_label_units,
+)
+from cmr_search.store.embedding_store import EmbeddingStore
+from cmr_search.store.search import default_model_id
+
+__all__ = ["CARD_FORMAT", "Head", "HeadRegistry", "evaluate_head", "train_head"]
+
+CARD_FORMAT = "cmr-head/1"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+
+
+@dataclass
+class Head:
+    """A registered head, loaded: ``predict`` for one or many studies."""
+
+    name: str
+    card: dict
+    model: torch.nn.Module
+
+    @property
+    def model_id(self) -> str:
+        return self.card["model_id"]
+
+    def predict_bags(self, bags: Bags) -> list[dict]:
+        """Per study: the prediction of each label (probability for classification, label
+        units for regression), the call at the card's threshold, and the attention per view."""
+        if bags.model_id != self.model_id:
+            raise InputError(f"head {self.name} was trained on embeddings of model {self.model_id}, not "
+                             f"{bags.model_id}; embed with that encoder or train a head for this one")
+        outputs, attention = predict_outputs(self.model, bags)
+        values = to_label_units(self.card["task"], outputs, self.card["target"])
+        out = []
+        for i, uid in enumerate(bags.study_uids):
+            pred = {name: float(values[i, j]) for j, name in enumerate(self.card["labels"])}
+            row = {"study_uid": uid, "head": self.name, "task": self.card["task"], "prediction": pred}
+            if self.card["task"] != "regression":
+                row["positive"] = {n: pred[n] >= t for n, t in self.card["thresholds"].items()}
+            if len(attention[i]):
+                row["attention"] = [{**v, "weight": float(w)} for v, w in zip(bags.view_names[i], attention[i])]
+            out.append(row)
+        return out
+
+    def predict(self, store: EmbeddingStore, study_uids: list[str]) -> list[dict]:
+        """Predictions for these stored studies (embeddings of the head's model_id)."""
+        return self.predict_bags(load_bags(store, self.model_id, list(study_uids)))
+
+
+class HeadRegistry:
+    """The heads of one store."""
+
+    def __init__(self, store_root: Path):
+        self.root = Path(store_root) / "heads"
+
+    def names(self) -> list[str]:
+        """Registered heads, by name."""
+        return sorted(p.name for p in self.root.glob("*") if (p / "card.json").exists()) if self.root.exists() else []
+
+    def cards(self) -> list[dict]:
+        """Every head's card."""
+        return [self.card(n) for n in self.names()]
+
+    def card(self, name: str) -> dict:
+        """One head's card."""
+        path = self.root / name / "card.json"
+        if not _NAME.match(name) or not path.exists():
+            have = ", ".join(self.names()) or "none yet; train one with `cmr heads train`"
+            raise InputError(f"no head named {name!r} in this store (heads: {have})")
+        return json.loads(path.read_text())
+
+    def save(self, name: str, trained: TrainedHead, extra: dict, replace: bool = False) -> Path:
+        """Write weights and card atomically (a temporary folder renamed into place)."""
+        if not _NAME.match(name):
+            raise InputError(f"head name {name!r}: use letters, digits, '.', '_', '+' and '-' (up to 128)")
+        final = self.root / name
+        if final.exists() and not replace:
+            raise InputError(f"a head named {name} exists; pass --replace to overwrite it or choose another --name")
+        card = {"format": CARD_FORMAT, "name": name, "task": trained.task, "labels": trained.labels,
+                "kind": trained.config.kind, "config": trained.config.to_dict(), "target": trained.target,
+                "thresholds": trained.thresholds, "metrics": trained.metrics, "split": trained.split,
+                "training_seconds": round(trained.seconds, 3), "epochs": trained.epochs,
+                "best_epoch": trained.best_epoch, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                **extra}
+        tmp = self.root / f".{name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in trained.model.state_dict().items()}, tmp / "model.safetensors",
+                  metadata={"format": CARD_FORMAT})
+        (tmp / "card.json").write_text(json.dumps(_jsonable(card), indent=2))
+        old = self.root / f".{name}.old-{os.getpid()}"
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def load(self, name: str) -> Head:
+        """A head ready to predict."""
+        card = self.card(name)
+        if card.get("format") != CARD_FORMAT:
+            raise InputError(f"head {name} has card format {card.get('format')!r}; this version reads {CARD_FORMAT}")
+        cfg = HeadConfig.from_dict(card["config"])
+        model = build_head(cfg, card["task"], card["dim"], len(card["labels"]))
+        model.load_state_dict(load_file(self.root / name / "model.safetensors"))
+        return Head(name, card, model.eval())
+
+
+def train_head(store_root: Path, labels: list[str], cfg: HeadConfig | None = None, labels_path: Path | None = None,
+               model_id: str | None = None, name: str | None = None, replace: bool = False,
+               log=None) -> tuple[Head, LabelSet]:
+    """Train a head on the store's embeddings and register it; returns it with the label
+    report (what was skipped and why)."""
+    cfg = cfg or HeadConfig()
+    store = EmbeddingStore.open(Path(store_root))
+    model_id = model_id or default_model_id(store)
+    bags = load_bags(store, model_id)
+    label_set = load_labels(store, bags, list(labels), labels_path, cfg.task)
+    trained = fit_head(bags, label_set, cfg, log=log)
+    name = name or f"{'+'.join(labels)}-{cfg.kind}-{model_id[:8]}" + (f"-f{cfg.fraction:g}" if cfg.fraction < 1 else "")
+    registry = HeadRegistry(store_root)
+    registry.save(name, trained, {"model_id": model_id, "dim": bags.studies.shape[1], "label_source": label_set.source,
+                                  "label_sha256": label_set.sha256, "label_problems": label_set.problems}, replace)
+    return registry.load(name), label_set
+
+
+def evaluate_head(store_root: Path, name: str, labels_path: Path | None = None) -> dict:
+    """Metrics of a registered head: on its own test split (labels from the store, split
+    again from the card's seeds), or on every labelled study of ``labels_path`` (an
+    external test set)."""
+    store = EmbeddingStore.open(Path(store_root))
+    head = HeadRegistry(store_root).load(name)
+    card = head.card
+    bags = load_bags(store, head.model_id)
+    label_set = load_labels(store, bags, card["labels"], labels_path, card["task"])
+    if labels_path is None:
+        cfg = HeadConfig.from_dict(card["config"])
+        rows = patient_split(bags, label_set, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)[2]
+        scope = "test split"
+    else:
+        rows = np.flatnonzero(label_set.usable())
+        scope = f"every labelled study of {labels_path}"
+    subset = bags.subset(rows)
+    pred = to_label_units(card["task"], predict_outputs(head.model, subset)[0], card["target"])
+    metrics = metrics_for(card["task"], card["labels"], label_set.values[rows], pred, card.get("thresholds"))
+    return {"head": name, "scope": scope, "studies": len(rows), "metrics": _jsonable(metrics),
+            "label_problems": label_set.problems}
+
+
+def _jsonable(x):
+    """NaN -> None (strict JSON), numpy scalars -> Python."""
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    return x

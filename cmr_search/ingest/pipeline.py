@@ -1,0 +1,389 @@
+"""``cmr ingest``: DICOM files -> studies -> cine slices -> canonical clips in the store.
+
+One read of every file: workers take a folder at a time, parse each file with its pixel
+bytes, and cut the clips of the cine series complete in that folder (decoys are never
+decoded). The main process then plans each study from all headers (views, SAX order,
+repeats) and writes it; series spread over several folders are read again at that stage.
+Each batch of whole studies is one Lance commit, so an interrupted run leaves every
+study either fully written or absent.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from cmr_search.core.progress import progress_bar
+from cmr_search.ingest.clips import PixelError, clip_frames, decode_stack, make_clip, read_frames
+from cmr_search.ingest.config import IngestConfig
+from cmr_search.ingest.discover import FileRef, discover
+from cmr_search.ingest.headers import FileHeader, Rejection, read_header
+from cmr_search.ingest.series import (
+    ClipPlan,
+    StudyPlan,
+    group_by_series,
+    group_by_study,
+    plan_series,
+    plan_study,
+)
+
+if TYPE_CHECKING:
+    from cmr_search.store.clip_store import ClipStore
+
+__all__ = ["IngestReport", "build_study", "clip_id", "frames_key", "ingest", "scan_unit", "units_of"]
+
+
+@dataclass
+class IngestReport:
+    """What an ingest run did: counts, and every skipped or rejected input with its reason."""
+
+    files_found: int = 0
+    files_read: int = 0
+    studies_found: int = 0
+    studies_written: int = 0
+    clips_inserted: int = 0
+    clips_updated: int = 0
+    views: dict[str, int] = field(default_factory=dict)
+    skipped: list[dict] = field(default_factory=list)  # by design: localizers, LGE, flow, repeats
+    rejected: list[dict] = field(default_factory=list)  # bad input
+    reports_imported: int = 0
+    labels_imported: int = 0
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per stage: read, plan, write, tables
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every input was usable, 3 when some were rejected (DESIGN.md)."""
+        return 3 if self.rejected else 0
+
+    def to_dict(self, with_paths: bool = True) -> dict:
+        """JSON-ready dict; without paths for the copy kept in the store (paths can name patients)."""
+        d = asdict(self)
+        d["exit_code"] = self.exit_code
+        if not with_paths:
+            for item in d["skipped"] + d["rejected"]:
+                if not item["where"].startswith(("series ", "study ")):
+                    item["where"] = "file (path withheld)"
+        return d
+
+
+def clip_id(series_uid: str, series_slice: int) -> str:
+    """Stable id of a clip: hash of the series UID and the slice's index inside the series."""
+    return hashlib.sha1(f"{series_uid}:{series_slice}".encode()).hexdigest()[:24]
+
+
+def _row(plan: ClipPlan, clip, cfg: IngestConfig) -> dict:
+    return {
+        "clip_id": clip_id(plan.series_uid, plan.series_slice),
+        "study_uid": plan.study_uid,
+        "series_uid": plan.series_uid,
+        "patient_key": plan.patient_key,
+        "view": plan.view,
+        "view_source": plan.view_source,
+        "slice_index": plan.slice_index,
+        "n_slices": plan.n_slices,
+        "series_slice": plan.series_slice,
+        "frames": clip.shape[0],
+        "height": clip.shape[1],
+        "width": clip.shape[2],
+        "clip": clip.tobytes(),
+        "source_frames": len(plan.frames),
+        "time_source": plan.time_source,
+        "row_spacing_mm": plan.pixel_spacing[0],
+        "col_spacing_mm": plan.pixel_spacing[1],
+        "clip_spacing_mm": cfg.clip.fov_mm / cfg.clip.size,
+        "position_mm": plan.position_mm,
+        "rr_ms": plan.rr_ms,
+        "series_number": plan.series_number,
+        "series_description": plan.series_description,
+        "vendor": plan.manufacturer,
+        "site": cfg.site,
+        "sex": plan.sex,
+        "age": plan.age,
+        "study_date": plan.study_date,
+    }
+
+
+def frames_key(series_uid: str, series_slice: int, frames: list[tuple[FileRef, int]]) -> str:
+    """Digest of exactly which frames make a clip: a clip built by a worker is reused only
+    when the study plan asks for the very same frames in the same order."""
+    text = f"{series_uid}:{series_slice}:" + "|".join(f"{ref}#{i}" for ref, i in frames)
+    return hashlib.sha1(text.encode()).hexdigest()[:24]
+
+
+@dataclass
+class UnitResult:
+    """What one worker learned from one folder (or zip) of files in a single read of each."""
+
+    headers: list[FileHeader] = field(default_factory=list)
+    rejections: list[Rejection] = field(default_factory=list)
+    failures: dict[str, tuple[str, str]] = field(default_factory=dict)  # frames_key -> (where, error)
+    files: int = 0
+
+
+def scan_unit(refs: list[FileRef], salt: bytes, cfg: IngestConfig, scratch: Path) -> UnitResult:
+    """Read each file once: parse its header and, for every complete cine slice found inside
+    this unit, cut the canonical clip from the pixels already in memory (saved to ``scratch``).
+
+    Series split across units are left to the study pass, which reads their files again.
+    """
+    with _gc_paused():
+        return _scan_unit(refs, salt, cfg, scratch)
+
+
+def _scan_unit(refs: list[FileRef], salt: bytes, cfg: IngestConfig, scratch: Path) -> UnitResult:
+    out = UnitResult(files=len(refs))
+    datasets: dict[FileRef, object] = {}
+    for ref in refs:
+        header, ds = read_header(ref, salt, pixels=True)
+        if isinstance(header, Rejection):
+            out.rejections.append(header)
+        else:
+            out.headers.append(header)
+            datasets[ref] = ds
+    for files in group_by_series(out.headers).values():
+        slices, _problem = plan_series(files, cfg.min_frames)
+        for sl in slices:  # a problem is re-derived (once, for the whole series) by plan_study
+            frames = [(h.ref, f.file_frame) for h, f in sl.ordered]
+            key = frames_key(files[0].series_uid, sl.series_slice, frames)
+            try:
+                # only the frames the clip keeps are decoded; the rest were parsed, never decoded
+                stack = decode_stack(clip_frames(frames, cfg.clip), files[0].rows, files[0].columns, datasets.__getitem__)
+                np.save(scratch / f"{key}.npy", make_clip(stack, files[0].pixel_spacing, cfg.clip))
+            except PixelError as err:
+                out.failures[key] = (err.where, str(err))
+    return out
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a unit's files are parsed and cut: pydicom
+    allocates millions of small objects, and the collections they triggered walked every live
+    object (the process's modules, the headers so far) at a cost of ~15 % of the read
+    (measured: docs/BENCHMARKS.md). The unit's datasets live until it ends anyway."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def build_study(plan: StudyPlan, cfg: IngestConfig, scratch: Path, failures: dict) -> tuple[list[dict], list[Rejection]]:
+    """Collect (or, for series split across folders, cut) every clip of a study. A failed
+    cine series fails the whole study unless ``cfg.allow_partial``: stored whole or not at all."""
+    rows, failed = [], []
+    for cp in plan.clips:
+        key = frames_key(cp.series_uid, cp.series_slice, cp.frames)
+        path = scratch / f"{key}.npy"
+        try:
+            if key in failures:
+                raise PixelError(failures[key][1], failures[key][0])
+            clip = np.load(path) if path.exists() else make_clip(read_frames(cp, cfg.clip), cp.pixel_spacing, cfg.clip)
+            rows.append(_row(cp, clip, cfg))
+        except PixelError as err:
+            where = err.where or f"series {cp.series_number} '{cp.series_description}'"
+            failed.append(Rejection(where, f"series {cp.series_number}: {err}", plan.study_uid, cp.series_uid))
+    if failed and not cfg.allow_partial and rows:
+        failed.append(Rejection(f"study {plan.study_uid}", f"not written: {len(failed)} cine series failed (use --allow-partial to keep the rest)", plan.study_uid))
+        rows = []
+    return rows, failed
+
+
+def units_of(refs: list[FileRef], max_files: int) -> list[list[FileRef]]:
+    """Group files by folder (or zip member folder), at most ``max_files`` per unit: exports
+    keep a series in one folder, so most series are complete inside one unit."""
+    groups: dict[tuple, list[FileRef]] = defaultdict(list)
+    for ref in refs:
+        folder = os.path.dirname(ref.member) if ref.member else os.path.dirname(ref.path)
+        groups[(ref.path if ref.member else "", folder)].append(ref)
+    units = []
+    for members in groups.values():
+        units += [members[i : i + max_files] for i in range(0, len(members), max_files)]
+    # largest first: the pool then ends on small units and no worker idles at the end
+    return sorted(units, key=len, reverse=True)
+
+
+@contextmanager
+def _pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
+    """One process pool for the whole run, of ``workers - 1`` processes: this process is the
+    other worker (None: it is the only one)."""
+    if workers <= 1:
+        yield None
+        return
+    # forkserver: the parent holds Lance's native threads, which fork() would copy mid-lock.
+    # Preloading this module in the server makes each worker a cheap fork, not a fresh import.
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    with ProcessPoolExecutor(max_workers=workers - 1, mp_context=ctx) as pool:
+        yield pool
+
+
+def _map(pool: ProcessPoolExecutor | None, fn: Callable, items: list, chunksize: int) -> Iterator:
+    return map(fn, items) if pool is None else pool.map(fn, items, chunksize=chunksize)
+
+
+def _share(pool: ProcessPoolExecutor | None, fn: Callable, items: list, depth: int) -> Iterator:
+    """``fn`` over ``items`` (largest first) in the pool and in this process, results as they
+    come. This process takes the small end: it works from the first second, while the pool's
+    processes still start (a third of a second, 12 % of a 16-study run), and answers the
+    pool's results between small items. ``depth`` items wait in the pool: enough that no
+    pool process idles while this one works."""
+    if pool is None:
+        yield from map(fn, items)
+        return
+    todo = deque(items)
+    in_flight: set[Future] = set()
+    while todo or in_flight:
+        while todo and len(in_flight) < depth:
+            in_flight.add(pool.submit(fn, todo.popleft()))
+        done = {f for f in in_flight if f.done()}
+        in_flight -= done
+        yield from (f.result() for f in done)
+        if todo:
+            yield fn(todo.pop())
+        elif in_flight and not done:
+            wait(in_flight, return_when=FIRST_COMPLETED)
+
+
+def _batches(results: Iterable, size: int) -> Iterator[list]:
+    batch: list = []
+    for item in results:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def ingest(
+    paths: list[Path],
+    store: ClipStore,
+    cfg: IngestConfig,
+    salt: bytes,
+    reports: Path | None = None,
+    labels: Path | None = None,
+    progress: bool = True,
+) -> IngestReport:
+    """Ingest DICOM under ``paths`` (folders, zips, files) into ``store``; never raises on bad files."""
+    t0 = time.perf_counter()
+    report = IngestReport()
+    for kind, path in (("reports", reports), ("labels", labels)):
+        if path is not None:
+            store.check_table_file(path, kind)
+    refs = discover(paths)
+    report.files_found = len(refs)
+    scratch = store.scratch_dir()
+    try:
+        with progress_bar(progress) as bar, _pool(cfg.workers) as pool:
+            plans, failures = _scan(pool, refs, cfg, salt, scratch, report, bar)
+            t_write = time.perf_counter()
+            task = bar.add_task("studies", total=len(plans))
+            for batch in _batches(_build_all(pool, plans, failures, cfg, scratch), cfg.studies_per_commit):
+                rows = []
+                for study_rows, failed in batch:
+                    report.rejected += [asdict(r) for r in failed]
+                    if study_rows:
+                        report.studies_written += 1
+                        rows += study_rows
+                        for r in study_rows:
+                            report.views[r["view"]] = report.views.get(r["view"], 0) + 1
+                    bar.advance(task)
+                inserted, updated = store.upsert_clips(rows)  # one commit of whole studies
+                report.clips_inserted += inserted
+                report.clips_updated += updated
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if report.studies_written:
+        store.optimize(rewritten=report.clips_updated > 0)
+    report.phases["write"] = round(time.perf_counter() - t_write, 2)
+    t_tables = time.perf_counter()
+    _import_tables(store, report, reports, labels)
+    report.phases["tables"] = round(time.perf_counter() - t_tables, 2)
+    report.seconds = round(time.perf_counter() - t0, 2)
+    _save(store, report)
+    return report
+
+
+def _scan(pool, refs, cfg: IngestConfig, salt: bytes, scratch: Path, report: IngestReport, bar) -> tuple[list[StudyPlan], dict]:
+    """Pass over all files (one read each) and plan every study from the headers."""
+    t0 = time.perf_counter()
+    task = bar.add_task("files", total=len(refs))
+    headers: list[FileHeader] = []
+    failures: dict = {}
+    units = units_of(refs, max_files=cfg.max_files_per_unit)
+    for result in _share(pool, partial(scan_unit, salt=salt, cfg=cfg, scratch=scratch), units, depth=2 * cfg.workers):
+        headers += result.headers
+        failures.update(result.failures)
+        for r in result.rejections:
+            (report.skipped if r.by_design else report.rejected).append(asdict(r))
+        bar.advance(task, result.files)
+    report.files_read = len(headers)
+    report.phases["read"] = round(time.perf_counter() - t0, 2)
+    t0 = time.perf_counter()
+    studies = group_by_study(headers)
+    report.studies_found = len(studies)
+    plans = [plan_study(h, cfg.min_frames, cfg.allow_partial) for h in studies.values()]
+    for plan in plans:
+        report.skipped += [asdict(r) for r in plan.skipped]
+        report.rejected += [asdict(r) for r in plan.rejected]
+    report.phases["plan"] = round(time.perf_counter() - t0, 2)
+    return [p for p in plans if p.clips], failures
+
+
+def _build_all(pool, plans: list[StudyPlan], failures: dict, cfg: IngestConfig, scratch: Path) -> Iterator[tuple[list[dict], list[Rejection]]]:
+    """Every study's rows. A study whose clips were all cut in the scan is only loaded from
+    scratch, cheaper here than pickled back from a worker (a 16-study run's 58 MB of clips);
+    studies with series split across folders are read again in the pool meanwhile."""
+    local, remote = [], []
+    for plan in plans:
+        keys = [frames_key(c.series_uid, c.series_slice, c.frames) for c in plan.clips]
+        job = (plan, {k: failures[k] for k in keys if k in failures})
+        done = all(k in failures or (scratch / f"{k}.npy").exists() for k in keys)
+        (local if done or pool is None else remote).append(job)
+    results = _map(pool, partial(_build_job, cfg=cfg, scratch=scratch), remote, chunksize=4)  # submitted now
+    yield from (_build_job(job, cfg, scratch) for job in local)
+    yield from results
+
+
+def _build_job(job: tuple, cfg: IngestConfig, scratch: Path):
+    plan, failures = job
+    return build_study(plan, cfg, scratch, failures)
+
+
+def _import_tables(store: ClipStore, report: IngestReport, reports: Path | None, labels: Path | None) -> None:
+    known = store.study_uids()
+    for name, path in (("reports", reports), ("labels", labels)):
+        if path is None:
+            continue
+        result = store.import_reports(path) if name == "reports" else store.import_labels(path)
+        setattr(report, f"{name}_imported", result.rows)
+        report.warnings += [f"{name}: {p}" for p in result.problems]
+        unknown = store.table_study_uids(name) - known
+        if unknown:
+            report.warnings.append(f"{name}: {len(unknown)} rows for studies with no clips in the store (kept; ingest their DICOM to use them)")
+
+
+def _save(store: ClipStore, report: IngestReport) -> None:
+    folder = store.root / "ingest_reports"
+    folder.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    (folder / f"ingest-{stamp}.json").write_text(json.dumps(report.to_dict(with_paths=False), indent=1))

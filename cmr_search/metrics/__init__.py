@@ -1,0 +1,1 @@
+"""Pure metrics: retrieval, statistics (AUROC, DeLong), prediction metrics, clustering."""

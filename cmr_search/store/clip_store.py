@@ -1,0 +1,298 @@
+"""The store directory and its Lance tables: canonical clips, report texts and labels."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import lancedb
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from cmr_search.core.exceptions import InputError, StoreError
+from cmr_search.store.config import ClipConfig
+
+__all__ = ["CLIP_SCHEMA", "CLIP_STORAGE_VERSION", "ClipStore", "ImportResult", "read_study_table"]
+
+FORMAT_VERSION = 1
+
+CLIP_SCHEMA = pa.schema(
+    [
+        pa.field("clip_id", pa.string(), nullable=False),
+        pa.field("study_uid", pa.string(), nullable=False),
+        pa.field("series_uid", pa.string(), nullable=False),
+        pa.field("patient_key", pa.string(), nullable=False),
+        pa.field("view", pa.string(), nullable=False),
+        pa.field("view_source", pa.string()),
+        pa.field("slice_index", pa.int16()),
+        pa.field("n_slices", pa.int16()),
+        pa.field("series_slice", pa.int16()),
+        pa.field("frames", pa.int16()),
+        pa.field("height", pa.int16()),
+        pa.field("width", pa.int16()),
+        pa.field("clip", pa.large_binary()),  # uint8 [frames, height, width], C order
+        pa.field("source_frames", pa.int16()),
+        pa.field("time_source", pa.string()),
+        pa.field("row_spacing_mm", pa.float32()),
+        pa.field("col_spacing_mm", pa.float32()),
+        pa.field("clip_spacing_mm", pa.float32()),
+        pa.field("position_mm", pa.float32()),
+        pa.field("rr_ms", pa.float32()),
+        pa.field("series_number", pa.int32()),
+        pa.field("series_description", pa.string()),
+        pa.field("vendor", pa.string()),
+        pa.field("site", pa.string()),
+        pa.field("sex", pa.string()),
+        pa.field("age", pa.float32()),
+        pa.field("study_date", pa.string()),
+        pa.field("ingested_at", pa.timestamp("ms", tz="UTC")),
+    ]
+)
+# Lance file format of the clip table. The newer default formats (2.1+) compress each
+# large binary value: ~14 % smaller for clip pixels, but the write of a 16-study commit
+# went from 0.03 s to 0.4 s, 6.3 s of 6.7 s for a 240-study archive, and reads were no
+# faster (measured: docs/BENCHMARKS.md). 2.0 stores the bytes as they are. A table keeps
+# the format it was created with, through appends and compaction.
+CLIP_STORAGE_VERSION = "2.0"
+REPORT_SCHEMA = pa.schema([pa.field("study_uid", pa.string(), nullable=False), pa.field("report", pa.string())])
+
+
+@dataclass
+class ImportResult:
+    """What importing a report or label file did."""
+
+    rows: int = 0
+    problems: list[str] = field(default_factory=list)  # rows not imported, with reasons
+
+
+def read_study_table(path: Path) -> pa.Table:
+    """A CSV or Parquet file keyed by study_uid (reports, labels), study_uid as text."""
+    if not path.exists():
+        raise InputError(f"{path} does not exist; give a CSV or Parquet file keyed by study_uid")
+    try:
+        if path.suffix.lower() in (".parquet", ".pq"):
+            table = pq.read_table(path)
+        else:
+            table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
+    except (pa.ArrowInvalid, OSError) as err:
+        raise InputError(f"{path} cannot be read as CSV/Parquet: {err}") from err
+    if "study_uid" not in table.column_names:
+        raise InputError(f"{path} has no 'study_uid' column (columns: {', '.join(table.column_names)})")
+    return table.set_column(table.schema.get_field_index("study_uid"), "study_uid", table["study_uid"].cast(pa.string()))
+
+
+def _dedupe_last(table: pa.Table, result: ImportResult) -> pa.Table:
+    """Drop rows without a study_uid and keep the last row of each study_uid."""
+    uids = table["study_uid"].to_pylist()
+    last: dict[str, int] = {}
+    for i, uid in enumerate(uids):
+        if not uid:
+            result.problems.append(f"row {i + 2}: empty study_uid")
+            continue
+        if uid in last:
+            result.problems.append(f"row {i + 2}: duplicate study_uid {uid}; the last row wins")
+        last[uid] = i
+    return table.take(sorted(last.values()))
+
+
+class ClipStore:
+    """A store directory: ``store.json`` (format and clip shape), ``lance/`` tables, secrets."""
+
+    def __init__(self, root: Path, clip: ClipConfig):
+        self.root = Path(root)
+        self.clip_config = clip
+        # a zero interval makes every read check for the newest version: readers never see stale data
+        self.db = lancedb.connect(self.root / "lance", read_consistency_interval=timedelta(0))
+
+    @classmethod
+    def open(cls, root: Path, clip: ClipConfig | None = None, create: bool = False) -> ClipStore:
+        """Open a store; with ``create`` make it (the first clip config fixes the clip shape)."""
+        root = Path(root)
+        meta_path = root / "store.json"
+        if meta_path.exists():
+            meta = json.loads(meta_path.read_text())
+            if meta.get("format_version") != FORMAT_VERSION:
+                raise StoreError(f"{root} has store format {meta.get('format_version')}; this cmr reads {FORMAT_VERSION}")
+            stored = ClipConfig(**meta["clip"])
+            if clip is not None and clip != stored:
+                raise StoreError(
+                    f"{root} holds clips of shape {stored.frames}x{stored.size}x{stored.size} at "
+                    f"{stored.fov_mm} mm; ingest with the same --frames/--size/--fov-mm or use a new store"
+                )
+            return cls(root, stored)
+        if not create:
+            raise StoreError(f"{root} is not a cmr store (no store.json); run `cmr ingest ... --store {root}` first")
+        root.mkdir(parents=True, exist_ok=True)
+        clip = clip or ClipConfig()
+        tmp = meta_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"format_version": FORMAT_VERSION, "clip": clip.to_dict()}, indent=2))
+        os.replace(tmp, meta_path)  # atomic: a crash leaves either no store or a whole one
+        return cls(root, clip)
+
+    # -- secrets -----------------------------------------------------------------------
+    def patient_salt(self, configured: str | None = None) -> bytes:
+        """The salt for patient keys: the configured one, else this store's own random salt."""
+        if configured:
+            return configured.encode()
+        path = self.root / "secrets" / "patient_salt"
+        if not path.exists():
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fp:
+                fp.write(secrets.token_hex(32))
+        return path.read_text().strip().encode()
+
+    def scratch_dir(self) -> Path:
+        """A fresh private folder for one ingest run's intermediate clips; folders left by
+        runs that died (their process is gone) are removed first."""
+        base = self.root / "tmp"
+        base.mkdir(exist_ok=True)
+        for old in base.glob("ingest-*"):
+            pid = old.name.split("-")[1]
+            if pid.isdigit() and not process_alive(pid):
+                shutil.rmtree(old, ignore_errors=True)
+        path = base / f"ingest-{os.getpid()}-{secrets.token_hex(4)}"
+        path.mkdir()
+        return path
+
+    # -- clips -------------------------------------------------------------------------
+    def has_table(self, name: str) -> bool:
+        """Whether the store holds a table of that name."""
+        return name in self.db.list_tables(limit=1000).tables
+
+    def _table(self, name: str, schema: pa.Schema, storage_version: str | None = None):
+        return self.db.create_table(name, schema=schema, exist_ok=True, data_storage_version=storage_version)
+
+    @property
+    def clips(self):
+        """The Lance table of canonical clips."""
+        return self._table("clips", CLIP_SCHEMA, CLIP_STORAGE_VERSION)
+
+    def upsert_clips(self, rows: list[dict]) -> tuple[int, int]:
+        """Insert or replace clips by ``clip_id`` in one commit; returns (inserted, updated)."""
+        if not rows:
+            return 0, 0
+        now = datetime.now(UTC)
+        for r in rows:
+            r.setdefault("ingested_at", now)
+        data = pa.Table.from_pylist(rows, schema=CLIP_SCHEMA)
+        table = self.clips
+        if table.count_rows() == 0 and len(set(data["clip_id"].to_pylist())) == len(rows):
+            # nothing to match against: a plain append (the first merge into an empty table
+            # costs half a second of join set-up, a tenth of a 16-study ingest)
+            table.add(data)
+            return len(rows), 0
+        result = table.merge_insert("clip_id").when_matched_update_all().when_not_matched_insert_all().execute(data)
+        return int(result.num_inserted_rows), int(result.num_updated_rows)
+
+    def count_clips(self, where: str | None = None) -> int:
+        """Number of clips (optionally matching a SQL filter)."""
+        return self.clips.count_rows(where)
+
+    def clip_metadata(self, columns: list[str] | None = None) -> pa.Table:
+        """All clip rows without the pixel column (cheap to scan)."""
+        cols = columns or [f.name for f in CLIP_SCHEMA if f.name != "clip"]
+        return self.clips.search().select(cols).limit(None).to_arrow()
+
+    def get_clip(self, clip_id: str) -> tuple[dict, np.ndarray]:
+        """One clip's metadata and its uint8 array [T, H, W]."""
+        rows = self.clips.search().where(f"clip_id = '{_quote(clip_id)}'").limit(1).to_list()
+        if not rows:
+            raise KeyError(f"no clip {clip_id} in {self.root}")
+        row = rows[0]
+        arr = np.frombuffer(row.pop("clip"), np.uint8).reshape(row["frames"], row["height"], row["width"])
+        return row, arr
+
+    def study_uids(self) -> set[str]:
+        """Studies that have at least one clip."""
+        return set(self.clips.search().select(["study_uid"]).limit(None).to_arrow()["study_uid"].to_pylist())
+
+    def optimize(self, compact_fragments: int = 32, rewritten: bool = False) -> bool:
+        """Compact the clip table and drop versions older than a day, once it holds more than
+        ``compact_fragments`` fragments or when ``rewritten`` rows left garbage behind;
+        returns whether it ran.
+
+        Each ingest commit appends one fragment of whole studies (~60 MB of clips), large
+        enough to read well. Compaction rewrites every fragment under Lance's million-row
+        target, so running it on every ingest rewrote the whole clip table each time (1.9 s
+        of a 48-study ingest, growing with the archive); this is the policy of the
+        embedding tables (``StoreConfig.compact_fragments``).
+        """
+        table = self.clips
+        if not rewritten and table.stats()["fragment_stats"]["num_fragments"] <= compact_fragments:
+            return False
+        table.optimize(cleanup_older_than=timedelta(days=1))
+        return True
+
+    # -- reports and labels --------------------------------------------------------------
+    @staticmethod
+    def check_table_file(path: Path, kind: str) -> None:
+        """Fail fast (before a long ingest) on a report or label file that cannot be imported."""
+        table = read_study_table(Path(path))
+        if kind == "reports" and "report" not in table.column_names:
+            raise InputError(f"{path} has no 'report' column (columns: {', '.join(table.column_names)})")
+
+    def import_reports(self, path: Path) -> ImportResult:
+        """Upsert report texts from a CSV/Parquet with columns study_uid, report."""
+        result = ImportResult()
+        table = read_study_table(Path(path))
+        if "report" not in table.column_names:
+            raise InputError(f"{path} has no 'report' column (columns: {', '.join(table.column_names)})")
+        table = _dedupe_last(table.select(["study_uid", "report"]), result)
+        reports = table["report"].to_pylist()
+        keep = [i for i, text in enumerate(reports) if text and str(text).strip()]
+        for i in set(range(len(reports))) - set(keep):
+            result.problems.append(f"study {table['study_uid'][i]}: empty report")
+        table = table.take(keep).cast(REPORT_SCHEMA)
+        if table.num_rows:
+            self._table("reports", REPORT_SCHEMA).merge_insert(
+                "study_uid"
+            ).when_matched_update_all().when_not_matched_insert_all().execute(table)
+        result.rows = table.num_rows
+        return result
+
+    def import_labels(self, path: Path) -> ImportResult:
+        """Merge a label table keyed by study_uid into the store's ``labels`` table.
+
+        Columns may differ from earlier imports: the result holds the union, and a new
+        row for a study replaces its old row. Written as one new table version.
+        """
+        result = ImportResult()
+        table = _dedupe_last(read_study_table(Path(path)), result)
+        result.rows = table.num_rows
+        if self.has_table("labels"):
+            old = self.db.open_table("labels").to_arrow()
+            new_ids = set(table["study_uid"].to_pylist())
+            mask = pa.array([uid not in new_ids for uid in old["study_uid"].to_pylist()])
+            table = pa.concat_tables([old.filter(mask), table], promote_options="permissive")
+        self.db.create_table("labels", data=table, mode="overwrite")
+        return result
+
+    def table_study_uids(self, name: str) -> set[str]:
+        """study_uid values of the reports or labels table (empty if the table is absent)."""
+        if not self.has_table(name):
+            return set()
+        return set(self.db.open_table(name).search().select(["study_uid"]).limit(None).to_arrow()["study_uid"].to_pylist())
+
+
+def study_cache_dir(root: Path, study_uid: str) -> Path:
+    """A study's folder of derived files (cines) under ``STORE/cache``: named by a hash, so a
+    study_uid never becomes a path; withdrawal removes it."""
+    return Path(root) / "cache" / "studies" / hashlib.sha256(study_uid.encode()).hexdigest()[:24]
+
+
+def _quote(text: str) -> str:
+    return text.replace("'", "''")
+
+
+def process_alive(pid: str) -> bool:
+    """Whether a process of this id runs on this machine (for leftovers of killed runs)."""
+    return pid.isdigit() and Path(f"/proc/{pid}").exists()

@@ -1,0 +1,426 @@
+"""The ``views`` and ``studies`` embedding tables (DESIGN.md, data flow step 2) and data withdrawal.
+
+Every row carries ``vec_id`` (a stable 63-bit hash of its key, the FAISS id of its vector)
+and ``rev`` (a random id of the commit that wrote it): an index compares ``(vec_id, rev)``
+pairs with the ones it was built from to apply exactly the rows that changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import warnings
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from filelock import FileLock
+from lancedb.index import Bitmap, BTree, LabelList
+
+from cmr_search.core.exceptions import InputError, StoreError
+from cmr_search.store.clip_store import ClipStore, _quote
+
+__all__ = ["EMBEDDING_TABLES", "FILTER_FIELDS", "EmbeddingStore", "StoreConfig", "WithdrawReport",
+           "studies_schema", "vec_id", "vec_ids", "views_schema"]
+
+log = logging.getLogger(__name__)
+
+#: embedding table -> its row key (one row per key and model_id)
+EMBEDDING_TABLES = {"views": "clip_id", "studies": "study_uid"}
+
+FILTER_FIELDS = [
+    pa.field("sex", pa.string()),
+    pa.field("age", pa.float32()),
+    pa.field("vendor", pa.string()),
+    pa.field("site", pa.string()),
+    pa.field("study_date", pa.string()),
+]
+_ID_FIELDS = [pa.field("vec_id", pa.int64(), nullable=False), pa.field("rev", pa.int64(), nullable=False)]
+
+
+def vec_id(key: str) -> int:
+    """Stable 63-bit id of a row key (``clip_id`` or ``study_uid``): the FAISS id of its vector."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") & (2**63 - 1)
+
+
+def vec_ids(keys: list[str]) -> np.ndarray:
+    """``vec_id`` of many keys as an int64 array."""
+    return np.fromiter((vec_id(k) for k in keys), np.int64, len(keys))
+
+
+def views_schema(dim: int = 512) -> pa.Schema:
+    """One row per (clip, model)."""
+    return pa.schema([
+        pa.field("clip_id", pa.string(), nullable=False),
+        pa.field("study_uid", pa.string(), nullable=False),
+        pa.field("patient_key", pa.string(), nullable=False),
+        pa.field("view", pa.string(), nullable=False),
+        pa.field("slice_index", pa.int16()),
+        pa.field("model_id", pa.string(), nullable=False),
+        pa.field("vector", pa.list_(pa.float32(), dim), nullable=False),
+        *FILTER_FIELDS,
+        *_ID_FIELDS,
+        pa.field("embedded_at", pa.timestamp("ms", tz="UTC")),
+    ])
+
+
+def studies_schema(dim: int = 512) -> pa.Schema:
+    """One row per (study, model): the attention-pooled study embedding and what went into it."""
+    return pa.schema([
+        pa.field("study_uid", pa.string(), nullable=False),
+        pa.field("patient_key", pa.string(), nullable=False),
+        pa.field("model_id", pa.string(), nullable=False),
+        pa.field("vector", pa.list_(pa.float32(), dim), nullable=False),
+        pa.field("views_present", pa.list_(pa.string())),
+        pa.field("n_views", pa.int16()),
+        pa.field("clip_ids", pa.list_(pa.string())),
+        pa.field("attention", pa.list_(pa.float32())),  # pooling weight of each clip_ids entry
+        *FILTER_FIELDS,
+        *_ID_FIELDS,
+        pa.field("embedded_at", pa.timestamp("ms", tz="UTC")),
+    ])
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Upkeep of the embedding tables."""
+
+    compact_fragments: int = 32  # compact a table once it holds more fragments than this
+    keep_versions_days: float = 7.0  # versions older than this are pruned at compaction
+    key_index_rows: int = 10_000  # index the key column (B-tree) once a table holds this many rows
+
+
+@dataclass
+class WithdrawReport:
+    """What a withdrawal removed."""
+
+    study_uids: list[str]
+    rows_deleted: dict[str, int]  # table -> rows removed
+
+    def to_dict(self) -> dict:
+        """JSON-able summary."""
+        return {"studies": len(self.study_uids), "study_uids": self.study_uids, "rows_deleted": self.rows_deleted}
+
+
+class EmbeddingStore:
+    """The store's embedding tables; rows are keyed by (key, model_id) so models never mix.
+
+    Readers see the newest committed version on every read (the connection's read
+    consistency interval is zero); a commit is atomic, so a read never sees half of one.
+    """
+
+    def __init__(self, clip_store: ClipStore, dim: int = 512, config: StoreConfig = StoreConfig()):
+        self.clip_store, self.dim, self.config = clip_store, dim, config
+        self.root = clip_store.root
+        self._replay_withdrawals()
+
+    @classmethod
+    def open(cls, root: Path, dim: int = 512, config: StoreConfig = StoreConfig()) -> EmbeddingStore:
+        """Open the embedding tables of an existing store (finishing any withdrawal a crash interrupted)."""
+        return cls(ClipStore.open(root), dim, config)
+
+    # -- tables ---------------------------------------------------------------------------
+    def schema(self, name: str) -> pa.Schema:
+        """Schema of ``views`` or ``studies``."""
+        if name not in EMBEDDING_TABLES:
+            raise InputError(f"no embedding table {name!r}; use one of {', '.join(EMBEDDING_TABLES)}")
+        return views_schema(self.dim) if name == "views" else studies_schema(self.dim)
+
+    def has(self, name: str) -> bool:
+        """Whether the table exists yet."""
+        return self.clip_store.has_table(name)
+
+    def table(self, name: str):
+        """The Lance table ``views`` or ``studies`` (created empty on first use)."""
+        table = self.clip_store.db.create_table(name, schema=self.schema(name), exist_ok=True)
+        if "vec_id" not in table.schema.names:
+            raise StoreError(f"the {name} table of {self.root} predates vec_id/rev columns; remove "
+                             f"{self.root}/lance/{name}.lance and run `cmr embed --store {self.root}` again")
+        return table
+
+    @property
+    def views(self):
+        """The ``views`` Lance table."""
+        return self.table("views")
+
+    @property
+    def studies(self):
+        """The ``studies`` Lance table."""
+        return self.table("studies")
+
+    def version(self, name: str) -> int:
+        """The table's current (newest committed) version."""
+        return self.table(name).version
+
+    def versions(self, name: str) -> list[dict]:
+        """The table's kept versions: ``{"version", "timestamp"}`` oldest first."""
+        return [{"version": v["version"], "timestamp": v["timestamp"]} for v in self.table(name).list_versions()]
+
+    def count(self, name: str, model_id: str | None = None) -> int:
+        """Rows in a table, optionally of one model."""
+        if not self.has(name):
+            return 0
+        return self.table(name).count_rows(f"model_id = '{_quote(model_id)}'" if model_id else None)
+
+    def model_ids(self, name: str = "studies") -> dict[str, int]:
+        """model_id -> row count in the table."""
+        if not self.has(name):
+            return {}
+        ids = self.table(name).search().select(["model_id"]).limit(None).to_arrow()["model_id"]
+        values, counts = np.unique(np.asarray(ids.to_pylist(), dtype=object), return_counts=True)
+        return {str(v): int(c) for v, c in zip(values, counts)}
+
+    # -- writes ---------------------------------------------------------------------------
+    def upsert(self, name: str, rows: list[dict] | pa.Table) -> tuple[int, int]:
+        """Insert or replace rows (dicts, or an Arrow table for bulk loads) by (key, model_id)
+        in one commit; returns (inserted, updated). ``vec_id``, ``rev`` and ``embedded_at``
+        are filled in here."""
+        if not len(rows):
+            return 0, 0
+        key, schema = EMBEDDING_TABLES[name], self.schema(name)
+        now, rev = datetime.now(UTC), secrets.randbits(63)
+        if isinstance(rows, pa.Table):
+            n = rows.num_rows
+            filled = {"vec_id": pa.array(vec_ids(rows[key].to_pylist())), "rev": pa.array(np.full(n, rev, np.int64)),
+                      "embedded_at": pa.array([now] * n, schema.field("embedded_at").type)}
+            columns = [filled[f.name] if f.name in filled else
+                       (rows[f.name].cast(f.type) if f.name in rows.column_names else pa.nulls(n, f.type)) for f in schema]
+            data = pa.Table.from_arrays(columns, schema=schema)
+        else:
+            rows = [r | {"vec_id": vec_id(r[key]), "rev": rev, "embedded_at": r.get("embedded_at") or now} for r in rows]
+            data = pa.Table.from_pylist(rows, schema=schema)
+        table = self.table(name)
+        result = table.merge_insert([key, "model_id"]).when_matched_update_all().when_not_matched_insert_all().execute(data)
+        self._maybe_compact(table)
+        return int(result.num_inserted_rows), int(result.num_updated_rows)
+
+    def upsert_views(self, rows: list[dict]) -> tuple[int, int]:
+        """Insert or replace view rows by (clip_id, model_id), one commit."""
+        return self.upsert("views", rows)
+
+    def upsert_studies(self, rows: list[dict]) -> tuple[int, int]:
+        """Insert or replace study rows by (study_uid, model_id), one commit."""
+        return self.upsert("studies", rows)
+
+    def write_lock(self) -> FileLock:
+        """The store-wide lock of study writes (``put_study``, ``withdraw``), across processes:
+        two workers storing one study take turns rather than interleave their rows."""
+        folder = self.root / "locks"
+        folder.mkdir(exist_ok=True)
+        return FileLock(folder / "study-writes.lock")
+
+    def put_study(self, clip_rows: list[dict], view_rows: list[dict], study_row: dict) -> bool:
+        """Store one study's clips and one model's embeddings of them as all the store holds
+        of that study; returns whether it replaced a stored one.
+
+        A replacement drops the clips the study no longer has, and every other model's
+        embeddings of it (they describe the old pixels; ``cmr embed`` makes them anew). If a
+        write fails, the study's rows are put back as they were (or removed, if it is new),
+        so nothing is half-stored; other studies' rows are never touched.
+        """
+        with self.write_lock():
+            return self._put_study(clip_rows, view_rows, study_row)
+
+    def _put_study(self, clip_rows: list[dict], view_rows: list[dict], study_row: dict) -> bool:
+        where = f"study_uid = '{_quote(study_row['study_uid'])}'"
+        before = {name: self.clip_store.db.open_table(name).search().where(where).limit(None).to_arrow()
+                  for name in ("clips", "views", "studies") if self.has(name)}
+        replaced = "clips" in before and before["clips"].num_rows > 0
+        keep = ", ".join(f"'{_quote(r['clip_id'])}'" for r in clip_rows)
+        model = f"'{_quote(study_row['model_id'])}'"
+        try:
+            self.clip_store.upsert_clips(clip_rows)
+            self.upsert_views(view_rows)
+            self.upsert_studies([study_row])
+            if replaced:
+                self.clip_store.clips.delete(f"{where} AND clip_id NOT IN ({keep})")
+                self.views.delete(f"{where} AND (clip_id NOT IN ({keep}) OR model_id != {model})")
+                self.studies.delete(f"{where} AND model_id != {model}")
+        except Exception:
+            log.exception("storing a study failed; putting back what the store held of it")
+            for name in ("clips", "views", "studies"):
+                if self.has(name):
+                    table = self.clip_store.db.open_table(name)
+                    table.delete(where)
+                    if name in before and before[name].num_rows:
+                        table.add(before[name])
+            raise
+        return replaced
+
+    def _maybe_compact(self, table) -> None:
+        # a B-tree on the key keeps get() fast in a large table (upserts still replace: tested)
+        key = EMBEDDING_TABLES[table.name]
+        if table.count_rows() >= self.config.key_index_rows and not any(key in ix.columns for ix in table.list_indices()):
+            table.create_index(key, config=BTree())
+        # many small merge commits leave many small fragments; reads slow down with each
+        if table.stats()["fragment_stats"]["num_fragments"] > self.config.compact_fragments:
+            table.optimize(cleanup_older_than=timedelta(days=self.config.keep_versions_days))
+
+    # -- reads ----------------------------------------------------------------------------
+    def get(self, name: str, key: str, model_id: str) -> dict | None:
+        """One row by its key (``clip_id`` or ``study_uid``) and model, or None."""
+        if not self.has(name):
+            return None
+        where = f"{EMBEDDING_TABLES[name]} = '{_quote(key)}' AND model_id = '{_quote(model_id)}'"
+        rows = self.table(name).search().where(where).limit(1).to_list()
+        return rows[0] if rows else None
+
+    def get_study(self, study_uid: str, model_id: str) -> dict | None:
+        """A study's row (vector, views, attention, filter columns) for one model, or None."""
+        return self.get("studies", study_uid, model_id)
+
+    def get_view(self, clip_id: str, model_id: str) -> dict | None:
+        """A clip's view row for one model, or None."""
+        return self.get("views", clip_id, model_id)
+
+    def rows(self, name: str, model_id: str, columns: list[str] | None = None, where: str | None = None) -> pa.Table:
+        """All rows of one model (optionally only some columns, or those matching ``where``)."""
+        if not self.has(name):
+            return self.schema(name).empty_table() if columns is None else self.schema(name).empty_table().select(columns)
+        clause = f"model_id = '{_quote(model_id)}'" + (f" AND ({where})" if where else "")
+        q = self.table(name).search().where(clause).limit(None)
+        return (q.select(columns) if columns else q).to_arrow()
+
+    def view_rows(self, model_id: str, columns: list[str] | None = None) -> pa.Table:
+        """All view rows of one model."""
+        return self.rows("views", model_id, columns)
+
+    def study_rows(self, model_id: str, columns: list[str] | None = None) -> pa.Table:
+        """All study rows of one model."""
+        return self.rows("studies", model_id, columns)
+
+    def embedded_clip_ids(self, model_id: str) -> set[str]:
+        """clip_ids that already have a view embedding of this model."""
+        return set(self.rows("views", model_id, ["clip_id"])["clip_id"].to_pylist())
+
+    @staticmethod
+    def vectors(table: pa.Table) -> np.ndarray:
+        """The ``vector`` column as a float32 [N, dim] array."""
+        col = table["vector"].combine_chunks()
+        return col.values.to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size).astype(np.float32, copy=False)
+
+    # -- withdrawal -------------------------------------------------------------------------
+    def withdraw(self, study_uids: list[str] = (), patient_keys: list[str] = (), purge: bool = True) -> WithdrawReport:
+        """Remove studies (or every study of a patient) everywhere: clips, reports, labels,
+        views, studies, the FAISS indexes and ingest reports.
+
+        A journal entry is written first and removed last, so a crash mid-way is finished on
+        the next open. With ``purge`` the old table versions are rewritten away, so the bytes
+        are gone from disk, not only hidden (readers still on an old version fail).
+        """
+        with self.write_lock():
+            return self._withdraw_asked(study_uids, patient_keys, purge)
+
+    def _withdraw_asked(self, study_uids: list[str], patient_keys: list[str], purge: bool) -> WithdrawReport:
+        asked = ", ".join(f"'{_quote(u)}'" for u in study_uids)
+        keys = ", ".join(f"'{_quote(k)}'" for k in patient_keys)
+        uids: set[str] = set()
+        for name in ("clips", "reports", "labels", "views", "studies"):
+            if not self.has(name):
+                continue
+            table = self.clip_store.db.open_table(name)
+            clauses = [f"study_uid IN ({asked})"] if asked else []
+            if keys and "patient_key" in table.schema.names:
+                clauses.append(f"patient_key IN ({keys})")
+            if clauses:
+                rows = table.search().where(" OR ".join(clauses)).select(["study_uid"]).limit(None).to_arrow()
+                uids |= set(rows["study_uid"].to_pylist())
+        if not uids:
+            what = ", ".join([*(f"study {u}" for u in study_uids), *(f"patient {k}" for k in patient_keys)])
+            raise InputError(f"nothing to withdraw: no {what} in {self.root} (check the study_uid or patient key)")
+        journal = self._journal_dir() / f"withdraw-{secrets.token_hex(6)}.json"
+        tmp = journal.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"study_uids": sorted(uids), "purge": purge}))
+        os.replace(tmp, journal)
+        report = self._withdraw(sorted(uids), purge)
+        journal.unlink()
+        return report
+
+    def _journal_dir(self) -> Path:
+        path = self.root / "journal"
+        path.mkdir(exist_ok=True)
+        return path
+
+    def _replay_withdrawals(self) -> None:
+        folder = self.root / "journal"
+        if not folder.exists():
+            return
+        for journal in sorted(folder.glob("withdraw-*.json")):
+            entry = json.loads(journal.read_text())
+            log.warning("finishing an interrupted withdrawal of %d studies", len(entry["study_uids"]))
+            self._withdraw(entry["study_uids"], entry["purge"])
+            journal.unlink()
+        for tmp in folder.glob("withdraw-*.tmp"):  # a journal never completed: nothing was deleted yet
+            tmp.unlink()
+
+    def _withdraw(self, uids: list[str], purge: bool) -> WithdrawReport:
+        from cmr_search.store.vector_index import refresh_indexes
+
+        deleted: dict[str, int] = {}
+        uid_list = ", ".join(f"'{_quote(u)}'" for u in uids)
+        for name in ("clips", "reports", "labels", "views", "studies"):
+            if not self.has(name):
+                continue
+            table = self.clip_store.db.open_table(name)
+            where = f"study_uid IN ({uid_list})"
+            n = table.count_rows(where)
+            if n:
+                table.delete(where)
+            if purge:
+                _purge_history(self.clip_store.db, name)
+            deleted[name] = n
+        refresh_indexes(self)
+        _scrub_ingest_reports(self.root / "ingest_reports", set(uids))
+        _scrub_caches(self.root, uids)
+        return WithdrawReport(uids, deleted)
+
+
+def _purge_history(db, name: str) -> None:
+    """Rewrite a table into fresh files and drop every older version, so deleted rows (and
+    the delete predicates in old transaction files) leave the disk; compaction alone keeps
+    rows inside fragments whose deleted share is small."""
+    table = db.open_table(name)
+    indices = [(ix.columns, ix.index_type) for ix in table.list_indices()]
+    reader = table.search().limit(None).to_batches()
+    table = db.create_table(name, data=reader, schema=table.schema, mode="overwrite")
+    with warnings.catch_warnings():  # "removes every version except the latest": the point here
+        warnings.simplefilter("ignore", UserWarning)
+        table.optimize(cleanup_older_than=timedelta(0), delete_unverified=True)
+    scalar = {"BTree": BTree, "Bitmap": Bitmap, "LabelList": LabelList}
+    for columns, kind in indices:  # scalar indexes come back; a vector index is FAISS' job here
+        if kind in scalar:
+            table.create_index(columns[0], config=scalar[kind]())
+
+
+def _scrub_caches(root: Path, uids: list[str]) -> None:
+    """Drop derived files of the withdrawn studies (cines) and every cached cluster list
+    (they name exemplar studies)."""
+    from cmr_search.store.clip_store import study_cache_dir
+
+    for uid in uids:
+        shutil.rmtree(study_cache_dir(root, uid), ignore_errors=True)
+    shutil.rmtree(Path(root) / "cache" / "clusters", ignore_errors=True)
+
+
+def _scrub_ingest_reports(folder: Path, uids: set[str]) -> None:
+    """Drop the withdrawn studies' entries from the saved ingest reports."""
+    if not folder.exists():
+        return
+    for path in folder.glob("*.json"):
+        report = json.loads(path.read_text())
+        changed = False
+        for key, value in report.items():
+            if isinstance(value, list):
+                kept = [v for v in value if not (isinstance(v, dict) and v.get("study_uid") in uids)]
+                changed |= len(kept) != len(value)
+                report[key] = kept
+        if changed:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(report, indent=1))
+            os.replace(tmp, path)

@@ -1,1 +1,0 @@
-"""Evaluation code: metrics, statistics, plots, reports and the synthetic benchmark cohort."""

@@ -1,1 +1,0 @@
-"""The FastAPI search service and its web page (issue 6)."""

@@ -1,0 +1,14 @@
+"""Embedding-store fixtures (the data helpers live in store_data.py)."""
+
+from __future__ import annotations
+
+import pytest
+from store_data import make_store
+
+from cmr_search.store.embedding_store import EmbeddingStore
+
+
+@pytest.fixture()
+def emb_store(tmp_path) -> EmbeddingStore:
+    """300 studies with six views each."""
+    return make_store(tmp_path / "store")
