@@ -14,13 +14,6 @@ ratio of the two is what HTTP, JSON and auth add. Client and server share the 2 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if str(Path(__file__).resolve().parent) in sys.path:  # run as a script: do not shadow packages
-    sys.path.remove(str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import argparse
 import asyncio
 import json
@@ -29,16 +22,17 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 if not os.environ.get("LANCE_LOG"):
     os.environ["LANCE_LOG"] = "error"
 
 import numpy as np
 import pyarrow as pa
-
-from benchmarks.vectors import DIM, embeddings
+from vectors import DIM, embeddings
 
 FINDINGS = ["severe LV dilatation", "apical thrombus", "apical akinesis", "concentric hypertrophy", "septal thickening",
             "pericardial effusion", "dilated right ventricle", "reduced LVEF", "normal biventricular function",
@@ -63,7 +57,7 @@ def build_store(root: Path, n: int, encoder: Path | None) -> str:
     from cmr_search.store import ClipStore
     from cmr_search.store.config import IndexConfig
     from cmr_search.store.embedding_store import EmbeddingStore
-    from cmr_search.store.vector_index import VectorIndex
+    from cmr_search.store.index import VectorIndex
 
     store = EmbeddingStore(ClipStore.open(root, create=True))
     if encoder is not None:

@@ -24,10 +24,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-# run as a script, this file's folder comes first on sys.path and its name would shadow the
-# `encoder` package; take the folder off
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 import numpy as np
 import torch
 

@@ -15,13 +15,6 @@ weights of that architecture are written next to them.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# run as a script, this folder would shadow the `encoder` package (benchmarks/encoder.py)
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import argparse
 import json
 import math
@@ -31,11 +24,11 @@ import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
-
-from benchmarks.vectors import DIM, embeddings, latency, qps, recall
+from vectors import DIM, embeddings, latency, qps, recall
 
 REPORT = ("Cine SSFP images of the heart were obtained. The left ventricle is severely dilated. "
           "Left ventricular systolic function is severely reduced with an ejection fraction of 25 percent. "
@@ -215,7 +208,7 @@ def search(sizes: list[int], n_queries: int, k: int, device: torch.device) -> li
 def _search_size(n: int, n_queries: int, k: int, device: torch.device) -> dict:
     import faiss
 
-    from cmr_search.store.torch_exact import TorchExactIndex
+    from cmr_search.store.index.torch_exact import TorchExactIndex
 
     data = embeddings(n + n_queries, seed=n)
     x, queries = data[:n], data[n:]

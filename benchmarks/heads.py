@@ -16,15 +16,10 @@ our validation MAE is printed too.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch

@@ -15,20 +15,15 @@ default comes from.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if str(Path(__file__).resolve().parent) in sys.path:  # run as a script: do not shadow packages
-    sys.path.remove(str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import argparse
 import json
 import os
 import resource
 import shutil
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 if not os.environ.get("LANCE_LOG"):
     os.environ["LANCE_LOG"] = "error"
@@ -36,13 +31,13 @@ if not os.environ.get("LANCE_LOG"):
 import faiss
 import numpy as np
 import pyarrow as pa
+from vectors import DIM, embeddings, exact, latency, qps, recall
 
-from benchmarks.vectors import DIM, embeddings, exact, latency, qps, recall
 from cmr_search.store import ClipStore
 from cmr_search.store.config import IndexConfig
 from cmr_search.store.embedding_store import EmbeddingStore
+from cmr_search.store.index import VectorIndex
 from cmr_search.store.search import Searcher
-from cmr_search.store.vector_index import VectorIndex
 
 MODEL = "bench"
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cmr_search.core.exceptions import InputError
+from cmr_search.core.layout import StoreLayout
 
 __all__ = ["ROLES", "ApiKey", "KeyRing"]
 
@@ -49,7 +50,7 @@ class KeyRing:
     """The API keys of one store."""
 
     def __init__(self, store_root: Path):
-        self.path = Path(store_root) / "secrets" / "api_keys.json"
+        self.path = StoreLayout(store_root).api_keys
         self._lock = threading.Lock()
         self._stamp: tuple | None = None
         self._entries: dict[str, dict] = {}

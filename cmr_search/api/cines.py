@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cmr_search.store.clip_store import study_cache_dir
+from cmr_search.core.layout import StoreLayout
 
 __all__ = ["CineCache", "cine_bytes"]
 
@@ -43,12 +43,12 @@ class CineCache:
     """Cine files of one store, made on first request and kept until the clip changes."""
 
     def __init__(self, store_root: Path, fmt: str = "webp"):
-        self.root, self.fmt = Path(store_root), fmt
+        self.layout, self.fmt = StoreLayout(store_root), fmt
 
     def path(self, study_uid: str, clip_id: str, stamp: str) -> Path:
         """Where the cine of this clip, as written at ``stamp``, is cached."""
         name = hashlib.sha256(f"{clip_id}:{stamp}".encode()).hexdigest()[:24]
-        return study_cache_dir(self.root, study_uid) / f"cine-{name}.{self.fmt}"
+        return self.layout.study_cache(study_uid) / f"cine-{name}.{self.fmt}"
 
     def get(self, study_uid: str, clip_id: str, stamp: str, make) -> Path:
         """The cached file, made by ``make() -> (clip, frame_ms)`` when missing."""

@@ -7,19 +7,18 @@ from datetime import date
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
+
+from cmr_search.store.clip_store import sql_quote
 
 __all__ = [
-    "ClusterList", "ErrorBody", "Filters", "HeadInfo", "HitOut", "NeighborList", "Prediction", "SearchResult",
+    "ERRORS", "ClusterList", "ErrorBody", "Filters", "HeadInfo", "HitOut", "NeighborList", "Prediction", "SearchResult",
     "StudyDetail", "TextQuery", "UploadResult", "ViewOut",
 ]
 
 View = Literal["4CH", "3CH", "2CH", "SAX", "LVOT", "OTHER"]
 _COLUMN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _DATE = "%Y%m%d"  # DICOM DA, as stored
-
-
-def _quote(value: str) -> str:
-    return "'" + str(value).replace("'", "''") + "'"
 
 
 class Filters(BaseModel):
@@ -53,7 +52,7 @@ class Filters(BaseModel):
         parts = []
         for column in ("view", "sex", "site", "vendor"):
             if getattr(self, column) is not None:
-                parts.append(f"{column} = {_quote(getattr(self, column))}")
+                parts.append(f"{column} = '{sql_quote(str(getattr(self, column)))}'")
         if self.age_min is not None:
             parts.append(f"age >= {self.age_min}")
         if self.age_max is not None:
@@ -64,7 +63,8 @@ class Filters(BaseModel):
             parts.append(f"study_date <= '{self.date_to.strftime(_DATE)}'")
         parts += [f'"{c}" >= {float(v)}' for c, v in self.label_min.items()]
         parts += [f'"{c}" <= {float(v)}' for c, v in self.label_max.items()]
-        parts += [f'"{c}" = {_quote(v) if isinstance(v, str) else float(v)}' for c, v in self.label_equals.items()]
+        parts += [f'"{c}" = ' + (f"'{sql_quote(v)}'" if isinstance(v, str) else str(float(v)))
+                  for c, v in self.label_equals.items()]
         return " AND ".join(parts) or None
 
 
@@ -76,6 +76,13 @@ class TextQuery(BaseModel):
     query: str = Field(..., min_length=1, max_length=1000, examples=["severe LV dilatation with apical thrombus"])
     k: int = Field(10, ge=1, le=10_000)
     filters: Filters = Field(default_factory=Filters)
+
+    @field_validator("query")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():  # refused before it reaches the encoder's batch
+            raise PydanticCustomError("blank_text", "the text is blank; describe the findings to look for")
+        return value
 
 
 class HitOut(BaseModel):
@@ -253,3 +260,7 @@ class ErrorBody(BaseModel):
     """Every error response has this shape."""
 
     error: ErrorDetail
+
+
+#: the error responses the data routes document (OpenAPI)
+ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 403, 404, 422)}

@@ -19,15 +19,18 @@ from cmr_search.api import schemas
 from cmr_search.api.auth import KeyRing
 from cmr_search.api.batching import MicroBatcher
 from cmr_search.api.cines import CineCache
-from cmr_search.api.errors import ApiError
+from cmr_search.api.errors import Conflict, InvalidUpload, NotFound, Unusable
 from cmr_search.api.settings import ServeSettings
 from cmr_search.api.uploads import UploadLimits, unpack_upload
 from cmr_search.core.exceptions import InputError
+from cmr_search.core.layout import StoreLayout, write_atomic
 from cmr_search.heads.data import VIEW_ORDER, Bags
 from cmr_search.heads.registry import Head, HeadRegistry
-from cmr_search.store.clip_store import _quote, study_cache_dir
+from cmr_search.store.clip_store import sql_quote
 from cmr_search.store.config import IndexConfig
+from cmr_search.store.patients import patient_salt
 from cmr_search.store.search import Hit, Searcher
+from cmr_search.store.withdrawal import withdraw
 
 __all__ = ["SearchService"]
 
@@ -40,6 +43,18 @@ _CLIP_COLUMNS = ["clip_id", "view", "slice_index", "n_slices", "frames", "source
 def _links(study_uid: str) -> dict[str, str]:
     base = f"/studies/{quote(study_uid, safe='')}"
     return {"study": base, "neighbors": f"{base}/neighbors", "predictions": f"{base}/predictions"}
+
+
+#: what a hit shows is the schema's to say: each field of ``HitOut`` that a hit or its metadata has
+_HIT_FIELDS = tuple(name for name in schemas.HitOut.model_fields if name != "links")
+
+
+def _hit_out(hit: Hit) -> schemas.HitOut:
+    """A search hit as the API shows it (a missing or null value leaves the schema's default)."""
+    m = hit.metadata
+    return schemas.HitOut(**{name: value for name in _HIT_FIELDS
+                             if (value := m[name] if name in m else getattr(hit, name, None)) is not None},
+                          links=_links(hit.study_uid))
 
 
 def _stamp(row: dict) -> int:
@@ -58,10 +73,14 @@ class SearchService:
         if settings.store is None:
             raise InputError("no store given; pass --store DIR or set CMR_STORE")
         self.settings, self.root = settings, Path(settings.store)
+        self.layout = StoreLayout(self.root)
         import torch
 
         torch.set_num_threads(settings.torch_threads or max(1, (os.cpu_count() or 1) // settings.serve_workers))
-        self.searcher = Searcher(self.root, settings.model_id, IndexConfig.from_settings(settings), settings.check_interval_s)
+        from cmr_search.encoder.embed import TextQueryEncoder
+
+        self.searcher = Searcher(self.root, settings.model_id, IndexConfig.from_settings(settings),
+                                 settings.check_interval_s, encode_text=TextQueryEncoder(self.root))
         self.model_id, self.store = self.searcher.model_id, self.searcher.store
         self.keys = KeyRing(self.root)
         if settings.api_key is not None:
@@ -96,50 +115,31 @@ class SearchService:
         self.ready.set()
 
     # -- search -----------------------------------------------------------------------------
-    def _check_k(self, k: int) -> None:
-        if not 1 <= k <= self.settings.max_k:
-            raise ApiError(422, "k_out_of_range", f"k must be between 1 and {self.settings.max_k} (got {k})")
-
-    def hit_out(self, hit: Hit) -> schemas.HitOut:
-        """A search hit as the API shows it."""
-        m = hit.metadata
-        return schemas.HitOut(study_uid=hit.study_uid, score=hit.score, views_present=m.get("views_present") or [],
-                              view=hit.view, slice_index=hit.slice_index, clip_id=hit.clip_id, sex=m.get("sex"),
-                              age=m.get("age"), vendor=m.get("vendor"), site=m.get("site"),
-                              study_date=m.get("study_date"), links=_links(hit.study_uid))
-
-    def check_text_query(self, query: schemas.TextQuery) -> None:
-        """Refuse a query before its text is encoded (k out of range, blank text)."""
-        self._check_k(query.k)
-        if not query.query.strip():
-            raise ApiError(422, "invalid_request", "query: the text is blank; describe the findings to look for")
-
     def search_text(self, query: schemas.TextQuery, vector: np.ndarray | None = None) -> schemas.SearchResult:
-        """Text-to-scan (``vector``: the query already encoded by ``encode_text``)."""
-        self.check_text_query(query)
+        """Text-to-scan (``vector``: the query already encoded by ``encode_text``). The query
+        is taken as valid: its schema and the API's edge check it (k against ``max_k`` too)."""
         where = query.filters.where()
         hits = self.searcher.by_vector(self.encode_text(query.query) if vector is None else vector, query.k, where)
         return schemas.SearchResult(model_id=self.model_id, query=query.query, k=query.k,
-                                    level=self.searcher.level_for(where), hits=[self.hit_out(h) for h in hits])
+                                    level=self.searcher.level_for(where), hits=[_hit_out(h) for h in hits])
 
     def _require_study(self, study_uid: str) -> None:
         if not self.searcher.has_study(study_uid):
-            raise ApiError(404, "study_not_found", f"no study {study_uid} with embeddings of model {self.model_id}; "
+            raise NotFound("study_not_found", f"no study {study_uid} with embeddings of model {self.model_id}; "
                            "check the study_uid (GET /studies/{uid}) or embed it (`cmr embed`)")
 
     def neighbors(self, study_uid: str, k: int, filters: schemas.Filters,
                   exclude_same_patient: bool) -> schemas.NeighborList:
-        """Scan-to-scan: the nearest other studies."""
-        self._check_k(k)
+        """Scan-to-scan: the nearest other studies (``k`` checked at the edge, as for text)."""
         self._require_study(study_uid)
         where = filters.where()
         hits = self.searcher.by_study(study_uid, k, where, exclude_same_patient=exclude_same_patient)
         return schemas.NeighborList(model_id=self.model_id, study_uid=study_uid, k=k,
-                                    level=self.searcher.level_for(where), hits=[self.hit_out(h) for h in hits])
+                                    level=self.searcher.level_for(where), hits=[_hit_out(h) for h in hits])
 
     # -- studies ----------------------------------------------------------------------------
     def _clip_rows(self, study_uid: str, columns: list[str], clip_id: str | None = None) -> list[dict]:
-        where = f"study_uid = '{_quote(study_uid)}'" + (f" AND clip_id = '{_quote(clip_id)}'" if clip_id else "")
+        where = f"study_uid = '{sql_quote(study_uid)}'" + (f" AND clip_id = '{sql_quote(clip_id)}'" if clip_id else "")
         rows = self.store.clip_store.clips.search().where(where).select(columns).limit(None).to_list()
         return sorted(rows, key=_view_order) if "view" in columns else rows
 
@@ -155,7 +155,7 @@ class SearchService:
         clips = self._clip_rows(study_uid, _CLIP_COLUMNS + ["sex", "age", "vendor", "site", "study_date"])
         row = self.store.get_study(study_uid, self.model_id) if clips else None
         if not clips:
-            raise ApiError(404, "study_not_found", f"no study {study_uid} in this store; check the study_uid")
+            raise NotFound("study_not_found", f"no study {study_uid} in this store; check the study_uid")
         attention = dict(zip(row["clip_ids"], row["attention"])) if row else {}
         first = clips[0]
         return schemas.StudyDetail(
@@ -169,7 +169,7 @@ class SearchService:
         """The cached animated image of one view (made on first request)."""
         rows = self._clip_rows(study_uid, ["clip_id", "view", "frames", "rr_ms", "ingested_at"], clip_id)
         if not rows:
-            raise ApiError(404, "view_not_found", f"study {study_uid} has no view {clip_id}; "
+            raise NotFound("view_not_found", f"study {study_uid} has no view {clip_id}; "
                            "the study's views are listed by GET /studies/{uid}")
         row = rows[0]
 
@@ -238,7 +238,7 @@ class SearchService:
         from cmr_search.metrics.clusters import cluster_embeddings
 
         version, size = self.store.version("studies"), self.settings.cluster_min_size
-        path = self.root / "cache" / "clusters" / f"{self.model_id}-v{version}-m{size}.json"
+        path = self.layout.clusters_cache / f"{self.model_id}-v{version}-m{size}.json"
         with self._cluster_lock:  # one computation at a time; the others then read its file
             if path.exists():
                 return schemas.ClusterList.model_validate_json(path.read_text())
@@ -252,10 +252,7 @@ class SearchService:
                 model_id=self.model_id, studies=len(uids), noise=result.noise, version=version, min_cluster_size=size,
                 clusters=[schemas.Cluster(cluster=c, size=n, exemplars=[uids[i] for i in result.exemplars[c]])
                           for c, n in sorted(result.sizes.items(), key=lambda kv: -kv[1])])
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}")
-            tmp.write_text(out.model_dump_json())
-            os.replace(tmp, path)
+            write_atomic(path, out.model_dump_json())
             return out
 
     # -- writes -----------------------------------------------------------------------------
@@ -264,9 +261,9 @@ class SearchService:
 
         with self._lock:
             if self._embedder is None:
-                folder = self.root / "encoders" / self.model_id
+                folder = self.layout.encoder(self.model_id)
                 if not (folder / "model.safetensors").exists():
-                    raise ApiError(409, "no_encoder", f"model {self.model_id} has no vision encoder in {folder.name}; "
+                    raise Conflict("no_encoder", f"model {self.model_id} has no vision encoder in {folder.name}; "
                                    "uploads need the encoder the store was embedded with")
                 self._embedder = Embedder(folder)
             return self._embedder
@@ -278,23 +275,22 @@ class SearchService:
         from cmr_search.ingest import IngestConfig, ingest
         from cmr_search.store import ClipStore
 
-        work = self.root / "tmp" / f"upload-{os.getpid()}-{secrets.token_hex(4)}"
+        work = self.layout.tmp / f"upload-{os.getpid()}-{secrets.token_hex(4)}"
         try:
             files = unpack_upload(parts, work / "files", self.limits)
             staging = ClipStore.open(work / "staging", self.store.clip_store.clip_config, create=True)
-            salt = self.store.clip_store.patient_salt(
-                self.settings.patient_salt.get_secret_value() if self.settings.patient_salt else None)
+            salt = patient_salt(self.layout, self.settings.patient_salt)
             report = ingest([work / "files"], staging, IngestConfig(clip=staging.clip_config, workers=1), salt,
                             progress=False)
             skipped = sorted({r["reason"] for r in report.skipped})
             if not report.studies_written:
                 reasons = sorted({r["reason"] for r in report.rejected}) or skipped or ["no cine series found"]
-                raise ApiError(422, "no_cine_study", f"none of the {files} uploaded files gave a usable cine study: "
+                raise Unusable("no_cine_study", f"none of the {files} uploaded files gave a usable cine study: "
                                + "; ".join(reasons[:5]) + ". Upload the DICOM files of one cine CMR study")
             clip_rows = staging.clips.to_arrow().to_pylist()
             uids = {r["study_uid"] for r in clip_rows}
             if len(uids) != 1:
-                raise ApiError(400, "several_studies", f"the upload holds {len(uids)} studies; upload one study at a time")
+                raise InvalidUpload("several_studies", f"the upload holds {len(uids)} studies; upload one study at a time")
             study_uid = uids.pop()
             view_rows, study_row = embed_study(sorted(clip_rows, key=_view_order), self._embedder_for_uploads())
             replaced = False
@@ -311,14 +307,14 @@ class SearchService:
                  if persist else [])
         return schemas.UploadResult(study_uid=study_uid, model_id=self.model_id, persisted=persist, replaced=replaced,
                                     views=views, views_present=study_row["views_present"],
-                                    neighbors=[self.hit_out(h) for h in neighbors], predictions=predictions,
+                                    neighbors=[_hit_out(h) for h in neighbors], predictions=predictions,
                                     skipped=skipped)
 
     def _persist(self, study_uid: str, clip_rows: list[dict], view_rows: list[dict], study_row: dict) -> bool:
         with self._write_lock:
             replaced = self.store.put_study(clip_rows, view_rows, study_row)
             if replaced:  # cines of the old clips: made anew on demand
-                shutil.rmtree(study_cache_dir(self.root, study_uid), ignore_errors=True)
+                shutil.rmtree(self.layout.study_cache(study_uid), ignore_errors=True)
             self.searcher.refresh()
         return replaced
 
@@ -335,9 +331,9 @@ class SearchService:
         """Withdraw a study everywhere (clips, reports, labels, embeddings, indexes, caches)."""
         with self._write_lock:
             try:
-                report = self.store.withdraw(study_uids=[study_uid])
+                report = withdraw(self.store, study_uids=[study_uid])
             except InputError as error:
-                raise ApiError(404, "study_not_found", str(error)) from error
+                raise NotFound("study_not_found", str(error)) from error
             self.searcher.refresh()
         return schemas.Withdrawal(study_uid=study_uid, rows_deleted=report.rows_deleted)
 

@@ -1,8 +1,9 @@
 """Unpacking an uploaded study safely: DICOM files or zip archives into a private folder.
 
-Refused with a 4xx and the reason: more bytes than allowed, too many files, a zip whose
-members would unpack to more than allowed (declared or actual) or compress suspiciously
-well (a zip bomb), absolute or ``..`` member paths, links, encrypted members. Client file
+Refused with the reason, as ``TooLarge``: more bytes than allowed, too many files, a zip
+whose members would unpack to more than allowed (declared or actual); as
+``InvalidUpload``: members that compress suspiciously well (a zip bomb), absolute or
+``..`` member paths, links, encrypted members, unreadable zips. Client file
 names are never used as paths: every file is written under a generated name.
 """
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from cmr_search.api.errors import ApiError
+from cmr_search.api.errors import InvalidUpload, TooLarge
 
 __all__ = ["UploadLimits", "unpack_upload"]
 
@@ -32,8 +33,8 @@ class UploadLimits:
     max_zip_ratio: float
 
 
-def _too_large(what: str, limit: int) -> ApiError:
-    return ApiError(413, "upload_too_large", f"{what} exceeds the limit of {limit:,} bytes; upload one study, "
+def _too_large(what: str, limit: int) -> TooLarge:
+    return TooLarge("upload_too_large", f"{what} exceeds the limit of {limit:,} bytes; upload one study, "
                     "or ask the operator to raise CMR_MAX_UPLOAD_BYTES / CMR_MAX_UNZIPPED_BYTES")
 
 
@@ -52,23 +53,23 @@ def _copy(src: BinaryIO, dst: Path, budget: int, what: str, limit: int) -> int:
 def _check_member(info: zipfile.ZipInfo, name: str, limits: UploadLimits) -> None:
     path = PurePosixPath(info.filename.replace("\\", "/"))
     if path.is_absolute() or ".." in path.parts or (path.parts and path.parts[0].endswith(":")):
-        raise ApiError(400, "unsafe_zip", f"{name}: member {info.filename!r} points outside the archive; "
-                       "zip the study's files with relative paths")
+        raise InvalidUpload("unsafe_zip", f"{name}: member {info.filename!r} points outside the archive; "
+                            "zip the study's files with relative paths")
     if stat.S_ISLNK(info.external_attr >> 16):
-        raise ApiError(400, "unsafe_zip", f"{name}: member {info.filename!r} is a symbolic link; zip the files themselves")
+        raise InvalidUpload("unsafe_zip", f"{name}: member {info.filename!r} is a symbolic link; zip the files themselves")
     if info.flag_bits & 0x1:
-        raise ApiError(400, "unsafe_zip", f"{name}: member {info.filename!r} is encrypted; upload it unencrypted")
+        raise InvalidUpload("unsafe_zip", f"{name}: member {info.filename!r} is encrypted; upload it unencrypted")
     if info.file_size > 1 << 20 and info.file_size > limits.max_zip_ratio * max(info.compress_size, 1):
-        raise ApiError(400, "zip_bomb", f"{name}: member {info.filename!r} unpacks {info.file_size / max(info.compress_size, 1):.0f}x "
-                       f"its compressed size (limit {limits.max_zip_ratio:g}x); refusing a possible zip bomb")
+        raise InvalidUpload("zip_bomb", f"{name}: member {info.filename!r} unpacks {info.file_size / max(info.compress_size, 1):.0f}x "
+                            f"its compressed size (limit {limits.max_zip_ratio:g}x); refusing a possible zip bomb")
 
 
 def unpack_upload(parts: list[tuple[str, BinaryIO]], dest: Path, limits: UploadLimits) -> int:
     """Write the uploaded files (zips unpacked) into ``dest``; returns the number of files."""
     dest.mkdir(parents=True, exist_ok=True)
     if not parts:
-        raise ApiError(400, "empty_upload", "no files in the upload; send the study's DICOM files or one zip of them "
-                       "as multipart form field 'files'")
+        raise InvalidUpload("empty_upload", "no files in the upload; send the study's DICOM files or one zip of them "
+                            "as multipart form field 'files'")
     received = unpacked = files = 0
     for i, (name, fp) in enumerate(parts):
         fp.seek(0, 2)
@@ -82,7 +83,7 @@ def unpack_upload(parts: list[tuple[str, BinaryIO]], dest: Path, limits: UploadL
         if head != b"PK\x03\x04":  # not a zip: one file, kept for ingestion to judge
             files += 1
             if files > limits.max_files:
-                raise ApiError(413, "too_many_files", f"more than {limits.max_files} files in one upload")
+                raise TooLarge("too_many_files", f"more than {limits.max_files} files in one upload")
             unpacked += _copy(fp, dest / f"f{i:05d}.dcm", limits.max_unzipped_bytes - unpacked,
                               "the unpacked upload", limits.max_unzipped_bytes)
             continue
@@ -90,13 +91,13 @@ def unpack_upload(parts: list[tuple[str, BinaryIO]], dest: Path, limits: UploadL
             archive = zipfile.ZipFile(fp)
             infos = [m for m in archive.infolist() if not m.is_dir()]
         except (zipfile.BadZipFile, EOFError, ValueError) as error:
-            raise ApiError(400, "bad_zip", f"{name or f'file {i + 1}'} is not a readable zip ({error})") from error
+            raise InvalidUpload("bad_zip", f"{name or f'file {i + 1}'} is not a readable zip ({error})") from error
         label = name or f"file {i + 1}"
         for info in infos:
             _check_member(info, label, limits)
         files += len(infos)
         if files > limits.max_files:
-            raise ApiError(413, "too_many_files", f"{label}: more than {limits.max_files} files in one upload")
+            raise TooLarge("too_many_files", f"{label}: more than {limits.max_files} files in one upload")
         if unpacked + sum(m.file_size for m in infos) > limits.max_unzipped_bytes:
             raise _too_large(f"{label} unpacked", limits.max_unzipped_bytes)
         folder = dest / f"z{i:03d}"
@@ -108,5 +109,5 @@ def unpack_upload(parts: list[tuple[str, BinaryIO]], dest: Path, limits: UploadL
                     unpacked += _copy(src, folder / f"m{j:05d}.dcm", budget, f"{label} unpacked", limits.max_unzipped_bytes)
             except (zipfile.BadZipFile, OSError, NotImplementedError, RuntimeError) as error:
                 shutil.rmtree(folder, ignore_errors=True)
-                raise ApiError(400, "bad_zip", f"{label}: member {info.filename!r} cannot be read ({error})") from error
+                raise InvalidUpload("bad_zip", f"{label}: member {info.filename!r} cannot be read ({error})") from error
     return files

@@ -29,6 +29,7 @@ from cmr_search.cli.eval import eval_command
 from cmr_search.cli.heads import heads_app
 from cmr_search.cli.serve import keys_app, serve
 from cmr_search.core.exceptions import CmrError
+from cmr_search.core.layout import StoreLayout
 from cmr_search.core.settings import Settings
 from cmr_search.store.config import IndexConfig
 
@@ -127,7 +128,7 @@ def train_encoder(
         cfg = load_config(config)
         if seed is not None:
             cfg.train = replace(cfg.train, seed=seed)
-        run_dir = root / "encoders" / "runs" / run_name if run_name else None
+        run_dir = StoreLayout(root).run(run_name) if run_name else None
         trainer = Trainer(root, cfg, run_dir=run_dir, device=device, resume=resume, log=err.print, compile=compile)
         result = trainer.fit(max_minutes=max_minutes, max_steps=max_steps)
     except CmrError as error:
@@ -197,7 +198,13 @@ def search(
         raise typer.Exit(2)
     try:
         settings = Settings()
-        searcher = Searcher(_store_dir(store, settings), model_id, IndexConfig.from_settings(settings))
+        root = _store_dir(store, settings)
+        encode_text = None
+        if text is not None:
+            from cmr_search.encoder.embed import TextQueryEncoder
+
+            encode_text = TextQueryEncoder(root)
+        searcher = Searcher(root, model_id, IndexConfig.from_settings(settings), encode_text=encode_text)
         hits = (searcher.by_text(text, k, where) if text is not None
                 else searcher.by_study(study, k, where, exclude_same_patient=other_patients))
     except CmrError as error:
@@ -232,8 +239,9 @@ def delete(
 
     Old table versions are rewritten away, so the data leaves the disk (unless --keep-history).
     """
-    from cmr_search.ingest.headers import patient_key
     from cmr_search.store.embedding_store import EmbeddingStore
+    from cmr_search.store.patients import patient_keys_for
+    from cmr_search.store.withdrawal import withdraw
 
     settings = Settings()
     root = _store_dir(store, settings)
@@ -241,12 +249,11 @@ def delete(
     try:
         emb = EmbeddingStore.open(root)
         if patient_id:
-            salt = emb.clip_store.patient_salt(settings.patient_salt.get_secret_value() if settings.patient_salt else None)
-            keys += [patient_key(line, salt) for line in sys.stdin.read().splitlines() if line.strip()]
+            keys += patient_keys_for(emb.root, sys.stdin.read().splitlines(), settings.patient_salt)
         if not study and not keys:
             err.print("[red]error:[/] give --study, --patient or --patient-id (with IDs on stdin)")
             raise typer.Exit(2)
-        report = emb.withdraw(study_uids=list(study or []), patient_keys=keys, purge=not keep_history)
+        report = withdraw(emb, study_uids=list(study or []), patient_keys=keys, purge=not keep_history)
     except CmrError as error:
         _fail(error)
     if as_json:

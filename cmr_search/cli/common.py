@@ -37,13 +37,10 @@ def fail(error: CmrError) -> None:
 
 def run_ingest(paths, root, cfg, settings: Settings, reports=None, labels=None):
     """Ingest into the store at ``root`` (created if new); a domain error exits with code 2."""
-    from cmr_search.ingest.pipeline import ingest
-    from cmr_search.store.clip_store import ClipStore
+    from cmr_search.ingest.pipeline import ingest_into
 
     try:
-        clip_store = ClipStore.open(root, cfg.clip, create=True)
-        salt = clip_store.patient_salt(settings.patient_salt.get_secret_value() if settings.patient_salt else None)
-        return ingest(paths, clip_store, cfg, salt, reports=reports, labels=labels)
+        return ingest_into(paths, root, cfg, settings.patient_salt, reports=reports, labels=labels)
     except CmrError as error:
         fail(error)
 

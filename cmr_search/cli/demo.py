@@ -16,6 +16,7 @@ import typer
 
 from cmr_search.cli.common import StoreOpt, err, fail, print_ingest, run_ingest
 from cmr_search.core.exceptions import CmrError, InputError
+from cmr_search.core.layout import StoreLayout
 from cmr_search.core.settings import Settings
 from cmr_search.store.config import IndexConfig
 
@@ -84,7 +85,7 @@ def demo(
                 generate_cohort(studies, data, seed=seed, progress=True)
                 (data / "cohort.json").write_text(json.dumps({"studies": studies, "seed": seed}))
         wanted = _study_uids(data / "labels.csv")
-        if (root / "store.json").exists() and wanted <= _stored_study_uids(root):
+        if StoreLayout(root).meta.exists() and wanted <= _stored_study_uids(root):
             _skip("2. ingest", f"all {len(wanted)} studies are in {root}")
         else:
             with _stage("2. ingest", f"cmr ingest {data / 'dicom'} --store {root} --reports {data / 'reports.csv'} "
@@ -95,9 +96,10 @@ def demo(
         model_id = _encoder(root, encoder_minutes, encoder_steps)
         _embed(root, model_id, settings)
         with _stage("5. search", f'cmr search --store {root} --text "{QUERY}" -k 5'):
+            from cmr_search.encoder.embed import TextQueryEncoder
             from cmr_search.store.search import Searcher
 
-            searcher = Searcher(root, model_id, IndexConfig.from_settings(settings))
+            searcher = Searcher(root, model_id, IndexConfig.from_settings(settings), encode_text=TextQueryEncoder(root))
             for rank, hit in enumerate(searcher.by_text(QUERY, 5), 1):
                 err.print(f"  {rank}. {hit.study_uid}  score {hit.score:.3f}  "
                           f"views {' '.join(hit.metadata.get('views_present') or [])}")
@@ -125,9 +127,8 @@ def _stored_study_uids(root: Path) -> set[str]:
 
 def _encoder(root: Path, minutes: float, steps: int | None) -> str:
     """The store's trained encoder, trained now if there is none."""
-    latest = root / "encoders" / "LATEST"
-    if latest.exists():
-        model_id = latest.read_text().strip()
+    model_id = StoreLayout(root).latest_model_id()
+    if model_id is not None:
         _skip("3. encoder", f"{model_id} is trained (STORE/encoders/LATEST)")
         return model_id
     budget = f"{steps} steps" if steps else f"{minutes:g} min"
@@ -135,7 +136,7 @@ def _encoder(root: Path, minutes: float, steps: int | None) -> str:
         from cmr_search.encoder.config import load_config
         from cmr_search.encoder.train import Trainer
 
-        run = root / "encoders" / "runs" / "demo"
+        run = StoreLayout(root).run("demo")
         trainer = Trainer(root, load_config("mvit_xs_cpu"), run_dir=run, resume=(run / "checkpoint").exists(),
                           log=err.print)
         return trainer.fit(max_minutes=minutes, max_steps=steps).model_id
@@ -152,7 +153,7 @@ def _embed(root: Path, model_id: str, settings: Settings) -> None:
         _skip("4. embed", f"all {clips} clips are embedded by {model_id}")
         return
     with _stage("4. embed", f"cmr embed --store {root}"):
-        emb = embed_store(root, root / "encoders" / model_id, index_config=IndexConfig.from_settings(settings))
+        emb = embed_store(root, StoreLayout(root).encoder(model_id), index_config=IndexConfig.from_settings(settings))
         err.print(f"model {model_id}: {emb.clips_embedded} clips embedded ({emb.clips_skipped} already), "
                   f"{emb.studies} studies")
 
@@ -188,14 +189,14 @@ def _evaluate(root: Path, model_id: str, seeds: int, settings: Settings) -> None
     from cmr_search.evals.evaluate import evaluate_store
     from cmr_search.evals.report import write_report
 
-    done = root / "eval" / "metrics.json"
+    done = StoreLayout(root).eval / "metrics.json"
     if done.exists() and json.loads(done.read_text()).get("run", {}).get("models", {}).get("contrastive") == model_id:
         _skip("7. evaluate", f"{done.parent / 'report.html'} is of {model_id}")
         return
     with _stage("7. evaluate", f"cmr eval --store {root}"):
         evaluation = evaluate_store(root, EvalConfig(seeds=seeds), model_id, index_config=IndexConfig.from_settings(settings),
                                     log=err.print)
-        _, page = write_report(root / "eval", evaluation.metrics, evaluation.figures)
+        _, page = write_report(StoreLayout(root).eval, evaluation.metrics, evaluation.figures)
         lvef = evaluation.metrics.get("heads", {}).get("lvef", {})
         if "contrastive" in lvef and "baseline" in lvef:
             err.print(f"  LVEF MAE on held-out studies: {lvef['contrastive']['mae']:.1f} (contrastive) vs "

@@ -11,6 +11,7 @@ import typer
 
 from cmr_search.cli.common import StoreOpt, err, fail
 from cmr_search.core.exceptions import CmrError, InputError
+from cmr_search.core.layout import StoreLayout
 from cmr_search.core.settings import Settings
 from cmr_search.evals.config import EvalConfig
 from cmr_search.store.config import IndexConfig
@@ -74,7 +75,7 @@ def eval_command(
             metrics["reference"] = reproduce_paper(reference)
     except CmrError as error:
         fail(error)
-    out = out or (Path(root) / "eval" if root is not None and predictions is None else Path("eval"))
+    out = out or (StoreLayout(root).eval if root is not None and predictions is None else Path("eval"))
     metrics_path, report_path = write_report(out, metrics, figures)
     err.print(f"report: {report_path}\nmetrics: {metrics_path}\n({time.perf_counter() - started:.0f} s)")
     if as_json:

@@ -104,12 +104,11 @@ def predict(
     as_json: JsonOpt = False,
 ) -> None:
     """Predict for stored studies: value or probability, and the attention on each view."""
-    from cmr_search.heads import HeadRegistry
-    from cmr_search.store.embedding_store import EmbeddingStore
+    from cmr_search.heads import predict_head
 
     root = store_dir(store, Settings())
     try:
-        rows = HeadRegistry(root).load(head).predict(EmbeddingStore.open(root), study)
+        rows = predict_head(root, head, study)
     except CmrError as error:
         fail(error)
     if as_json:

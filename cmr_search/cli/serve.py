@@ -15,6 +15,7 @@ from pydantic import SecretStr
 
 from cmr_search.cli.common import StoreOpt, err, fail, store_dir
 from cmr_search.core.exceptions import CmrError
+from cmr_search.core.layout import StoreLayout
 from cmr_search.core.settings import Settings
 
 __all__ = ["keys_app", "serve"]
@@ -46,7 +47,7 @@ def serve(
     settings = ServeSettings(_env_file=config, **overrides)
     root = store_dir(store, settings)
     settings = settings.model_copy(update={"store": root})
-    if settings.auth and not (root / "secrets" / "api_keys.json").exists():
+    if settings.auth and not StoreLayout(root).api_keys.exists():
         err.print(f"[yellow]note:[/] no API keys yet; create one with `cmr keys create --store {root} --role read`")
     # every worker process builds its app from the environment: hand the settings down that way
     for name, value in settings.model_dump(exclude_none=True).items():
@@ -63,7 +64,7 @@ def serve(
         sockets = None
         if several:
             # the workers' Prometheus values, summed by whichever worker a scrape reaches
-            # (search_api/metrics.py); read by prometheus_client when a worker imports it
+            # (api/metrics.py); read by prometheus_client when a worker imports it
             metrics_dir = tempfile.mkdtemp(prefix="cmr-metrics-")
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
             share = ConnectionShare(config.workers)
@@ -100,7 +101,7 @@ def keys_create(
         print(KeyRing.new_key())
         return
     root = store_dir(store, Settings())
-    if not (root / "store.json").exists():
+    if not StoreLayout(root).meta.exists():
         fail(CmrError(f"{root} is not a cmr store (no store.json)"))
     try:
         key, record = KeyRing(root).create(role, label)

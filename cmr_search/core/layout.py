@@ -36,9 +36,13 @@ class StoreLayout:
         """The LanceDB database (clips, reports, labels, views, studies)."""
         return self.root / "lance"
 
+    def table(self, name: str) -> Path:
+        """A Lance table's folder."""
+        return self.lance / f"{name}.lance"
+
     def table_versions(self, table: str) -> Path:
         """A Lance table's ``_versions`` folder (one manifest per commit)."""
-        return self.lance / f"{table}.lance" / "_versions"
+        return self.table(table) / "_versions"
 
     # -- secrets -------------------------------------------------------------------------------
     @property

@@ -14,12 +14,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cmr_search.core.exceptions import InputError
+from cmr_search.core.layout import StoreLayout, publish_folder
 from cmr_search.encoder.config import EncoderConfig, load_config
 
 __all__ = [
     "PUBLISHED_CONFIG",
     "LoadReport",
     "checkpoint_model_id",
+    "export_encoder",
     "load_checkpoint",
     "load_text_encoder",
     "load_video_encoder",
@@ -55,6 +57,19 @@ class LoadReport:
                  f"{len(self.unexpected)} unexpected", f"{len(self.mismatched)} shape mismatches"]
         detail = (self.missing + self.unexpected + self.mismatched)[:5]
         return f"{self.source}: " + ", ".join(parts) + (f" (e.g. {', '.join(detail)})" if detail else "")
+
+
+def export_encoder(model: torch.nn.Module, cfg: EncoderConfig, store_root: Path, step: int,
+                   latest: bool) -> tuple[str, Path]:
+    """Publish a model's weights (no optimizer state) as ``STORE/encoders/<model_id>`` in one
+    rename, and with ``latest`` point the store's ``LATEST`` at it; ``(model_id, folder)``."""
+    layout = StoreLayout(store_root)
+    tmp = layout.encoders / f".export-{os.getpid()}"
+    model_id = save_checkpoint(model, cfg, tmp, step)
+    folder = publish_folder(tmp, layout.encoder(model_id))
+    if latest:
+        layout.set_latest(model_id)
+    return model_id, folder
 
 
 def _hash_files(*paths: Path) -> str:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -13,13 +14,40 @@ import torch
 import torch.nn.functional as F
 
 from cmr_search.core.exceptions import InputError
-from cmr_search.encoder.checkpoint import load_checkpoint, load_video_encoder
+from cmr_search.core.layout import StoreLayout
+from cmr_search.encoder.checkpoint import load_checkpoint, load_text_encoder, load_video_encoder
 from cmr_search.encoder.video import preprocess_batch
 
-__all__ = ["EmbedReport", "Embedder", "embed_store", "embed_study", "encode_study"]
+__all__ = ["EmbedReport", "Embedder", "TextQueryEncoder", "embed_store", "embed_study", "encode_study"]
 
 # the columns a view row copies from its clip
 VIEW_META = ["clip_id", "study_uid", "patient_key", "view", "slice_index", "sex", "age", "vendor", "site", "study_date"]
+
+
+class TextQueryEncoder:
+    """The text towers of a store's encoders, each loaded on first use: ``(model_id, texts) ->
+    [N, 512]`` unit float32 embeddings. What a ``Searcher`` takes as its ``encode_text``."""
+
+    def __init__(self, store_root: Path):
+        self.layout = StoreLayout(store_root)
+        self._towers: dict[str, torch.nn.Module] = {}
+        self._lock = threading.Lock()
+
+    def tower(self, model_id: str) -> torch.nn.Module:
+        """The text tower of encoder ``model_id`` in this store."""
+        with self._lock:
+            if model_id not in self._towers:
+                folder = self.layout.encoder(model_id)
+                if not (folder / "model.safetensors").exists():
+                    raise InputError(f"model {model_id} has no text tower in {folder}; text search needs "
+                                     "an encoder trained in this store (`cmr train-encoder`)")
+                self._towers[model_id] = load_text_encoder(folder)
+            return self._towers[model_id]
+
+    def __call__(self, model_id: str, texts: list[str]) -> np.ndarray:
+        tower = self.tower(model_id)
+        with torch.inference_mode():
+            return tower.encode(list(texts)).float().numpy()
 
 
 class Embedder:
@@ -122,12 +150,14 @@ def embed_store(store_root: Path, checkpoint: Path, batch_size: int = 32, commit
     from cmr_search.store.clip_store import ClipStore
     from cmr_search.store.config import IndexConfig
     from cmr_search.store.embedding_store import EmbeddingStore
-    from cmr_search.store.vector_index import VectorIndex
+    from cmr_search.store.index import VectorIndex
+    from cmr_search.store.withdrawal import finish_pending_withdrawals
 
     started = time.monotonic()
     store = ClipStore.open(store_root)
     embedder = Embedder(checkpoint, device=device, compile_batch=batch_size, **load_options)
     tables = EmbeddingStore(store, embedder.dim)
+    finish_pending_withdrawals(tables)  # never embed (or index) a study a crash left half-withdrawn
     corpus = ClipCorpus(store_root)  # pixels by row id at one pinned table version
     meta = corpus.metadata(VIEW_META).to_pylist()
     done = tables.embedded_clip_ids(embedder.model_id)

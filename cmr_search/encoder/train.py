@@ -13,7 +13,6 @@ import csv
 import json
 import math
 import os
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -24,7 +23,8 @@ import torch
 from safetensors.torch import load_file
 
 from cmr_search.core.exceptions import InputError
-from cmr_search.encoder.checkpoint import save_checkpoint
+from cmr_search.core.layout import StoreLayout
+from cmr_search.encoder.checkpoint import export_encoder, save_checkpoint
 from cmr_search.encoder.config import EncoderConfig, TrainConfig
 from cmr_search.encoder.data import (
     ClipCorpus,
@@ -91,11 +91,12 @@ class TrainResult:
 
 def latest_checkpoint(store_root: Path) -> Path:
     """The store's most recently trained encoder (``STORE/encoders/LATEST``)."""
-    pointer = Path(store_root) / "encoders" / "LATEST"
-    if not pointer.exists():
+    layout = StoreLayout(store_root)
+    model_id = layout.latest_model_id()
+    if model_id is None:
         raise InputError(f"{store_root} has no trained encoder; run `cmr train-encoder --store {store_root}` "
                          "or pass --checkpoint")
-    return pointer.parent / pointer.read_text().strip()
+    return layout.encoder(model_id)
 
 
 @torch.inference_mode()
@@ -185,7 +186,7 @@ class Trainer:
             self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
             self.rank, self.world = 0, 1
         t = cfg.train
-        self.run_dir = Path(run_dir or self.store_root / "encoders" / "runs" / f"{cfg.name}-seed{t.seed}")
+        self.run_dir = Path(run_dir or StoreLayout(self.store_root).run(f"{cfg.name}-seed{t.seed}"))
         self.ckpt_dir = self.run_dir / "checkpoint"
         if self.ckpt_dir.exists() and not resume:
             raise InputError(f"{self.run_dir} already holds a run; pass --resume to continue it or --run-name for a new one")
@@ -337,17 +338,9 @@ class Trainer:
     def _bar(self, end_step: int):
         if not self.progress or self.rank != 0:
             return None
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
+        from cmr_search.core.progress import progress_bar
 
-        bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                       console=Console(stderr=True))
+        bar = progress_bar()
         bar.start()
         return bar, bar.add_task("training", total=end_step, completed=self.step)
 
@@ -357,16 +350,6 @@ class Trainer:
             torch.distributed.barrier()
         if self.rank != 0:
             return None
-        root = self.store_root / "encoders"
-        tmp = root / f".export-{os.getpid()}"
-        model_id = save_checkpoint(self.model, self.cfg, tmp, self.step)
-        final = root / model_id
-        if final.exists():
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, final)
-        pointer = root / "LATEST.tmp"
-        pointer.write_text(model_id + "\n")
-        os.replace(pointer, root / "LATEST")
+        model_id, final = export_encoder(self.model, self.cfg, self.store_root, self.step, latest=True)
         self.log(f"encoder {model_id} after {self.step} steps ({self.elapsed / 60:.1f} min): {final}")
         return TrainResult(final, model_id, self.step, self.elapsed, self.val)

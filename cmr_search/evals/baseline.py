@@ -5,13 +5,12 @@ into the store beside the trained model under its own ``model_id``."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from cmr_search.core.exceptions import InputError
+from cmr_search.core.layout import StoreLayout
 
 __all__ = ["embed_random_baseline", "random_baseline"]
 
@@ -20,26 +19,19 @@ def random_baseline(store_root: Path, model_id: str, seed: int = 0) -> Path:
     """``STORE/encoders/<baseline_id>``: the architecture of encoder ``model_id`` with weights
     drawn from ``seed``. Deterministic, so a second call finds the same folder; LATEST is
     left alone (the baseline is never the store's default model)."""
-    from cmr_search.encoder.checkpoint import save_checkpoint
+    from cmr_search.encoder.checkpoint import export_encoder
     from cmr_search.encoder.config import EncoderConfig
     from cmr_search.encoder.model import CmrClip
 
-    root = Path(store_root) / "encoders"
-    meta = root / model_id / "config.json"
+    layout = StoreLayout(store_root)
+    meta = layout.encoder(model_id) / "config.json"
     if not meta.exists():
-        raise InputError(f"no encoder {model_id} in {root}; the random baseline copies a trained encoder's "
+        raise InputError(f"no encoder {model_id} in {layout.encoders}; the random baseline copies a trained encoder's "
                          "architecture (train one with `cmr train-encoder`)")
     cfg = EncoderConfig.from_dict(json.loads(meta.read_text())["config"])
     torch.manual_seed(seed)
     model = CmrClip(cfg).eval()
-    tmp = root / f".baseline-{os.getpid()}"
-    baseline_id = save_checkpoint(model, cfg, tmp, step=0)
-    final = root / baseline_id
-    if final.exists():
-        shutil.rmtree(tmp)
-    else:
-        os.replace(tmp, final)
-    return final
+    return export_encoder(model, cfg, store_root, step=0, latest=False)[1]
 
 
 def embed_random_baseline(store_root: Path, model_id: str, seed: int = 0, index_config=None,

@@ -78,14 +78,17 @@ def evaluate_store(store_root: Path, cfg: EvalConfig | None = None, model_id: st
                    labels_path: Path | None = None, index_config=None, log=print) -> Evaluation:
     """Evaluate the embeddings of ``model_id`` (default: the store's latest) against the
     store's labels and reports, and against the random-init baseline (``cfg.baseline``)."""
+    from cmr_search.encoder.embed import TextQueryEncoder
     from cmr_search.heads.data import load_bags
     from cmr_search.store.embedding_store import EmbeddingStore
     from cmr_search.store.search import Searcher, default_model_id
+    from cmr_search.store.withdrawal import finish_pending_withdrawals
 
     cfg = cfg or EvalConfig()
     result = Evaluation()
     stage = _Stages(result, log)
     store = EmbeddingStore.open(Path(store_root))
+    finish_pending_withdrawals(store)
     model_id = model_id or default_model_id(store)
     models = {"contrastive": model_id}
     with stage("baseline embeddings"):
@@ -105,7 +108,7 @@ def evaluate_store(store_root: Path, cfg: EvalConfig | None = None, model_id: st
                              "patients": len(np.unique(main.patient_keys)), "views": int(main.mask.sum()),
                              "phenotypes": phenotypes, "config": cfg.to_dict()}
     with stage("text-to-scan retrieval"):
-        searcher = Searcher(Path(store_root), model_id, index_config)
+        searcher = Searcher(Path(store_root), model_id, index_config, encode_text=TextQueryEncoder(store_root))
         result.metrics["text_retrieval"] = _text_retrieval(searcher, store, main, labels, cfg)
     with stage("scan-to-scan"):
         from cmr_search.evals.queries import scan_to_scan_eval

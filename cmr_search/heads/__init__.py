@@ -2,18 +2,18 @@
 
 Python API (the search service uses it)::
 
-    HeadRegistry(store).load(name).predict(EmbeddingStore.open(store), [study_uid, ...])
+    predict_head(store, name, [study_uid, ...])
     train_head(store, ["lvef"], HeadConfig(kind="mil"))
     evaluate_head(store, name)
 """
 
 from importlib import import_module
 
-__all__ = ["Head", "HeadConfig", "HeadRegistry", "evaluate_head", "train_head"]
+__all__ = ["Head", "HeadConfig", "HeadRegistry", "evaluate_head", "predict_head", "train_head"]
 
 _HOME = {"HeadConfig": "cmr_search.heads.config", "Head": "cmr_search.heads.registry",
          "HeadRegistry": "cmr_search.heads.registry", "evaluate_head": "cmr_search.heads.registry",
-         "train_head": "cmr_search.heads.registry"}
+         "predict_head": "cmr_search.heads.registry", "train_head": "cmr_search.heads.registry"}
 
 
 def __getattr__(name: str):

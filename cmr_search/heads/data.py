@@ -20,7 +20,7 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from cmr_search.core.exceptions import InputError
-from cmr_search.store.clip_store import _quote, read_study_table
+from cmr_search.store.clip_store import read_study_table, sql_quote
 from cmr_search.store.embedding_store import EmbeddingStore
 
 __all__ = ["Bags", "LabelSet", "infer_task", "label_table", "load_bags", "load_labels", "patient_split", "sample_fraction"]
@@ -65,7 +65,7 @@ def load_bags(store: EmbeddingStore, model_id: str, study_uids: list[str] | None
     # a few studies (a prediction) are read by key, not by scanning the model's every row
     where = None
     if study_uids is not None and len(study_uids) <= 1000:
-        where = "study_uid IN (" + ", ".join(f"'{_quote(u)}'" for u in study_uids) + ")"
+        where = "study_uid IN (" + ", ".join(f"'{sql_quote(u)}'" for u in study_uids) + ")"
     studies = store.rows("studies", model_id, ["study_uid", "patient_key", "vector"], where)
     if not studies.num_rows:  # only then is it worth a scan to say which models the store has
         have = store.model_ids("studies")

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cmr_search.core.exceptions import InputError
+from cmr_search.core.layout import StoreLayout
 from cmr_search.heads.config import HeadConfig
 from cmr_search.heads.data import Bags, LabelSet, load_bags, load_labels, patient_split
 from cmr_search.heads.model import build_head
@@ -33,8 +34,9 @@ from cmr_search.heads.train import (
 )
 from cmr_search.store.embedding_store import EmbeddingStore
 from cmr_search.store.search import default_model_id
+from cmr_search.store.withdrawal import finish_pending_withdrawals
 
-__all__ = ["CARD_FORMAT", "Head", "HeadRegistry", "evaluate_head", "train_head"]
+__all__ = ["CARD_FORMAT", "Head", "HeadRegistry", "evaluate_head", "predict_head", "train_head"]
 
 CARD_FORMAT = "cmr-head/1"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
@@ -80,7 +82,7 @@ class HeadRegistry:
     """The heads of one store."""
 
     def __init__(self, store_root: Path):
-        self.root = Path(store_root) / "heads"
+        self.root = StoreLayout(store_root).heads
 
     def names(self) -> list[str]:
         """Registered heads, by name."""
@@ -135,13 +137,25 @@ class HeadRegistry:
         return Head(name, card, model.eval())
 
 
+def _open_store(store_root: Path) -> EmbeddingStore:
+    # a crash mid-withdrawal: finish it before any head reads those studies
+    store = EmbeddingStore.open(Path(store_root))
+    finish_pending_withdrawals(store)
+    return store
+
+
+def predict_head(store_root: Path, name: str, study_uids: list[str]) -> list[dict]:
+    """Predictions of registered head ``name`` for stored studies (see ``Head.predict``)."""
+    return HeadRegistry(store_root).load(name).predict(_open_store(store_root), study_uids)
+
+
 def train_head(store_root: Path, labels: list[str], cfg: HeadConfig | None = None, labels_path: Path | None = None,
                model_id: str | None = None, name: str | None = None, replace: bool = False,
                log=None) -> tuple[Head, LabelSet]:
     """Train a head on the store's embeddings and register it; returns it with the label
     report (what was skipped and why)."""
     cfg = cfg or HeadConfig()
-    store = EmbeddingStore.open(Path(store_root))
+    store = _open_store(store_root)
     model_id = model_id or default_model_id(store)
     bags = load_bags(store, model_id)
     label_set = load_labels(store, bags, list(labels), labels_path, cfg.task)
@@ -157,7 +171,7 @@ def evaluate_head(store_root: Path, name: str, labels_path: Path | None = None) 
     """Metrics of a registered head: on its own test split (labels from the store, split
     again from the card's seeds), or on every labelled study of ``labels_path`` (an
     external test set)."""
-    store = EmbeddingStore.open(Path(store_root))
+    store = _open_store(store_root)
     head = HeadRegistry(store_root).load(name)
     card = head.card
     bags = load_bags(store, head.model_id)

@@ -7,7 +7,7 @@ __all__ = ["IngestConfig", "IngestReport", "ingest"]
 
 _HOME = {
     "IngestConfig": "cmr_search.ingest.config",
-    "IngestReport": "cmr_search.ingest.pipeline",
+    "IngestReport": "cmr_search.ingest.report",
     "ingest": "cmr_search.ingest.pipeline",
 }
 

@@ -13,7 +13,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
 
 from cmr_search.ingest.discover import FileRef
-from cmr_search.ingest.headers import Elements, decode_options, elements, read_dataset, rescale
+from cmr_search.ingest.reader import Elements, decode_options, elements, read_dataset, rescale
 from cmr_search.ingest.series import ClipPlan
 from cmr_search.store.config import ClipConfig
 

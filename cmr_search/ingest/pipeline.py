@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import json
 import multiprocessing
 import os
 import shutil
@@ -33,6 +32,7 @@ from cmr_search.ingest.clips import PixelError, clip_frames, decode_stack, make_
 from cmr_search.ingest.config import IngestConfig
 from cmr_search.ingest.discover import FileRef, discover
 from cmr_search.ingest.headers import FileHeader, Rejection, read_header
+from cmr_search.ingest.report import IngestReport, save_report
 from cmr_search.ingest.series import (
     ClipPlan,
     StudyPlan,
@@ -41,46 +41,14 @@ from cmr_search.ingest.series import (
     plan_series,
     plan_study,
 )
+from cmr_search.store.patients import patient_salt
 
 if TYPE_CHECKING:
+    from pydantic import SecretStr
+
     from cmr_search.store.clip_store import ClipStore
 
-__all__ = ["IngestReport", "build_study", "clip_id", "frames_key", "ingest", "scan_unit", "units_of"]
-
-
-@dataclass
-class IngestReport:
-    """What an ingest run did: counts, and every skipped or rejected input with its reason."""
-
-    files_found: int = 0
-    files_read: int = 0
-    studies_found: int = 0
-    studies_written: int = 0
-    clips_inserted: int = 0
-    clips_updated: int = 0
-    views: dict[str, int] = field(default_factory=dict)
-    skipped: list[dict] = field(default_factory=list)  # by design: localizers, LGE, flow, repeats
-    rejected: list[dict] = field(default_factory=list)  # bad input
-    reports_imported: int = 0
-    labels_imported: int = 0
-    warnings: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-    phases: dict[str, float] = field(default_factory=dict)  # seconds per stage: read, plan, write, tables
-
-    @property
-    def exit_code(self) -> int:
-        """0 when every input was usable, 3 when some were rejected (DESIGN.md)."""
-        return 3 if self.rejected else 0
-
-    def to_dict(self, with_paths: bool = True) -> dict:
-        """JSON-ready dict; without paths for the copy kept in the store (paths can name patients)."""
-        d = asdict(self)
-        d["exit_code"] = self.exit_code
-        if not with_paths:
-            for item in d["skipped"] + d["rejected"]:
-                if not item["where"].startswith(("series ", "study ")):
-                    item["where"] = "file (path withheld)"
-        return d
+__all__ = ["build_study", "clip_id", "frames_key", "ingest", "ingest_into", "scan_unit", "units_of"]
 
 
 def clip_id(series_uid: str, series_slice: int) -> str:
@@ -319,8 +287,20 @@ def ingest(
     _import_tables(store, report, reports, labels)
     report.phases["tables"] = round(time.perf_counter() - t_tables, 2)
     report.seconds = round(time.perf_counter() - t0, 2)
-    _save(store, report)
+    save_report(store.root, report)
     return report
+
+
+def ingest_into(paths: list[Path], root: Path, cfg: IngestConfig, configured_salt: SecretStr | str | None = None,
+                reports: Path | None = None, labels: Path | None = None, progress: bool = True) -> IngestReport:
+    """``ingest`` into the store at ``root`` (created if new), patients keyed with the
+    configured salt, else the store's own: what ``cmr ingest`` and ``cmr demo`` run."""
+    # lancedb only here: forked workers preload this module and must not inherit its runtime
+    from cmr_search.store.clip_store import ClipStore
+
+    store = ClipStore.open(root, cfg.clip, create=True)
+    salt = patient_salt(store.layout, configured_salt)
+    return ingest(paths, store, cfg, salt, reports=reports, labels=labels, progress=progress)
 
 
 def _scan(pool, refs, cfg: IngestConfig, salt: bytes, scratch: Path, report: IngestReport, bar) -> tuple[list[StudyPlan], dict]:
@@ -380,10 +360,3 @@ def _import_tables(store: ClipStore, report: IngestReport, reports: Path | None,
         unknown = store.table_study_uids(name) - known
         if unknown:
             report.warnings.append(f"{name}: {len(unknown)} rows for studies with no clips in the store (kept; ingest their DICOM to use them)")
-
-
-def _save(store: ClipStore, report: IngestReport) -> None:
-    folder = store.root / "ingest_reports"
-    folder.mkdir(exist_ok=True)
-    stamp = time.strftime("%Y%m%dT%H%M%S")
-    (folder / f"ingest-{stamp}.json").write_text(json.dumps(report.to_dict(with_paths=False), indent=1))

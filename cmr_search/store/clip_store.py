@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import secrets
@@ -18,9 +17,10 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from cmr_search.core.exceptions import InputError, StoreError
+from cmr_search.core.layout import StoreLayout
 from cmr_search.store.config import ClipConfig
 
-__all__ = ["CLIP_SCHEMA", "CLIP_STORAGE_VERSION", "ClipStore", "ImportResult", "read_study_table"]
+__all__ = ["CLIP_SCHEMA", "CLIP_STORAGE_VERSION", "ClipStore", "ImportResult", "process_alive", "read_study_table", "sql_quote"]
 
 FORMAT_VERSION = 1
 
@@ -108,15 +108,16 @@ class ClipStore:
 
     def __init__(self, root: Path, clip: ClipConfig):
         self.root = Path(root)
+        self.layout = StoreLayout(self.root)
         self.clip_config = clip
         # a zero interval makes every read check for the newest version: readers never see stale data
-        self.db = lancedb.connect(self.root / "lance", read_consistency_interval=timedelta(0))
+        self.db = lancedb.connect(self.layout.lance, read_consistency_interval=timedelta(0))
 
     @classmethod
     def open(cls, root: Path, clip: ClipConfig | None = None, create: bool = False) -> ClipStore:
         """Open a store; with ``create`` make it (the first clip config fixes the clip shape)."""
         root = Path(root)
-        meta_path = root / "store.json"
+        meta_path = StoreLayout(root).meta
         if meta_path.exists():
             meta = json.loads(meta_path.read_text())
             if meta.get("format_version") != FORMAT_VERSION:
@@ -138,22 +139,10 @@ class ClipStore:
         return cls(root, clip)
 
     # -- secrets -----------------------------------------------------------------------
-    def patient_salt(self, configured: str | None = None) -> bytes:
-        """The salt for patient keys: the configured one, else this store's own random salt."""
-        if configured:
-            return configured.encode()
-        path = self.root / "secrets" / "patient_salt"
-        if not path.exists():
-            path.parent.mkdir(mode=0o700, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as fp:
-                fp.write(secrets.token_hex(32))
-        return path.read_text().strip().encode()
-
     def scratch_dir(self) -> Path:
         """A fresh private folder for one ingest run's intermediate clips; folders left by
         runs that died (their process is gone) are removed first."""
-        base = self.root / "tmp"
+        base = self.layout.tmp
         base.mkdir(exist_ok=True)
         for old in base.glob("ingest-*"):
             pid = old.name.split("-")[1]
@@ -204,7 +193,7 @@ class ClipStore:
 
     def get_clip(self, clip_id: str) -> tuple[dict, np.ndarray]:
         """One clip's metadata and its uint8 array [T, H, W]."""
-        rows = self.clips.search().where(f"clip_id = '{_quote(clip_id)}'").limit(1).to_list()
+        rows = self.clips.search().where(f"clip_id = '{sql_quote(clip_id)}'").limit(1).to_list()
         if not rows:
             raise KeyError(f"no clip {clip_id} in {self.root}")
         row = rows[0]
@@ -283,13 +272,8 @@ class ClipStore:
         return set(self.db.open_table(name).search().select(["study_uid"]).limit(None).to_arrow()["study_uid"].to_pylist())
 
 
-def study_cache_dir(root: Path, study_uid: str) -> Path:
-    """A study's folder of derived files (cines) under ``STORE/cache``: named by a hash, so a
-    study_uid never becomes a path; withdrawal removes it."""
-    return Path(root) / "cache" / "studies" / hashlib.sha256(study_uid.encode()).hexdigest()[:24]
-
-
-def _quote(text: str) -> str:
+def sql_quote(text: str) -> str:
+    """A text as the inside of a SQL string literal (single quotes doubled)."""
     return text.replace("'", "''")
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-from cmr_search.core.settings import Settings
+if TYPE_CHECKING:  # ingest workers import this module; pydantic is no use to them
+    from cmr_search.core.settings import Settings
 
 __all__ = ["ClipConfig", "IndexConfig"]
 

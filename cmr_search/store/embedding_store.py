@@ -1,19 +1,16 @@
-"""The ``views`` and ``studies`` embedding tables (DESIGN.md, data flow step 2) and data withdrawal.
+"""The ``views`` and ``studies`` embedding tables (DESIGN.md, data flow step 2).
 
 Every row carries ``vec_id`` (a stable 63-bit hash of its key, the FAISS id of its vector)
 and ``rev`` (a random id of the commit that wrote it): an index compares ``(vec_id, rev)``
-pairs with the ones it was built from to apply exactly the rows that changed.
+pairs with the ones it was built from to apply exactly the rows that changed. Withdrawal of
+studies from every table and index lives above both, in ``withdrawal.py``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
 import secrets
-import shutil
-import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,13 +18,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 from filelock import FileLock
-from lancedb.index import Bitmap, BTree, LabelList
+from lancedb.index import BTree
 
 from cmr_search.core.exceptions import InputError, StoreError
-from cmr_search.store.clip_store import ClipStore, _quote
+from cmr_search.core.layout import StoreLayout
+from cmr_search.store.clip_store import ClipStore, sql_quote
 
-__all__ = ["EMBEDDING_TABLES", "FILTER_FIELDS", "EmbeddingStore", "StoreConfig", "WithdrawReport",
-           "studies_schema", "vec_id", "vec_ids", "views_schema"]
+__all__ = ["EMBEDDING_TABLES", "FILTER_FIELDS", "EmbeddingStore", "StoreConfig", "studies_schema", "vec_id",
+           "vec_ids", "views_schema"]
 
 log = logging.getLogger(__name__)
 
@@ -96,18 +94,6 @@ class StoreConfig:
     key_index_rows: int = 10_000  # index the key column (B-tree) once a table holds this many rows
 
 
-@dataclass
-class WithdrawReport:
-    """What a withdrawal removed."""
-
-    study_uids: list[str]
-    rows_deleted: dict[str, int]  # table -> rows removed
-
-    def to_dict(self) -> dict:
-        """JSON-able summary."""
-        return {"studies": len(self.study_uids), "study_uids": self.study_uids, "rows_deleted": self.rows_deleted}
-
-
 class EmbeddingStore:
     """The store's embedding tables; rows are keyed by (key, model_id) so models never mix.
 
@@ -118,11 +104,13 @@ class EmbeddingStore:
     def __init__(self, clip_store: ClipStore, dim: int = 512, config: StoreConfig = StoreConfig()):
         self.clip_store, self.dim, self.config = clip_store, dim, config
         self.root = clip_store.root
-        self._replay_withdrawals()
+        self.layout = StoreLayout(self.root)
 
     @classmethod
     def open(cls, root: Path, dim: int = 512, config: StoreConfig = StoreConfig()) -> EmbeddingStore:
-        """Open the embedding tables of an existing store (finishing any withdrawal a crash interrupted)."""
+        """Open the embedding tables of an existing store. (A withdrawal a crash interrupted is
+        finished by ``withdrawal.finish_pending_withdrawals``, which the entry points that
+        search or write call; opening alone changes nothing.)"""
         return cls(ClipStore.open(root), dim, config)
 
     # -- tables ---------------------------------------------------------------------------
@@ -141,7 +129,7 @@ class EmbeddingStore:
         table = self.clip_store.db.create_table(name, schema=self.schema(name), exist_ok=True)
         if "vec_id" not in table.schema.names:
             raise StoreError(f"the {name} table of {self.root} predates vec_id/rev columns; remove "
-                             f"{self.root}/lance/{name}.lance and run `cmr embed --store {self.root}` again")
+                             f"{self.layout.table(name)} and run `cmr embed --store {self.root}` again")
         return table
 
     @property
@@ -166,7 +154,7 @@ class EmbeddingStore:
         """Rows in a table, optionally of one model."""
         if not self.has(name):
             return 0
-        return self.table(name).count_rows(f"model_id = '{_quote(model_id)}'" if model_id else None)
+        return self.table(name).count_rows(f"model_id = '{sql_quote(model_id)}'" if model_id else None)
 
     def model_ids(self, name: str = "studies") -> dict[str, int]:
         """model_id -> row count in the table."""
@@ -209,11 +197,11 @@ class EmbeddingStore:
         return self.upsert("studies", rows)
 
     def write_lock(self) -> FileLock:
-        """The store-wide lock of study writes (``put_study``, ``withdraw``), across processes:
-        two workers storing one study take turns rather than interleave their rows."""
-        folder = self.root / "locks"
-        folder.mkdir(exist_ok=True)
-        return FileLock(folder / "study-writes.lock")
+        """The store-wide lock of study writes (``put_study``, ``withdrawal.withdraw``), across
+        processes: two workers storing one study take turns rather than interleave their rows."""
+        path = self.layout.study_write_lock
+        path.parent.mkdir(exist_ok=True)
+        return FileLock(path)
 
     def put_study(self, clip_rows: list[dict], view_rows: list[dict], study_row: dict) -> bool:
         """Store one study's clips and one model's embeddings of them as all the store holds
@@ -228,12 +216,12 @@ class EmbeddingStore:
             return self._put_study(clip_rows, view_rows, study_row)
 
     def _put_study(self, clip_rows: list[dict], view_rows: list[dict], study_row: dict) -> bool:
-        where = f"study_uid = '{_quote(study_row['study_uid'])}'"
+        where = f"study_uid = '{sql_quote(study_row['study_uid'])}'"
         before = {name: self.clip_store.db.open_table(name).search().where(where).limit(None).to_arrow()
                   for name in ("clips", "views", "studies") if self.has(name)}
         replaced = "clips" in before and before["clips"].num_rows > 0
-        keep = ", ".join(f"'{_quote(r['clip_id'])}'" for r in clip_rows)
-        model = f"'{_quote(study_row['model_id'])}'"
+        keep = ", ".join(f"'{sql_quote(r['clip_id'])}'" for r in clip_rows)
+        model = f"'{sql_quote(study_row['model_id'])}'"
         try:
             self.clip_store.upsert_clips(clip_rows)
             self.upsert_views(view_rows)
@@ -267,7 +255,7 @@ class EmbeddingStore:
         """One row by its key (``clip_id`` or ``study_uid``) and model, or None."""
         if not self.has(name):
             return None
-        where = f"{EMBEDDING_TABLES[name]} = '{_quote(key)}' AND model_id = '{_quote(model_id)}'"
+        where = f"{EMBEDDING_TABLES[name]} = '{sql_quote(key)}' AND model_id = '{sql_quote(model_id)}'"
         rows = self.table(name).search().where(where).limit(1).to_list()
         return rows[0] if rows else None
 
@@ -283,7 +271,7 @@ class EmbeddingStore:
         """All rows of one model (optionally only some columns, or those matching ``where``)."""
         if not self.has(name):
             return self.schema(name).empty_table() if columns is None else self.schema(name).empty_table().select(columns)
-        clause = f"model_id = '{_quote(model_id)}'" + (f" AND ({where})" if where else "")
+        clause = f"model_id = '{sql_quote(model_id)}'" + (f" AND ({where})" if where else "")
         q = self.table(name).search().where(clause).limit(None)
         return (q.select(columns) if columns else q).to_arrow()
 
@@ -304,123 +292,3 @@ class EmbeddingStore:
         """The ``vector`` column as a float32 [N, dim] array."""
         col = table["vector"].combine_chunks()
         return col.values.to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size).astype(np.float32, copy=False)
-
-    # -- withdrawal -------------------------------------------------------------------------
-    def withdraw(self, study_uids: list[str] = (), patient_keys: list[str] = (), purge: bool = True) -> WithdrawReport:
-        """Remove studies (or every study of a patient) everywhere: clips, reports, labels,
-        views, studies, the FAISS indexes and ingest reports.
-
-        A journal entry is written first and removed last, so a crash mid-way is finished on
-        the next open. With ``purge`` the old table versions are rewritten away, so the bytes
-        are gone from disk, not only hidden (readers still on an old version fail).
-        """
-        with self.write_lock():
-            return self._withdraw_asked(study_uids, patient_keys, purge)
-
-    def _withdraw_asked(self, study_uids: list[str], patient_keys: list[str], purge: bool) -> WithdrawReport:
-        asked = ", ".join(f"'{_quote(u)}'" for u in study_uids)
-        keys = ", ".join(f"'{_quote(k)}'" for k in patient_keys)
-        uids: set[str] = set()
-        for name in ("clips", "reports", "labels", "views", "studies"):
-            if not self.has(name):
-                continue
-            table = self.clip_store.db.open_table(name)
-            clauses = [f"study_uid IN ({asked})"] if asked else []
-            if keys and "patient_key" in table.schema.names:
-                clauses.append(f"patient_key IN ({keys})")
-            if clauses:
-                rows = table.search().where(" OR ".join(clauses)).select(["study_uid"]).limit(None).to_arrow()
-                uids |= set(rows["study_uid"].to_pylist())
-        if not uids:
-            what = ", ".join([*(f"study {u}" for u in study_uids), *(f"patient {k}" for k in patient_keys)])
-            raise InputError(f"nothing to withdraw: no {what} in {self.root} (check the study_uid or patient key)")
-        journal = self._journal_dir() / f"withdraw-{secrets.token_hex(6)}.json"
-        tmp = journal.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"study_uids": sorted(uids), "purge": purge}))
-        os.replace(tmp, journal)
-        report = self._withdraw(sorted(uids), purge)
-        journal.unlink()
-        return report
-
-    def _journal_dir(self) -> Path:
-        path = self.root / "journal"
-        path.mkdir(exist_ok=True)
-        return path
-
-    def _replay_withdrawals(self) -> None:
-        folder = self.root / "journal"
-        if not folder.exists():
-            return
-        for journal in sorted(folder.glob("withdraw-*.json")):
-            entry = json.loads(journal.read_text())
-            log.warning("finishing an interrupted withdrawal of %d studies", len(entry["study_uids"]))
-            self._withdraw(entry["study_uids"], entry["purge"])
-            journal.unlink()
-        for tmp in folder.glob("withdraw-*.tmp"):  # a journal never completed: nothing was deleted yet
-            tmp.unlink()
-
-    def _withdraw(self, uids: list[str], purge: bool) -> WithdrawReport:
-        from cmr_search.store.vector_index import refresh_indexes
-
-        deleted: dict[str, int] = {}
-        uid_list = ", ".join(f"'{_quote(u)}'" for u in uids)
-        for name in ("clips", "reports", "labels", "views", "studies"):
-            if not self.has(name):
-                continue
-            table = self.clip_store.db.open_table(name)
-            where = f"study_uid IN ({uid_list})"
-            n = table.count_rows(where)
-            if n:
-                table.delete(where)
-            if purge:
-                _purge_history(self.clip_store.db, name)
-            deleted[name] = n
-        refresh_indexes(self)
-        _scrub_ingest_reports(self.root / "ingest_reports", set(uids))
-        _scrub_caches(self.root, uids)
-        return WithdrawReport(uids, deleted)
-
-
-def _purge_history(db, name: str) -> None:
-    """Rewrite a table into fresh files and drop every older version, so deleted rows (and
-    the delete predicates in old transaction files) leave the disk; compaction alone keeps
-    rows inside fragments whose deleted share is small."""
-    table = db.open_table(name)
-    indices = [(ix.columns, ix.index_type) for ix in table.list_indices()]
-    reader = table.search().limit(None).to_batches()
-    table = db.create_table(name, data=reader, schema=table.schema, mode="overwrite")
-    with warnings.catch_warnings():  # "removes every version except the latest": the point here
-        warnings.simplefilter("ignore", UserWarning)
-        table.optimize(cleanup_older_than=timedelta(0), delete_unverified=True)
-    scalar = {"BTree": BTree, "Bitmap": Bitmap, "LabelList": LabelList}
-    for columns, kind in indices:  # scalar indexes come back; a vector index is FAISS' job here
-        if kind in scalar:
-            table.create_index(columns[0], config=scalar[kind]())
-
-
-def _scrub_caches(root: Path, uids: list[str]) -> None:
-    """Drop derived files of the withdrawn studies (cines) and every cached cluster list
-    (they name exemplar studies)."""
-    from cmr_search.store.clip_store import study_cache_dir
-
-    for uid in uids:
-        shutil.rmtree(study_cache_dir(root, uid), ignore_errors=True)
-    shutil.rmtree(Path(root) / "cache" / "clusters", ignore_errors=True)
-
-
-def _scrub_ingest_reports(folder: Path, uids: set[str]) -> None:
-    """Drop the withdrawn studies' entries from the saved ingest reports."""
-    if not folder.exists():
-        return
-    for path in folder.glob("*.json"):
-        report = json.loads(path.read_text())
-        changed = False
-        for key, value in report.items():
-            if isinstance(value, list):
-                kept = [v for v in value if not (isinstance(v, dict) and v.get("study_uid") in uids)]
-                changed |= len(kept) != len(value)
-                report[key] = kept
-        if changed:
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(report, indent=1))
-            os.replace(tmp, path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,12 +18,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cmr_search.core.exceptions import InputError, StoreError
+from cmr_search.core.layout import StoreLayout
 from cmr_search.store.config import IndexConfig
 from cmr_search.store.embedding_store import EmbeddingStore, vec_id
 from cmr_search.store.filters import FilterFrame, mentions
-from cmr_search.store.vector_index import VectorIndex
+from cmr_search.store.index import VectorIndex
+from cmr_search.store.withdrawal import finish_pending_withdrawals
 
-__all__ = ["Hit", "Searcher", "default_model_id"]
+__all__ = ["Hit", "Searcher", "TextEncoder", "default_model_id"]
+
+#: ``(model_id, texts) -> [N, 512]`` unit float32 embeddings by that model's text tower; the
+#: caller supplies it (``cmr_search.encoder.embed.TextQueryEncoder``), so the store never loads a model
+TextEncoder = Callable[[str, list[str]], np.ndarray]
 
 VIEW_COLUMNS = {"view", "slice_index", "clip_id"}
 _HIT_FIELDS = ("views_present", "sex", "age", "vendor", "site", "study_date")
@@ -51,9 +58,9 @@ def default_model_id(store: EmbeddingStore) -> str:
     present = store.model_ids("studies")
     if not present:
         raise StoreError(f"{store.root} has no study embeddings; run `cmr embed --store {store.root}` first")
-    pointer = store.root / "encoders" / "LATEST"
-    if pointer.exists() and pointer.read_text().strip() in present:
-        return pointer.read_text().strip()
+    latest = StoreLayout(store.root).latest_model_id()
+    if latest in present:
+        return latest
     if len(present) == 1:
         return next(iter(present))
     raise InputError(f"{store.root} holds embeddings of several models ({', '.join(sorted(present))}); "
@@ -65,19 +72,22 @@ class Searcher:
 
     Before each search the table's version is compared with the index's (at most every
     ``check_interval_s``, 0 = every search); if the table moved on, the index applies
-    the difference first, so a search never answers from a stale index.
+    the difference first, so a search never answers from a stale index. Text queries go
+    through ``encode_text``, the caller's text encoder; without one, text search says so.
+    Opening one first finishes any withdrawal a crash interrupted.
     """
 
     def __init__(self, root: Path, model_id: str | None = None, config: IndexConfig | None = None,
-                 check_interval_s: float = 0.0):
+                 check_interval_s: float = 0.0, encode_text: TextEncoder | None = None):
         self.store = EmbeddingStore.open(root)
+        finish_pending_withdrawals(self.store)  # a crash mid-withdrawal: no search sees those studies
         self.model_id = model_id or default_model_id(self.store)
         self.config, self.check_interval_s = config or IndexConfig(), check_interval_s
         self._indexes: dict[str, VectorIndex] = {}
         self._checked: dict[str, float] = {}
         self._frames: dict[str, tuple[tuple, FilterFrame]] = {}
         self._open_lock = threading.Lock()
-        self._text = None
+        self._encode_text = encode_text
 
     # -- indexes and filters ----------------------------------------------------------------
     def index(self, table: str) -> VectorIndex:
@@ -167,18 +177,10 @@ class Searcher:
 
     def encode_text(self, texts: list[str]) -> np.ndarray:
         """Unit 512-d embeddings of texts by this model's own text tower."""
-        if self._text is None:
-            from cmr_search.encoder.checkpoint import load_text_encoder
-
-            folder = self.store.root / "encoders" / self.model_id
-            if not (folder / "model.safetensors").exists():
-                raise InputError(f"model {self.model_id} has no text tower in {folder}; text search needs "
-                                 "an encoder trained in this store (`cmr train-encoder`)")
-            self._text = load_text_encoder(folder)
-        import torch
-
-        with torch.inference_mode():
-            return self._text.encode(list(texts)).float().numpy()
+        if self._encode_text is None:
+            raise InputError("this searcher was opened without a text encoder; search by study or vector, "
+                             "or open it with encode_text=TextQueryEncoder(store)")
+        return self._encode_text(self.model_id, list(texts))
 
     # -- helpers ----------------------------------------------------------------------------
     @staticmethod

@@ -32,14 +32,9 @@ from cmr_search.synth.labels import BINARY_LABELS, LABEL_COLUMNS, study_labels
 from cmr_search.synth.params import sample_patient, sample_study_params
 from cmr_search.synth.phantom import build_phantom
 from cmr_search.synth.protocol import SeriesPlan, plan_protocol
-from cmr_search.synth.render import (
-    LGE,
-    contour_overlay,
-    flow_phase,
-    render_plane,
-    study_appearance,
-)
+from cmr_search.synth.render import LGE, flow_phase, render_plane, study_appearance
 from cmr_search.synth.reports import write_report
+from cmr_search.synth.tissues import contour_overlay
 
 REPEAT_VISIT_RATE = 0.10
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")

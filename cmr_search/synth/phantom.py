@@ -1,4 +1,5 @@
-"""The 3-D cardiac phantom: shapes in a heart frame, their motion, and true volumes.
+"""The 3-D cardiac phantom: the heart frame, its motion over the cycle, and the shapes
+solved so that their true volumes hit the study's targets.
 
 Heart frame: origin at the centre of the LV base (mitral) plane, e_z along the LV
 long axis from apex to base (the apex is at negative z), e_x towards the septum
@@ -7,8 +8,8 @@ patient coordinates (LPS, mm) with the apex pointing left, anterior and inferior
 
 Every shape is an implicit function of heart-frame coordinates and a handful of
 per-frame scalars, and every volume label is integrated from exactly those
-functions (cylindrical shells for the LV, ray/ellipse intersection for the RV,
-closed forms for the atria), so labels are the phantom's geometric truth.
+functions (``shapes.py``: cylindrical shells for the LV, ray/ellipse intersection for
+the RV, closed forms for the atria), so labels are the phantom's geometric truth.
 """
 
 from __future__ import annotations
@@ -19,15 +20,24 @@ from dataclasses import dataclass
 import numpy as np
 
 from cmr_search.synth.params import StudyParams, lv_axes, sample_study_params
+from cmr_search.synth.shapes import (
+    LVShape,
+    ellipsoid_cap_volume,
+    lv_cavity_volume,
+    lv_epicardial_volume,
+    rv_volume,
+    smoothstep,
+    thrombus_volume,
+    wall_moments,
+)
 
 __all__ = [
-    "HeartFrame", "LVShape", "Phantom", "StudyParams", "Volumes", "build_phantom",
+    "HeartFrame", "Phantom", "StudyParams", "Volumes", "build_phantom",
     "cycle_phase", "heart_frame", "sample_study_params",
 ]
 
 MYOCARDIAL_DENSITY_G_PER_ML = 1.05
 LONGITUDINAL_SHORTENING = 0.35  # share of the radial contraction applied to the LV length
-AKINESIS_BAND = (-0.75, -0.58)  # z/L0 over which contraction fades out towards the apex
 ATRIAL_MIN_FRACTION = 0.55  # atrial volume at end diastole relative to its maximum
 WALL_LEVEL = -0.35  # z/L0 of the mid-ventricular level where wall thickness is measured
 
@@ -48,19 +58,6 @@ class HeartFrame:
     def to_patient(self, points: np.ndarray) -> np.ndarray:
         """Heart-frame (N, 3) -> patient (N, 3) coordinates."""
         return self.origin + np.asarray(points) @ self.axes
-
-
-@dataclass(frozen=True)
-class LVShape:
-    """ED shape constants of the LV used by the volume integrals (mm)."""
-
-    r0: float  # basal cavity radius
-    length_ed: float  # cavity length at ED
-    akinesis: bool
-    apical: float  # myocardium beyond the cavity apex
-    septal: float  # equatorial wall parameters of W(theta)
-    lateral: float
-    focality: float
 
 
 @dataclass(frozen=True)
@@ -157,12 +154,6 @@ def heart_frame(params: StudyParams) -> HeartFrame:
     return HeartFrame(origin=origin, axes=np.stack([ex, ey, ez]))
 
 
-def smoothstep(x: np.ndarray) -> np.ndarray:
-    """Cubic ramp 0 -> 1 over x in [0, 1]."""
-    x = np.clip(x, 0.0, 1.0)
-    return x * x * (3.0 - 2.0 * x)
-
-
 def cycle_phase(n_frames: int, es_frame: int) -> np.ndarray:
     """Contraction state per frame: 0 at ED (frame 0), 1 exactly at the ES frame.
 
@@ -175,55 +166,6 @@ def cycle_phase(n_frames: int, es_frame: int) -> np.ndarray:
     diastole = 1.0 - 0.8 * smoothstep(u / 0.45) - 0.2 * smoothstep((u - 0.75) / 0.25)
     systole = 0.5 * (1.0 - np.cos(np.pi * np.minimum(t / t_es, 1.0)))
     return np.where(t <= t_es, systole, diastole)
-
-
-def akinesis_weight(z: np.ndarray, length_ed: float, akinesis: bool) -> np.ndarray:
-    """Share of the normal contraction at height z (0 in an akinetic apex)."""
-    if not akinesis:
-        return np.ones_like(z)
-    lo, hi = AKINESIS_BAND
-    return smoothstep((z / length_ed - lo) / (hi - lo))
-
-
-def wall_profile(cos_theta: np.ndarray, septal: float, lateral: float, focality: float):
-    """Equatorial wall thickness W(theta), theta measured from the septum (e_x)."""
-    return lateral + (septal - lateral) * (0.5 * (1.0 + cos_theta)) ** focality
-
-
-def _wall_moments(septal: float, lateral: float, focality: float) -> tuple[float, float]:
-    # integrals of W and W^2 over the full circle; periodic trapezoid is spectral
-    theta = np.linspace(0.0, 2 * np.pi, 4096, endpoint=False)
-    w = wall_profile(np.cos(theta), septal, lateral, focality)
-    d = 2 * np.pi / theta.size
-    return float(w.sum() * d), float((w * w).sum() * d)
-
-
-def _trapz(y: np.ndarray, x: np.ndarray) -> np.ndarray:
-    return np.sum(0.5 * (y[..., 1:] + y[..., :-1]) * np.diff(x, axis=-1), axis=-1)
-
-
-def lv_cavity_volume(ph_r0, length, c, length_ed, akinesis, n=4001) -> np.ndarray:
-    """Cavity volume (mm^3) for arrays of length L and contraction c (same shape)."""
-    length = np.atleast_1d(np.asarray(length, float))[:, None]
-    c = np.atleast_1d(np.asarray(c, float))[:, None]
-    z = -length * np.linspace(1.0, 0.0, n)[None, :]
-    rc = ph_r0 * (1.0 - c * akinesis_weight(z, length_ed, akinesis))
-    return _trapz(np.pi * rc**2 * (1.0 - (z / length) ** 2), z)
-
-
-def lv_epicardial_volume(r0, length, c, kappa, apical, w1, w2, length_ed, akinesis, n=4001):
-    """Volume (mm^3) inside the epicardium for arrays of L, c and kappa."""
-    length = np.atleast_1d(np.asarray(length, float))[:, None]
-    c = np.atleast_1d(np.asarray(c, float))[:, None]
-    kappa = np.atleast_1d(np.asarray(kappa, float))[:, None]
-    k_apex = 1.0 + (kappa - 1.0) * akinesis_weight(-length, length_ed, akinesis)
-    l_epi = length + k_apex * apical
-    z = -l_epi * np.linspace(1.0, 0.0, n)[None, :]
-    w = akinesis_weight(z, length_ed, akinesis)
-    rc = r0 * (1.0 - c * w)
-    k = 1.0 + (kappa - 1.0) * w
-    area = 0.5 * (1.0 - (z / l_epi) ** 2) * (2 * np.pi * rc**2 + 2 * k * rc * w1 + k * k * w2)
-    return _trapz(area, z)
 
 
 def _solve(f, lo, hi, iters: int = 14, tol: float = 1e-7) -> np.ndarray:
@@ -253,53 +195,6 @@ def _solve(f, lo, hi, iters: int = 14, tol: float = 1e-7) -> np.ndarray:
     return x
 
 
-def _rv_volume(lv: LVShape, rv_xmin, axes, frame_c, frame_kappa, frame_len, nz=240, nt=360):
-    """RV cavity volume (mm^3): half ellipsoid (z <= 0) minus the LV epicardium.
-
-    In each z slice the ray from the LV axis at angle theta meets the convex
-    ellipse in one interval [rho1, rho2] and the star-shaped epicardium in
-    [0, r_epi], so the RV area is a 1-D integral over theta.
-    """
-    ax, ay, az = axes
-    cx = rv_xmin + ax
-    z = -az * (1.0 - (np.arange(nz) + 0.5) / nz)  # midpoints in (-az, 0)
-    th = (np.arange(nt) + 0.5) * (2 * np.pi / nt)
-    cos_t, sin_t = np.cos(th)[None, :], np.sin(th)[None, :]
-    f = np.sqrt(np.clip(1.0 - (z / az) ** 2, 0.0, None))[:, None]
-    a2, b2 = (ax * f) ** 2 + 1e-12, (ay * f) ** 2 + 1e-12
-    qa = cos_t**2 / a2 + sin_t**2 / b2
-    qb = cx * cos_t / a2
-    qc = cx**2 / a2 - 1.0
-    disc = np.clip(qb**2 - qa * qc, 0.0, None)
-    rho2 = (qb + np.sqrt(disc)) / qa
-    rho1 = np.clip((qb - np.sqrt(disc)) / qa, 0.0, None)
-    rho2 = np.where(disc > 0, np.clip(rho2, 0.0, None), 0.0)
-    r_epi = _epi_radius(lv, z[:, None], cos_t, frame_c, frame_kappa, frame_len)
-    inner = np.maximum(rho1, r_epi)
-    area = 0.5 * np.clip(rho2**2 - inner**2, 0.0, None).sum(axis=1) * (2 * np.pi / nt)
-    return float(area.sum() * (az / nz))
-
-
-def _epi_radius(lv: LVShape, z, cos_t, c, kappa, length):
-    """LV epicardial radius at heights z and angles theta (0 outside its z range)."""
-    w = akinesis_weight(z, lv.length_ed, lv.akinesis)
-    k_apex = 1.0 + (kappa - 1.0) * float(akinesis_weight(np.array(-length), lv.length_ed,
-                                                         lv.akinesis))
-    l_epi = length + k_apex * lv.apical
-    rc = lv.r0 * (1.0 - c * w)
-    k = 1.0 + (kappa - 1.0) * w
-    wall = wall_profile(cos_t, lv.septal, lv.lateral, lv.focality)
-    s = np.sqrt(np.clip(1.0 - (z / l_epi) ** 2, 0.0, None))
-    return np.where(z >= -l_epi, (rc + k * wall) * s, 0.0)
-
-
-def _ellipsoid_cap_volume(axes: np.ndarray, center_z: float) -> float:
-    """Volume (mm^3) of an ellipsoid above z = 0 whose centre is at height center_z."""
-    a, b, c = axes
-    lo = max(-c, -center_z)
-    return float(np.pi * a * b * ((c - lo) - (c**3 - lo**3) / (3 * c * c)))
-
-
 def _solve_lv(params: StudyParams, r0: float, l0: float):
     """Radial contraction, length and thickening per frame, and the wall parameters."""
     phase = cycle_phase(params.n_frames, params.es_frame)
@@ -319,7 +214,7 @@ def _solve_lv(params: StudyParams, r0: float, l0: float):
             for name, t in (("septal", params.septal_mm), ("lateral", params.lateral_mm))}
     lv = LVShape(r0=r0, length_ed=l0, akinesis=params.apical_akinesis, apical=params.apical_mm,
                  septal=wall["septal"], lateral=wall["lateral"], focality=params.septal_focality)
-    w1, w2 = _wall_moments(lv.septal, lv.lateral, lv.focality)
+    w1, w2 = wall_moments(lv.septal, lv.lateral, lv.focality)
 
     def myo(kappa, cc, ll, n=1201):
         epi = lv_epicardial_volume(r0, ll, cc, kappa, lv.apical, w1, w2, l0, lv.akinesis, n)
@@ -344,7 +239,7 @@ def build_phantom(params: StudyParams) -> Phantom:
     t_r = params.thrombus_radius_mm
     t_radii = (t_r, 0.85 * t_r, 1.25 * t_r) if params.thrombus else (0.0, 0.0, 0.0)
     t_cz = -l0 + 1.25 * t_r + 1.5
-    thrombus = _thrombus_volume(r0, l0, t_cz, t_radii, params.apical_akinesis)
+    thrombus = thrombus_volume(r0, l0, t_cz, t_radii, params.apical_akinesis)
     lv_blood = cavity - thrombus
 
     # RV: size by bisection on a shape scale, function by bisection on its contraction
@@ -356,7 +251,7 @@ def build_phantom(params: StudyParams) -> Phantom:
                          min(az, 1.05 * l0) * (1 - 0.35 * crv * s)])
 
     def rv_vol(axes, f, n_z=48, n_t=72):
-        return _rv_volume(lv, rv_xmin, axes, c[f], kappa[f], length[f], n_z, n_t)
+        return rv_volume(lv, rv_xmin, axes, c[f], kappa[f], length[f], n_z, n_t)
 
     scale = float(_solve(lambda s: rv_vol(rv_axes(s, 0, 0), 0) - params.rv_edv_target_ml * 1e3,
                           0.5 * r0, 4.0 * r0))
@@ -374,7 +269,7 @@ def build_phantom(params: StudyParams) -> Phantom:
     # atria: size a = (V / shape constant)^(1/3); centre 0.7 c above the base plane
     def atrium(volume_ml):
         axes_unit = np.array([1.0, 1.0, 1.1])
-        unit = _ellipsoid_cap_volume(axes_unit, 0.7 * 1.1)
+        unit = ellipsoid_cap_volume(axes_unit, 0.7 * 1.1)
         a = (volume_ml * 1e3 / unit) ** (1 / 3)
         return axes_unit * a
 
@@ -389,8 +284,8 @@ def build_phantom(params: StudyParams) -> Phantom:
     la_center = la_anchor + np.array([0, 0, 0.7 * la_axes[2]])
     ra_center = ra_anchor + np.array([0, 0, 0.7 * ra_axes[2]])
     atrial_scale = (ATRIAL_MIN_FRACTION + (1 - ATRIAL_MIN_FRACTION) * phase) ** (1 / 3)
-    la_max = _ellipsoid_cap_volume(la_axes, la_center[2])
-    ra_max = _ellipsoid_cap_volume(ra_axes, ra_center[2])
+    la_max = ellipsoid_cap_volume(la_axes, la_center[2])
+    ra_max = ellipsoid_cap_volume(ra_axes, ra_center[2])
 
     aorta_radius = 10.5 + 0.06 * (params.age - 20) + 0.08 * (r0 - 25)
     aorta_base = np.array([*(0.72 * r0 * lvot[:2]), 0.0])
@@ -433,18 +328,3 @@ def build_phantom(params: StudyParams) -> Phantom:
     )
 
 
-def _thrombus_volume(r0, l0, cz, radii, akinesis) -> float:
-    """Volume (mm^3) of the thrombus inside the (static, akinetic) apical cavity."""
-    if radii[0] <= 0:
-        return 0.0
-    a, b, c = radii
-    h = 0.3  # mm; the thrombus is a few ml, so this grid is well below 1% error
-    xs = np.arange(-a, a + h, h)
-    ys = np.arange(-b, b + h, h)
-    zs = np.arange(cz - c, cz + c + h, h)
-    x, y, z = np.meshgrid(xs, ys, zs, indexing="ij", sparse=True)
-    inside = (x / a) ** 2 + (y / b) ** 2 + ((z - cz) / c) ** 2 <= 1.0
-    rc = r0 * np.sqrt(np.clip(1 - (z / l0) ** 2, 0.0, None))
-    in_cavity = (x * x + y * y <= rc * rc) & (z >= -l0) & (z <= 0)
-    assert akinesis, "a thrombus needs the static akinetic apex"
-    return float((inside & in_cavity).sum() * h**3)

@@ -133,6 +133,7 @@ def test_bad_search_requests_get_a_clear_4xx(api):
     _error(post({"query": QUERY, "k": 0}), 422, "invalid_request")
     assert "100" in _error(post({"query": QUERY, "k": 101}), 422, "k_out_of_range")
     _error(post({"query": ""}), 422, "invalid_request")
+    assert _error(post({"query": "  "}), 422, "invalid_request") == "query: the text is blank; describe the findings to look for"
     _error(post({"query": QUERY, "filters": {"colour": "red"}}), 422, "invalid_request")
     message = _error(post({"query": QUERY, "filters": {"label_min": {"no_such_label": 1}}}), 400, "bad_request")
     assert "lvef" in message  # the message lists the columns that exist

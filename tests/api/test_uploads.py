@@ -88,9 +88,9 @@ def test_upload_round_trip_then_withdrawal(private_api, new_study):
     assert uid not in [h["study_uid"] for h in every] and len(every) == 10
     _error(api.client.get(f"/studies/{uid}", headers=api.read), 404, "study_not_found")
     _error(api.client.get(f"/studies/{uid}/neighbors", headers=api.read), 404, "study_not_found")
-    from cmr_search.store.clip_store import study_cache_dir
+    from cmr_search.core.layout import StoreLayout
 
-    assert not study_cache_dir(api.root, uid).exists()  # its cines left with it
+    assert not StoreLayout(api.root).study_cache(uid).exists()  # its cines left with it
     _error(api.client.delete(f"/studies/{uid}", headers=api.write), 404, "study_not_found")
 
 

@@ -1,9 +1,8 @@
 """The embedding tables: upserts that really replace, models that never mix, compaction,
-snapshot reads during writes, and withdrawal of a study or a patient everywhere."""
+snapshot reads during writes, and study writes that take turns across processes."""
 
 from __future__ import annotations
 
-import subprocess
 import threading
 
 import numpy as np
@@ -11,11 +10,9 @@ import pytest
 from lancedb.index import BTree
 from store_data import MODEL, clustered, make_store, study_rows, view_rows
 
-from cmr_search.core.exceptions import InputError
 from cmr_search.store import ClipStore
 from cmr_search.store.embedding_store import EmbeddingStore, StoreConfig, vec_id
-from cmr_search.store.search import Searcher
-from cmr_search.store.vector_index import VectorIndex
+from cmr_search.store.index import VectorIndex
 
 
 def _strip(row: dict) -> dict:
@@ -90,51 +87,6 @@ def test_readers_see_whole_commits_while_a_writer_commits(tmp_path):
     assert set(store.rows("studies", MODEL, ["site"])["site"].to_pylist()) == {"g8"}
 
 
-def _grep(root, text: str) -> list[str]:
-    out = subprocess.run(["grep", "-rl", "--binary-files=text", text, str(root)], capture_output=True, text=True, check=False)
-    return out.stdout.split()
-
-
-def test_withdraw_a_study_removes_it_everywhere_and_from_disk(emb_store, tmp_path):
-    labels = tmp_path / "labels.csv"
-    labels.write_text("study_uid,lvef\n1.2.826.0.1.299,55\n1.2.826.0.1.298,40\n")
-    emb_store.clip_store.import_labels(labels)
-    searcher = Searcher(emb_store.root)
-    uid = "1.2.826.0.1.299"  # no other uid has it as a prefix, so grep finds only this study
-    target = np.asarray(emb_store.get_study(uid, MODEL)["vector"], np.float32)
-    assert searcher.by_vector(target, 1)[0].study_uid == uid
-    assert _grep(emb_store.root, uid)
-
-    report = emb_store.withdraw(study_uids=[uid])
-    assert report.rows_deleted["studies"] == 1 and report.rows_deleted["views"] == 6 and report.rows_deleted["labels"] == 1
-    assert emb_store.get_study(uid, MODEL) is None and emb_store.count("views", MODEL) == 1794
-    assert all(h.study_uid != uid for h in searcher.by_vector(target, 20))
-    assert _grep(emb_store.root, uid) == []  # no old version, index generation or journal keeps it
-    assert not list((emb_store.root / "journal").glob("*"))
-
-
-def test_withdraw_a_patient_removes_all_their_studies(emb_store):
-    key = emb_store.get_study("1.2.826.0.1.6", MODEL)["patient_key"]  # patient pk3 has studies 6 and 7
-    report = emb_store.withdraw(patient_keys=[key])
-    assert sorted(report.study_uids) == ["1.2.826.0.1.6", "1.2.826.0.1.7"]
-    assert emb_store.rows("studies", MODEL, ["study_uid"], where=f"patient_key = '{key}'").num_rows == 0
-    assert emb_store.count("studies", MODEL) == 298
-
-
-def test_withdraw_nothing_is_a_clear_error(emb_store):
-    with pytest.raises(InputError, match="nothing to withdraw"):
-        emb_store.withdraw(study_uids=["9.9.9"])
-
-
-def test_an_interrupted_withdrawal_is_finished_on_open(emb_store):
-    journal = emb_store.root / "journal"
-    journal.mkdir(exist_ok=True)
-    (journal / "withdraw-abc.json").write_text('{"study_uids": ["1.2.826.0.1.9"], "purge": false}')
-    reopened = EmbeddingStore.open(emb_store.root)
-    assert reopened.get_study("1.2.826.0.1.9", MODEL) is None
-    assert not (journal / "withdraw-abc.json").exists()
-
-
 def test_views_of_a_new_model_go_in_beside(emb_store):
     rows = view_rows(study_rows(2, model_id="m2"))
     emb_store.upsert_views(rows)
@@ -155,34 +107,6 @@ def test_bulk_upsert_from_arrow_matches_dict_upsert(tmp_path):
     assert b.upsert("studies", table) == (50, 0)
     cols = ["study_uid", "vec_id", "site", "age", "views_present", "vector"]
     assert a.study_rows(MODEL, cols).sort_by("study_uid").equals(b.study_rows(MODEL, cols).sort_by("study_uid"))
-
-
-def test_withdraw_from_an_ingested_store_removes_clips_reports_and_labels(ingested, tmp_path):
-    import shutil
-
-    src, _ = ingested
-    root = tmp_path / "store"
-    shutil.copytree(src.root, root)
-    store = EmbeddingStore.open(root)
-    clips = store.clip_store
-    uid = min(clips.study_uids())
-    n_clips = clips.count_clips(f"study_uid = '{uid}'")
-    assert n_clips and uid in clips.table_study_uids("reports") and uid in clips.table_study_uids("labels")
-    report = store.withdraw(study_uids=[uid])
-    assert report.rows_deleted["clips"] == n_clips and report.rows_deleted["reports"] == 1
-    assert uid not in clips.study_uids() and uid not in clips.table_study_uids("reports")
-    assert uid not in clips.table_study_uids("labels")
-    assert _grep(root, uid) == []
-
-
-def test_the_key_gets_a_btree_once_large_and_survives_a_purge(tmp_path):
-    store = EmbeddingStore(ClipStore.open(tmp_path / "s", create=True), config=StoreConfig(key_index_rows=50))
-    store.upsert_studies(study_rows(60))
-    assert [ix.columns for ix in store.studies.list_indices()] == [["study_uid"]]
-    store.upsert_studies(study_rows(60, seed=5))  # replaced through the index
-    assert store.count("studies") == 60
-    store.withdraw(study_uids=["1.2.826.0.1.3"])
-    assert [ix.columns for ix in store.studies.list_indices()] == [["study_uid"]] and store.count("studies") == 59
 
 
 def _study_of(store: EmbeddingStore, uid: str) -> tuple[list[dict], list[dict], list[dict]]:

@@ -16,7 +16,8 @@ from store_data import MODEL, clustered, make_store
 
 from cmr_search.store.config import IndexConfig
 from cmr_search.store.embedding_store import EmbeddingStore
-from cmr_search.store.vector_index import VectorIndex
+from cmr_search.store.index import VectorIndex
+from cmr_search.store.withdrawal import finish_pending_withdrawals
 
 WRITER = r"""
 import sys, numpy as np
@@ -24,7 +25,8 @@ sys.path.insert(0, sys.argv[2])
 from store_data import study_rows
 from cmr_search.store.embedding_store import EmbeddingStore
 from cmr_search.store.config import IndexConfig
-from cmr_search.store.vector_index import VectorIndex
+from cmr_search.store.index import VectorIndex
+from cmr_search.store.withdrawal import withdraw
 store = EmbeddingStore.open(sys.argv[1])
 cfg = IndexConfig(exact_below=150, nlist=8, nprobe=8)
 rng = np.random.default_rng(int(sys.argv[3]))
@@ -36,7 +38,7 @@ while True:
     VectorIndex.open(store, "studies", "m-test", cfg)  # sync + save a new generation
     if step % 3 == 0:
         uids = store.rows("studies", "m-test", ["study_uid"])["study_uid"].to_pylist()
-        store.withdraw(study_uids=[uids[int(rng.integers(0, len(uids)))]], purge=bool(step % 2))
+        withdraw(store, study_uids=[uids[int(rng.integers(0, len(uids)))]], purge=bool(step % 2))
     print(step, flush=True)
 """
 
@@ -63,7 +65,8 @@ def test_kill_9_mid_write_leaves_a_consistent_store_and_index(tmp_path):
         pending = [json.loads(p.read_text())["study_uids"] for p in (root / "journal").glob("withdraw-*.json")] \
             if (root / "journal").exists() else []
 
-        store = EmbeddingStore.open(root)  # finishes an interrupted withdrawal
+        store = EmbeddingStore.open(root)
+        finish_pending_withdrawals(store)  # finishes an interrupted withdrawal
         assert not list((root / "journal").glob("withdraw-*"))
         for uids in pending:
             for uid in uids:

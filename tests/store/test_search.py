@@ -48,6 +48,20 @@ def test_by_study_can_leave_out_the_same_patient(emb_store):
     assert "1.2.826.0.1.7" not in [h.study_uid for h in others] and len(others) == 5
 
 
+def test_text_queries_go_through_the_callers_encoder(emb_store):
+    asked = []
+
+    def encode(model_id: str, texts: list[str]) -> np.ndarray:
+        asked.append((model_id, texts))
+        return clustered(len(texts), seed=5)
+
+    with pytest.raises(InputError, match="without a text encoder"):
+        Searcher(emb_store.root).by_text("apical thrombus")
+    hits = Searcher(emb_store.root, encode_text=encode).by_text("apical thrombus", k=4)
+    assert asked == [(MODEL, ["apical thrombus"])]
+    assert [h.study_uid for h in hits] == _exact_studies(emb_store, clustered(1, seed=5)[0])[:4]
+
+
 def test_metadata_filter_at_study_level(emb_store):
     searcher = Searcher(emb_store.root)
     query = clustered(1, seed=3)[0]
@@ -122,9 +136,9 @@ def test_cli_search_and_delete(emb_store):
 
 
 def test_cli_delete_by_raw_patient_id_never_prints_it(emb_store):
-    from cmr_search.ingest.headers import patient_key
+    from cmr_search.store.patients import patient_key, patient_salt
 
-    salt = emb_store.clip_store.patient_salt()
+    salt = patient_salt(emb_store.root)
     key = patient_key("PAT-123", salt)
     rows = emb_store.study_rows(MODEL).to_pylist()[:2]
     emb_store.upsert_studies([{k: v for k, v in r.items() if k not in ("vec_id", "rev", "embedded_at")} | {"patient_key": key} for r in rows])

@@ -12,8 +12,9 @@ from store_data import MODEL, clustered, exact_top, make_store, study_rows
 from cmr_search.store.config import IndexConfig
 from cmr_search.store.embedding_store import EmbeddingStore, vec_id
 from cmr_search.store.filters import FilterFrame
-from cmr_search.store.torch_exact import TorchExactIndex
-from cmr_search.store.vector_index import VectorIndex
+from cmr_search.store.index import VectorIndex
+from cmr_search.store.index.build import build_index
+from cmr_search.store.index.torch_exact import TorchExactIndex
 
 IVF = IndexConfig(exact_below=200, nlist=16, nprobe=4)
 
@@ -54,8 +55,7 @@ def test_ivf_lists_are_found_through_an_hnsw_graph_or_a_flat_scan(tmp_path):
     reloaded = VectorIndex.open(store, "studies", MODEL, IndexConfig(exact_below=200, quantizer_ef=48), sync=False)
     quantizer = faiss.downcast_index(faiss.extract_index_ivf(reloaded.index).quantizer)
     assert quantizer.hnsw.efSearch == 48  # search depth comes from the config, not the file
-    flat = VectorIndex(store, "studies", MODEL, IndexConfig(exact_below=200, nlist=16, quantizer="flat"))
-    built, _kind, _n = flat._build(*_table_vectors(store))
+    built, _kind, _n = build_index(*_table_vectors(store), 512, IndexConfig(exact_below=200, nlist=16, quantizer="flat"), None)
     assert isinstance(faiss.downcast_index(faiss.extract_index_ivf(built).quantizer), faiss.IndexFlat)
 
 

@@ -51,8 +51,8 @@ from cmr_search.synth.dicom_writer import TRUTH_COLUMNS, study_identity, to_stor
 from cmr_search.synth.labels import dilatation_grade
 from cmr_search.synth.params import ARCHETYPES, THROMBUS_RATE_ISCHAEMIC
 from cmr_search.synth.protocol import SeriesPlan, StudyProtocol
-from cmr_search.synth.render import (
-    CINE,
+from cmr_search.synth.render import CINE
+from cmr_search.synth.tissues import (
     LV_BLOOD,
     LV_MYOCARDIUM,
     RV_BLOOD,

@@ -1,4 +1,4 @@
-"""The fast header and pixel readers agree with pydicom's own conversion on real files.
+"""The reader (header values, pixel decode options) agrees with pydicom on real files.
 
 Ingestion reads header values from the raw element bytes and hands pydicom's decoders the
 pixel buffer with options read from those bytes (both for speed). These tests hold that to
@@ -18,7 +18,7 @@ from store_data import real_dicom_dirs
 
 from cmr_search.ingest.clips import PixelError, decode_stack
 from cmr_search.ingest.discover import FileRef, discover
-from cmr_search.ingest.headers import _text, decode_options, elements, rescale, transfer_syntax
+from cmr_search.ingest.reader import decode_options, elements, rescale, text, transfer_syntax
 
 KEYWORDS = [
     "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality", "Rows", "Columns", "NumberOfFrames",
@@ -70,7 +70,7 @@ def test_raw_header_values_equal_pydicom_conversion(real_datasets):
         fast = elements(pydicom.dcmread(path, force=True))
         for keyword in KEYWORDS:
             if keyword not in ds:
-                assert _text(fast, keyword) == ""
+                assert text(fast, keyword) == ""
                 continue
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -78,7 +78,7 @@ def test_raw_header_values_equal_pydicom_conversion(real_datasets):
                     expected = _reference_text(ds, keyword)
                 except Exception:  # noqa: BLE001, S112 - pydicom itself cannot convert this (corrupt) value
                     continue
-            got = _text(fast, keyword)
+            got = text(fast, keyword)
             # numbers compare as numbers: pydicom prints DS '1.50' as 1.5
             assert _numbers(got) == _numbers(expected), f"{path.name} {keyword}: {got!r} != {expected!r}"
             checked += 1

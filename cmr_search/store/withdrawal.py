@@ -1,0 +1,183 @@
+"""Withdrawal: studies (or every study of a patient) removed from the whole store.
+
+A privacy operation over every table (clips, reports, labels, views, studies), the FAISS
+indexes, the caches and the saved ingest reports, so it sits above both the tables and the
+indexes. A journal entry (``DIR/journal/withdraw-*.json``: the study_uids) is written first
+and deleted last; ``finish_pending_withdrawals`` completes one a crash interrupted, and the
+entry points that search or write (``withdraw`` itself, ``Searcher``, ``cmr embed``, the
+evaluation) call it after opening the store. With ``purge`` (the default) each table is
+rewritten and every older version dropped, so the bytes leave the disk, not only the view.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import warnings
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from lancedb.index import Bitmap, BTree, LabelList
+
+from cmr_search.core.exceptions import InputError
+from cmr_search.core.layout import StoreLayout, write_atomic
+from cmr_search.store.clip_store import sql_quote
+from cmr_search.store.embedding_store import EmbeddingStore
+from cmr_search.store.index.vector_index import refresh_indexes
+
+__all__ = ["WithdrawReport", "finish_pending_withdrawals", "withdraw"]
+
+log = logging.getLogger(__name__)
+
+#: every table with a study_uid column, in the order rows are deleted
+TABLES = ("clips", "reports", "labels", "views", "studies")
+
+
+@dataclass
+class WithdrawReport:
+    """What a withdrawal removed."""
+
+    study_uids: list[str]
+    rows_deleted: dict[str, int]  # table -> rows removed
+
+    def to_dict(self) -> dict:
+        """JSON-able summary."""
+        return {"studies": len(self.study_uids), "study_uids": self.study_uids, "rows_deleted": self.rows_deleted}
+
+
+def withdraw(store: EmbeddingStore, study_uids: list[str] = (), patient_keys: list[str] = (),
+             purge: bool = True) -> WithdrawReport:
+    """Remove studies (or every study of a patient) everywhere: clips, reports, labels,
+    views, studies, the FAISS indexes, cached cines and clusters, and ingest reports.
+
+    Takes the store's study-write lock and first finishes any withdrawal a crash left
+    pending. With ``purge`` the old table versions are rewritten away, so the bytes are gone
+    from disk, not only hidden (readers still on an old version fail).
+    """
+    with store.write_lock():
+        _finish_pending(store)
+        uids = _studies_of(store, study_uids, patient_keys)
+        journal = StoreLayout(store.root).journal / f"withdraw-{secrets.token_hex(6)}.json"
+        journal.parent.mkdir(exist_ok=True)
+        tmp = journal.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"study_uids": uids, "purge": purge}))
+        os.replace(tmp, journal)
+        report = _remove(store, uids, purge)
+        journal.unlink()
+        return report
+
+
+def finish_pending_withdrawals(store: EmbeddingStore) -> list[WithdrawReport]:
+    """Complete every withdrawal whose journal entry a crash left behind (a ``stat`` when
+    there is none). Waits for the study-write lock, so a withdrawal still running in another
+    process is never done twice at once."""
+    folder = StoreLayout(store.root).journal
+    if not folder.exists() or not any(folder.glob("withdraw-*")):
+        return []
+    with store.write_lock():
+        return _finish_pending(store)
+
+
+def _finish_pending(store: EmbeddingStore) -> list[WithdrawReport]:
+    """``finish_pending_withdrawals`` for a caller holding the write lock."""
+    folder = StoreLayout(store.root).journal
+    if not folder.exists():
+        return []
+    reports = []
+    for journal in sorted(folder.glob("withdraw-*.json")):
+        entry = json.loads(journal.read_text())
+        log.warning("finishing an interrupted withdrawal of %d studies", len(entry["study_uids"]))
+        reports.append(_remove(store, entry["study_uids"], entry["purge"]))
+        journal.unlink()
+    for tmp in folder.glob("withdraw-*.tmp"):  # a journal never completed: nothing was deleted yet
+        tmp.unlink()
+    return reports
+
+
+def _studies_of(store: EmbeddingStore, study_uids: list[str], patient_keys: list[str]) -> list[str]:
+    """The stored studies asked for by study_uid or patient key (sorted); none is an error."""
+    asked = ", ".join(f"'{sql_quote(u)}'" for u in study_uids)
+    keys = ", ".join(f"'{sql_quote(k)}'" for k in patient_keys)
+    uids: set[str] = set()
+    for name in TABLES:
+        if not store.has(name):
+            continue
+        table = store.clip_store.db.open_table(name)
+        clauses = [f"study_uid IN ({asked})"] if asked else []
+        if keys and "patient_key" in table.schema.names:
+            clauses.append(f"patient_key IN ({keys})")
+        if clauses:
+            rows = table.search().where(" OR ".join(clauses)).select(["study_uid"]).limit(None).to_arrow()
+            uids |= set(rows["study_uid"].to_pylist())
+    if not uids:
+        what = ", ".join([*(f"study {u}" for u in study_uids), *(f"patient {k}" for k in patient_keys)])
+        raise InputError(f"nothing to withdraw: no {what} in {store.root} (check the study_uid or patient key)")
+    return sorted(uids)
+
+
+def _remove(store: EmbeddingStore, uids: list[str], purge: bool) -> WithdrawReport:
+    """Delete the studies' rows from every table (and with ``purge`` their history), then
+    from the indexes, the ingest reports and the caches."""
+    deleted: dict[str, int] = {}
+    uid_list = ", ".join(f"'{sql_quote(u)}'" for u in uids)
+    for name in TABLES:
+        if not store.has(name):
+            continue
+        table = store.clip_store.db.open_table(name)
+        where = f"study_uid IN ({uid_list})"
+        n = table.count_rows(where)
+        if n:
+            table.delete(where)
+        if purge:
+            _purge_history(store.clip_store.db, name)
+        deleted[name] = n
+    refresh_indexes(store)
+    layout = StoreLayout(store.root)
+    _scrub_ingest_reports(layout.ingest_reports, set(uids))
+    _scrub_caches(layout, uids)
+    return WithdrawReport(uids, deleted)
+
+
+def _purge_history(db, name: str) -> None:
+    """Rewrite a table into fresh files and drop every older version, so deleted rows (and
+    the delete predicates in old transaction files) leave the disk; compaction alone keeps
+    rows inside fragments whose deleted share is small."""
+    table = db.open_table(name)
+    indices = [(ix.columns, ix.index_type) for ix in table.list_indices()]
+    reader = table.search().limit(None).to_batches()
+    table = db.create_table(name, data=reader, schema=table.schema, mode="overwrite")
+    with warnings.catch_warnings():  # "removes every version except the latest": the point here
+        warnings.simplefilter("ignore", UserWarning)
+        table.optimize(cleanup_older_than=timedelta(0), delete_unverified=True)
+    scalar = {"BTree": BTree, "Bitmap": Bitmap, "LabelList": LabelList}
+    for columns, kind in indices:  # scalar indexes come back; a vector index is FAISS' job here
+        if kind in scalar:
+            table.create_index(columns[0], config=scalar[kind]())
+
+
+def _scrub_caches(layout: StoreLayout, uids: list[str]) -> None:
+    """Drop derived files of the withdrawn studies (cines) and every cached cluster list
+    (they name exemplar studies)."""
+    for uid in uids:
+        shutil.rmtree(layout.study_cache(uid), ignore_errors=True)
+    shutil.rmtree(layout.clusters_cache, ignore_errors=True)
+
+
+def _scrub_ingest_reports(folder: Path, uids: set[str]) -> None:
+    """Drop the withdrawn studies' entries from the saved ingest reports."""
+    if not folder.exists():
+        return
+    for path in folder.glob("*.json"):
+        report = json.loads(path.read_text())
+        changed = False
+        for key, value in report.items():
+            if isinstance(value, list):
+                kept = [v for v in value if not (isinstance(v, dict) and v.get("study_uid") in uids)]
+                changed |= len(kept) != len(value)
+                report[key] = kept
+        if changed:
+            write_atomic(path, json.dumps(report, indent=1))
