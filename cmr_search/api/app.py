@@ -42,7 +42,7 @@ from cmr_search.api.routes import clusters, heads, health, page, search, studies
 from cmr_search.api.service import SearchService
 from cmr_search.api.settings import ServeSettings
 from cmr_search.api.workers import current_share
-from cmr_search.core.exceptions import CmrError, InputError, StoreError
+from cmr_search.core.exceptions import CmrError, InputError, StoreError, WithdrawnError
 
 __all__ = ["DOMAIN_ERRORS", "app_from_env", "create_app"]
 
@@ -56,6 +56,7 @@ DOMAIN_ERRORS: dict[type[CmrError], tuple[int, str | None]] = {
     TooLarge: (413, None),
     InvalidUpload: (400, None),
     Unusable: (422, None),
+    WithdrawnError: (409, "study_withdrawn"),
     InputError: (400, "bad_request"),
     StoreError: (503, "store_unavailable"),
 }

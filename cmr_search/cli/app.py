@@ -233,15 +233,18 @@ def delete(
     patient: Annotated[list[str] | None, typer.Option("--patient", help="patient_key to withdraw, every study (repeatable).")] = None,
     patient_id: Annotated[bool, typer.Option("--patient-id", help="Read raw PatientIDs from stdin (one per line), keyed with the store's salt; never logged.")] = False,
     keep_history: Annotated[bool, typer.Option("--keep-history", help="Only hide the rows; keep old table versions (recoverable).")] = False,
+    readmit_: Annotated[bool, typer.Option("--readmit", help="Lift the withdrawal of these studies or patients (a patient's with every study withdrawn with them), so they may be ingested again.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
     """Withdraw studies or patients everywhere: clips, reports, labels, embeddings, indexes.
 
     Old table versions are rewritten away, so the data leaves the disk (unless --keep-history).
+    A withdrawn study or patient is not stored again by any later ingest, upload or embed
+    until `--readmit` lifts its withdrawal.
     """
     from cmr_search.store.embedding_store import EmbeddingStore
     from cmr_search.store.patients import patient_keys_for
-    from cmr_search.store.withdrawal import withdraw
+    from cmr_search.store.withdrawal import readmit, withdraw
 
     settings = Settings()
     root = _store_dir(store, settings)
@@ -253,10 +256,17 @@ def delete(
         if not study and not keys:
             err.print("[red]error:[/] give --study, --patient or --patient-id (with IDs on stdin)")
             raise typer.Exit(2)
-        report = withdraw(emb, study_uids=list(study or []), patient_keys=keys, purge=not keep_history)
+        if readmit_:
+            lifted = readmit(emb, study_uids=list(study or []), patient_keys=keys)
+        else:
+            report = withdraw(emb, study_uids=list(study or []), patient_keys=keys, purge=not keep_history)
     except CmrError as error:
         _fail(error)
-    if as_json:
+    if readmit_ and as_json:
+        print(json.dumps({"readmitted": lifted}))
+    elif readmit_:
+        err.print(f"readmitted {lifted} withdrawn studies or patients; ingest their DICOM to store them again")
+    elif as_json:
         print(json.dumps(report.to_dict()))
     else:
         rows = ", ".join(f"{name} {n}" for name, n in report.rows_deleted.items())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["CmrError", "InputError", "StoreError"]
+__all__ = ["CmrError", "InputError", "StoreError", "WithdrawnError"]
 
 
 class CmrError(Exception):
@@ -15,3 +15,8 @@ class StoreError(CmrError, RuntimeError):
 
 class InputError(CmrError, ValueError):
     """A user-supplied file or option cannot be used (bad CSV, missing path, ...)."""
+
+
+class WithdrawnError(InputError):
+    """The study was withdrawn from this store (``cmr delete``); it stays out until an operator
+    readmits it (``cmr delete --readmit``)."""

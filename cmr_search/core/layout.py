@@ -111,8 +111,13 @@ class StoreLayout:
         return self.root / "journal"
 
     @property
+    def tombstones(self) -> Path:
+        """Hashes of the withdrawn study_uids, which no writer may bring back."""
+        return self.root / "secrets" / "withdrawn"
+
+    @property
     def study_write_lock(self) -> Path:
-        """The file lock study writes (uploads, withdrawals) take in turn across processes."""
+        """The file lock every commit of study rows takes, in turn across processes."""
         return self.root / "locks" / "study-writes.lock"
 
     def study_cache(self, study_uid: str) -> Path:

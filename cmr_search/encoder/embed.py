@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,9 +142,16 @@ class EmbedReport:
 
 
 def embed_store(store_root: Path, checkpoint: Path, batch_size: int = 32, commit_every: int = 512,
-                device: str | None = None, progress: bool = True, index_config=None, **load_options) -> EmbedReport:
+                device: str | None = None, progress: bool = True, index_config=None,
+                before_commit: Callable[[str], None] | None = None, **load_options) -> EmbedReport:
     """Embed the clips not yet embedded with this checkpoint's model_id (so a killed run
-    resumes where its last commit ended), then pool every study of the model again."""
+    resumes where its last commit ended), then pool every study of the model again.
+
+    Each commit holds the store's write lock and keeps only rows derived from what is still
+    stored as it was read (``EmbeddingStore.commit_views``, ``commit_studies``), so a study
+    withdrawn or replaced while this runs gets no stale embedding. ``before_commit(what)``
+    is called before each commit (``"views"``, ``"studies"``): the seam the interleaving
+    tests pause a writer at."""
     import time
 
     from cmr_search.encoder.data import ClipCorpus
@@ -159,7 +167,8 @@ def embed_store(store_root: Path, checkpoint: Path, batch_size: int = 32, commit
     tables = EmbeddingStore(store, embedder.dim)
     finish_pending_withdrawals(tables)  # never embed (or index) a study a crash left half-withdrawn
     corpus = ClipCorpus(store_root)  # pixels by row id at one pinned table version
-    meta = corpus.metadata(VIEW_META).to_pylist()
+    meta = corpus.metadata([*VIEW_META, "ingested_at"]).to_pylist()
+    clips_read = {m["clip_id"]: m["ingested_at"] for m in meta}
     done = tables.embedded_clip_ids(embedder.model_id)
     todo = [m for m in meta if m["clip_id"] not in done]
     bar = _progress(progress, len(todo))
@@ -172,14 +181,14 @@ def embed_store(store_root: Path, checkpoint: Path, batch_size: int = 32, commit
             row = {k: m[k] for k in VIEW_META}
             pending.append(row | {"model_id": embedder.model_id, "vector": v.tolist()})
         if len(pending) >= commit_every:
-            tables.upsert_views(pending)
+            _commit_views(tables, pending, clips_read, before_commit)
             pending = []
         if bar:
             bar[0].update(bar[1], advance=len(chunk))
-    tables.upsert_views(pending)
+    _commit_views(tables, pending, clips_read, before_commit)
     if bar:
         bar[0].stop()
-    n_studies = _pool_studies(tables, embedder)
+    n_studies = _pool_studies(tables, embedder, before_commit)
     for table in ("views", "studies"):  # the FAISS indexes reflect the new rows before we return
         VectorIndex.open(tables, table, embedder.model_id, index_config or IndexConfig())
     return EmbedReport(embedder.model_id, len(todo), len(meta) - len(todo), n_studies, time.monotonic() - started)
@@ -211,7 +220,15 @@ def embed_study(clip_rows: list[dict], embedder: Embedder, batch_size: int = 16)
     return views, _study_row(cols[0]["study_uid"], cols, vectors, embedder)
 
 
-def _pool_studies(tables, embedder: Embedder) -> int:
+def _commit_views(tables, rows: list[dict], clips_read: dict, before_commit) -> None:
+    if not rows:
+        return
+    if before_commit is not None:
+        before_commit("views")
+    tables.commit_views(rows, clips_read)
+
+
+def _pool_studies(tables, embedder: Embedder, before_commit=None) -> int:
     rows = tables.view_rows(embedder.model_id)
     vectors = tables.vectors(rows)
     cols = rows.drop_columns(["vector"]).to_pylist()
@@ -219,8 +236,10 @@ def _pool_studies(tables, embedder: Embedder) -> int:
     for i, r in enumerate(cols):
         by_study[r["study_uid"]].append(i)
     out = [_study_row(uid, [cols[i] for i in idx], vectors[idx], embedder) for uid, idx in by_study.items()]
-    tables.upsert_studies(out)
-    return len(out)
+    if before_commit is not None:
+        before_commit("studies")
+    written, _ = tables.commit_studies(out, {c["clip_id"]: c["rev"] for c in cols})
+    return written
 
 
 def _progress(enabled: bool, total: int):

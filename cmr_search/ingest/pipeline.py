@@ -42,6 +42,7 @@ from cmr_search.ingest.series import (
     plan_study,
 )
 from cmr_search.store.patients import patient_salt
+from cmr_search.store.tombstones import Tombstones
 
 if TYPE_CHECKING:
     from pydantic import SecretStr
@@ -250,8 +251,13 @@ def ingest(
     reports: Path | None = None,
     labels: Path | None = None,
     progress: bool = True,
+    before_commit: Callable[[str], None] | None = None,
 ) -> IngestReport:
-    """Ingest DICOM under ``paths`` (folders, zips, files) into ``store``; never raises on bad files."""
+    """Ingest DICOM under ``paths`` (folders, zips, files) into ``store``; never raises on bad files.
+
+    Each commit of whole studies holds the store's write lock and leaves out studies that
+    were withdrawn (tombstones), however long ago their files were read.
+    ``before_commit("clips")`` runs before each commit: the seam interleaving tests pause at."""
     t0 = time.perf_counter()
     report = IngestReport()
     for kind, path in (("reports", reports), ("labels", labels)):
@@ -266,18 +272,15 @@ def ingest(
             t_write = time.perf_counter()
             task = bar.add_task("studies", total=len(plans))
             for batch in _batches(_build_all(pool, plans, failures, cfg, scratch), cfg.studies_per_commit):
-                rows = []
+                studies = []
                 for study_rows, failed in batch:
                     report.rejected += [asdict(r) for r in failed]
                     if study_rows:
-                        report.studies_written += 1
-                        rows += study_rows
-                        for r in study_rows:
-                            report.views[r["view"]] = report.views.get(r["view"], 0) + 1
+                        studies.append(study_rows)
                     bar.advance(task)
-                inserted, updated = store.upsert_clips(rows)  # one commit of whole studies
-                report.clips_inserted += inserted
-                report.clips_updated += updated
+                if before_commit is not None:
+                    before_commit("clips")
+                _commit(store, studies, report)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if report.studies_written:
@@ -289,6 +292,29 @@ def ingest(
     report.seconds = round(time.perf_counter() - t0, 2)
     save_report(store.root, report)
     return report
+
+
+def _commit(store: ClipStore, studies: list[list[dict]], report: IngestReport) -> None:
+    """One commit of whole studies, under the store's write lock, leaving out any study
+    withdrawn since (or before) its files were read: a withdrawn study stays withdrawn."""
+    with store.write_lock():
+        withdrawn = Tombstones(store.layout).withdrawn({rows[0]["study_uid"] for rows in studies},
+                                                       {rows[0]["study_uid"]: rows[0]["patient_key"] for rows in studies})
+        rows = []
+        for study_rows in studies:
+            uid = study_rows[0]["study_uid"]
+            if uid in withdrawn:
+                report.skipped.append(asdict(Rejection(
+                    f"study {uid}", "withdrawn from this store (cmr delete); an operator readmits it with "
+                    "`cmr delete --readmit --study <study_uid>`", study_uid=uid, by_design=True)))
+                continue
+            report.studies_written += 1
+            rows += study_rows
+            for r in study_rows:
+                report.views[r["view"]] = report.views.get(r["view"], 0) + 1
+        inserted, updated = store.upsert_clips(rows)
+    report.clips_inserted += inserted
+    report.clips_updated += updated
 
 
 def ingest_into(paths: list[Path], root: Path, cfg: IngestConfig, configured_salt: SecretStr | str | None = None,

@@ -15,10 +15,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+from filelock import FileLock
 
 from cmr_search.core.exceptions import InputError, StoreError
 from cmr_search.core.layout import StoreLayout
 from cmr_search.store.config import ClipConfig
+from cmr_search.store.tombstones import Tombstones
 
 __all__ = ["CLIP_SCHEMA", "CLIP_STORAGE_VERSION", "ClipStore", "ImportResult", "process_alive", "read_study_table", "sql_quote"]
 
@@ -112,6 +114,7 @@ class ClipStore:
         self.clip_config = clip
         # a zero interval makes every read check for the newest version: readers never see stale data
         self.db = lancedb.connect(self.layout.lance, read_consistency_interval=timedelta(0))
+        self._write_lock: FileLock | None = None
 
     @classmethod
     def open(cls, root: Path, clip: ClipConfig | None = None, create: bool = False) -> ClipStore:
@@ -138,7 +141,15 @@ class ClipStore:
         os.replace(tmp, meta_path)  # atomic: a crash leaves either no store or a whole one
         return cls(root, clip)
 
-    # -- secrets -----------------------------------------------------------------------
+    def write_lock(self) -> FileLock:
+        """The store-wide lock every commit of study rows holds (ingest, embed, uploads,
+        withdrawal), across processes and threads; re-entrant within one thread, so a
+        writer holding it may call another that takes it."""
+        if self._write_lock is None:
+            self.layout.study_write_lock.parent.mkdir(exist_ok=True)
+            self._write_lock = FileLock(self.layout.study_write_lock)
+        return self._write_lock
+
     def scratch_dir(self) -> Path:
         """A fresh private folder for one ingest run's intermediate clips; folders left by
         runs that died (their process is gone) are removed first."""
@@ -236,6 +247,11 @@ class ClipStore:
         if "report" not in table.column_names:
             raise InputError(f"{path} has no 'report' column (columns: {', '.join(table.column_names)})")
         table = _dedupe_last(table.select(["study_uid", "report"]), result)
+        with self.write_lock():
+            return self._import_reports(table, result)
+
+    def _import_reports(self, table: pa.Table, result: ImportResult) -> ImportResult:
+        table = self._without_withdrawn(table, result)
         reports = table["report"].to_pylist()
         keep = [i for i, text in enumerate(reports) if text and str(text).strip()]
         for i in set(range(len(reports))) - set(keep):
@@ -256,14 +272,28 @@ class ClipStore:
         """
         result = ImportResult()
         table = _dedupe_last(read_study_table(Path(path)), result)
-        result.rows = table.num_rows
+        with self.write_lock():  # the old rows read here are rewritten below: no withdrawal in between
+            table = self._without_withdrawn(table, result)
+            result.rows = table.num_rows
+            self._merge_labels(table)
+        return result
+
+    def _merge_labels(self, table: pa.Table) -> None:
         if self.has_table("labels"):
             old = self.db.open_table("labels").to_arrow()
             new_ids = set(table["study_uid"].to_pylist())
             mask = pa.array([uid not in new_ids for uid in old["study_uid"].to_pylist()])
             table = pa.concat_tables([old.filter(mask), table], promote_options="permissive")
         self.db.create_table("labels", data=table, mode="overwrite")
-        return result
+
+    def _without_withdrawn(self, table: pa.Table, result: ImportResult) -> pa.Table:
+        """The rows of studies not withdrawn from this store (caller holds the write lock)."""
+        uids = table["study_uid"].to_pylist()
+        withdrawn = Tombstones(self.layout).withdrawn(uids)
+        if not withdrawn:
+            return table
+        result.problems += [f"study {u}: withdrawn from this store (cmr delete); not imported" for u in sorted(withdrawn)]
+        return table.filter(pa.array([u not in withdrawn for u in uids]))
 
     def table_study_uids(self, name: str) -> set[str]:
         """study_uid values of the reports or labels table (empty if the table is absent)."""

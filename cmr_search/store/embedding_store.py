@@ -20,9 +20,10 @@ import pyarrow as pa
 from filelock import FileLock
 from lancedb.index import BTree
 
-from cmr_search.core.exceptions import InputError, StoreError
+from cmr_search.core.exceptions import InputError, StoreError, WithdrawnError
 from cmr_search.core.layout import StoreLayout
 from cmr_search.store.clip_store import ClipStore, sql_quote
+from cmr_search.store.tombstones import Tombstones
 
 __all__ = ["EMBEDDING_TABLES", "FILTER_FIELDS", "EmbeddingStore", "StoreConfig", "studies_schema", "vec_id",
            "vec_ids", "views_schema"]
@@ -196,12 +197,46 @@ class EmbeddingStore:
         """Insert or replace study rows by (study_uid, model_id), one commit."""
         return self.upsert("studies", rows)
 
+    def commit_views(self, rows: list[dict], clips_read: dict[str, object]) -> tuple[int, int]:
+        """Upsert view rows derived from clips, under the write lock, keeping only those whose
+        clip is still stored as it was read (``clips_read``: clip_id -> its ``ingested_at``):
+        a clip withdrawn or replaced since gets no view. Returns (written, dropped)."""
+        with self.write_lock():
+            current = self._current_clips([r["clip_id"] for r in rows])
+            keep = [r for r in rows if r["clip_id"] in current and current[r["clip_id"]] == clips_read[r["clip_id"]]]
+            self.upsert_views(keep)
+            return len(keep), len(rows) - len(keep)
+
+    def commit_studies(self, rows: list[dict], views_read: dict[str, int]) -> tuple[int, int]:
+        """Upsert study rows pooled from view rows, under the write lock, keeping only those
+        whose pooled clips are all still stored in that study, each with the very view row
+        that was read (``views_read``: clip_id -> its ``rev``). Returns (written, dropped)."""
+        if not rows:
+            return 0, 0
+        model_id = rows[0]["model_id"]
+        with self.write_lock():
+            clips = self.clip_store.clip_metadata(["clip_id", "study_uid"]).to_pydict()
+            by_study: dict[str, set[str]] = {}
+            for clip_id, uid in zip(clips["clip_id"], clips["study_uid"]):
+                by_study.setdefault(uid, set()).add(clip_id)
+            views = self.rows("views", model_id, ["clip_id", "rev"]).to_pydict()
+            revs = dict(zip(views["clip_id"], views["rev"]))
+            keep = [r for r in rows if set(r["clip_ids"]) <= by_study.get(r["study_uid"], set())
+                    and all(revs.get(c) == views_read.get(c) for c in r["clip_ids"])]
+            self.upsert_studies(keep)
+            return len(keep), len(rows) - len(keep)
+
+    def _current_clips(self, clip_ids: list[str]) -> dict[str, object]:
+        """clip_id -> ``ingested_at`` of those of these clips the store holds now."""
+        if not clip_ids:
+            return {}
+        where = "clip_id IN (" + ", ".join(f"'{sql_quote(c)}'" for c in clip_ids) + ")"
+        rows = self.clip_store.clips.search().where(where).select(["clip_id", "ingested_at"]).limit(None).to_arrow()
+        return dict(zip(rows["clip_id"].to_pylist(), rows["ingested_at"].to_pylist()))
+
     def write_lock(self) -> FileLock:
-        """The store-wide lock of study writes (``put_study``, ``withdrawal.withdraw``), across
-        processes: two workers storing one study take turns rather than interleave their rows."""
-        path = self.layout.study_write_lock
-        path.parent.mkdir(exist_ok=True)
-        return FileLock(path)
+        """The store-wide lock of every commit of study rows (``ClipStore.write_lock``)."""
+        return self.clip_store.write_lock()
 
     def put_study(self, clip_rows: list[dict], view_rows: list[dict], study_row: dict) -> bool:
         """Store one study's clips and one model's embeddings of them as all the store holds
@@ -213,6 +248,10 @@ class EmbeddingStore:
         so nothing is half-stored; other studies' rows are never touched.
         """
         with self.write_lock():
+            uid = study_row["study_uid"]
+            if Tombstones(self.layout).withdrawn([uid], {uid: study_row["patient_key"]}):
+                raise WithdrawnError(f"study {uid} was withdrawn from {self.root}; it is not stored again unless "
+                                     f"an operator readmits it (`cmr delete --store {self.root} --readmit --study {uid}`)")
             return self._put_study(clip_rows, view_rows, study_row)
 
     def _put_study(self, clip_rows: list[dict], view_rows: list[dict], study_row: dict) -> bool:

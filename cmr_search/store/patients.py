@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cmr_search.core.exceptions import StoreError
 from cmr_search.core.layout import StoreLayout
 
 if TYPE_CHECKING:
@@ -38,11 +39,32 @@ def patient_salt(layout_or_root: StoreLayout | Path | str, configured: SecretStr
     layout = layout_or_root if isinstance(layout_or_root, StoreLayout) else StoreLayout(layout_or_root)
     path = layout.patient_salt
     if not path.exists():
-        path.parent.mkdir(mode=0o700, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        _create_salt(path)
+    salt = path.read_text().strip()
+    if not salt:  # only a store damaged by hand gets here: the salt is published whole or not at all
+        raise StoreError(f"{path} is empty; restore it from a backup (patient keys of this store depend on it) "
+                         "or set CMR_PATIENT_SALT to the salt it was made with")
+    return salt.encode()
+
+
+def _create_salt(path: Path) -> None:
+    # Written whole to a private file, then published by link(), which fails if another
+    # process published first: every process reads one complete salt, and a kill leaves
+    # either none or a whole one (check-then-create-then-write let two processes race).
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
         with os.fdopen(fd, "w") as fp:
             fp.write(secrets.token_hex(32))
-    return path.read_text().strip().encode()
+            fp.flush()
+            os.fsync(fp.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another process's salt won; use it
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def patient_keys_for(layout_or_root: StoreLayout | Path | str, raw_ids: Iterable[str],

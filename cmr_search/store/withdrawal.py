@@ -28,8 +28,9 @@ from cmr_search.core.layout import StoreLayout, write_atomic
 from cmr_search.store.clip_store import sql_quote
 from cmr_search.store.embedding_store import EmbeddingStore
 from cmr_search.store.index.vector_index import refresh_indexes
+from cmr_search.store.tombstones import Tombstones
 
-__all__ = ["WithdrawReport", "finish_pending_withdrawals", "withdraw"]
+__all__ = ["WithdrawReport", "finish_pending_withdrawals", "readmit", "withdraw"]
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +61,24 @@ def withdraw(store: EmbeddingStore, study_uids: list[str] = (), patient_keys: li
     """
     with store.write_lock():
         _finish_pending(store)
-        uids = _studies_of(store, study_uids, patient_keys)
+        patient_of = _studies_of(store, study_uids, patient_keys)
+        uids = list(patient_of)
         journal = StoreLayout(store.root).journal / f"withdraw-{secrets.token_hex(6)}.json"
         journal.parent.mkdir(exist_ok=True)
         tmp = journal.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"study_uids": uids, "purge": purge}))
+        tmp.write_text(json.dumps({"study_uids": uids, "patient_of": patient_of, "purge": purge}))
         os.replace(tmp, journal)
-        report = _remove(store, uids, purge)
+        report = _remove(store, uids, purge, patient_of)
         journal.unlink()
         return report
+
+
+def readmit(store: EmbeddingStore, study_uids: list[str] = (), patient_keys: list[str] = ()) -> int:
+    """Lift the tombstones of withdrawn studies or patients, so that ingest, uploads and sync
+    may store them again (an operator's decision, e.g. consent given anew); how many were
+    withdrawn. Nothing comes back by itself: the studies must be ingested again."""
+    with store.write_lock():
+        return Tombstones(store.layout).remove(study_uids, patient_keys)
 
 
 def finish_pending_withdrawals(store: EmbeddingStore) -> list[WithdrawReport]:
@@ -91,18 +101,19 @@ def _finish_pending(store: EmbeddingStore) -> list[WithdrawReport]:
     for journal in sorted(folder.glob("withdraw-*.json")):
         entry = json.loads(journal.read_text())
         log.warning("finishing an interrupted withdrawal of %d studies", len(entry["study_uids"]))
-        reports.append(_remove(store, entry["study_uids"], entry["purge"]))
+        reports.append(_remove(store, entry["study_uids"], entry["purge"], entry.get("patient_of", {})))
         journal.unlink()
     for tmp in folder.glob("withdraw-*.tmp"):  # a journal never completed: nothing was deleted yet
         tmp.unlink()
     return reports
 
 
-def _studies_of(store: EmbeddingStore, study_uids: list[str], patient_keys: list[str]) -> list[str]:
-    """The stored studies asked for by study_uid or patient key (sorted); none is an error."""
+def _studies_of(store: EmbeddingStore, study_uids: list[str], patient_keys: list[str]) -> dict[str, str | None]:
+    """The stored studies asked for by study_uid or patient key, each with its patient key
+    when that patient is withdrawn too (sorted by study_uid); none is an error."""
     asked = ", ".join(f"'{sql_quote(u)}'" for u in study_uids)
     keys = ", ".join(f"'{sql_quote(k)}'" for k in patient_keys)
-    uids: set[str] = set()
+    uids: dict[str, str | None] = {}
     for name in TABLES:
         if not store.has(name):
             continue
@@ -111,17 +122,23 @@ def _studies_of(store: EmbeddingStore, study_uids: list[str], patient_keys: list
         if keys and "patient_key" in table.schema.names:
             clauses.append(f"patient_key IN ({keys})")
         if clauses:
-            rows = table.search().where(" OR ".join(clauses)).select(["study_uid"]).limit(None).to_arrow()
-            uids |= set(rows["study_uid"].to_pylist())
+            columns = ["study_uid", "patient_key"] if "patient_key" in table.schema.names else ["study_uid"]
+            rows = table.search().where(" OR ".join(clauses)).select(columns).limit(None).to_arrow().to_pylist()
+            for row in rows:
+                key = row.get("patient_key")
+                uids[row["study_uid"]] = key if key in patient_keys else uids.get(row["study_uid"])
     if not uids:
         what = ", ".join([*(f"study {u}" for u in study_uids), *(f"patient {k}" for k in patient_keys)])
         raise InputError(f"nothing to withdraw: no {what} in {store.root} (check the study_uid or patient key)")
-    return sorted(uids)
+    return dict(sorted(uids.items()))
 
 
-def _remove(store: EmbeddingStore, uids: list[str], purge: bool) -> WithdrawReport:
+def _remove(store: EmbeddingStore, uids: list[str], purge: bool,
+            patient_of: dict[str, str | None] | None = None) -> WithdrawReport:
     """Delete the studies' rows from every table (and with ``purge`` their history), then
-    from the indexes, the ingest reports and the caches."""
+    from the indexes, the ingest reports and the caches. Tombstones first: from here on no
+    writer commits these studies again (each checks them under the lock held here)."""
+    Tombstones(store.layout).add(uids, patient_of or {})
     deleted: dict[str, int] = {}
     uid_list = ", ".join(f"'{sql_quote(u)}'" for u in uids)
     for name in TABLES:

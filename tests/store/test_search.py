@@ -147,6 +147,10 @@ def test_cli_delete_by_raw_patient_id_never_prints_it(emb_store):
     assert json.loads(out.stdout)["studies"] == 2 and "PAT-123" not in out.stdout + out.stderr
     out = _cmr("delete", "--store", str(emb_store.root), "--patient", "pk-unknown")
     assert out.returncode == 2 and "nothing to withdraw" in out.stderr
+    # the patient stays withdrawn (tombstoned) until an operator readmits them
+    out = _cmr("delete", "--store", str(emb_store.root), "--patient-id", "--readmit", "--json", stdin="PAT-123\n")
+    assert out.returncode == 0 and json.loads(out.stdout) == {"readmitted": 3}, out.stderr  # 2 studies + the patient
+    assert "PAT-123" not in out.stdout + out.stderr
 
 
 def test_hits_stay_correct_while_another_thread_writes(emb_store):

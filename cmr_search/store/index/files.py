@@ -19,6 +19,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+from filelock import FileLock
 
 from cmr_search.core.layout import publish_folder
 from cmr_search.store.clip_store import process_alive
@@ -26,6 +27,8 @@ from cmr_search.store.clip_store import process_alive
 __all__ = ["Generation", "IndexFiles"]
 
 log = logging.getLogger(__name__)
+
+SWITCH_LOCK = ".switch.lock"
 
 
 @dataclass
@@ -69,7 +72,11 @@ class IndexFiles:
 
     def write(self, blob: np.ndarray, ids: np.ndarray, revs: np.ndarray, meta: dict) -> str:
         """Persist a serialized index as a new generation, switch ``CURRENT`` to it and drop
-        the older ones; returns the generation's name."""
+        the older ones; returns the name of the generation in use afterwards.
+
+        A generation of an older table version than the current one is never switched to:
+        a slow background save begun before a withdrawal would otherwise put the withdrawn
+        vectors back on disk after the withdrawal's own save."""
         self.folder.mkdir(parents=True, exist_ok=True)
         name = f"gen-{meta['version']:08d}-{secrets.token_hex(3)}"
         tmp = self.folder / f"{name}.{os.getpid()}.tmp"
@@ -80,20 +87,30 @@ class IndexFiles:
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         for f in tmp.iterdir():
             _fsync(f)
-        publish_folder(tmp, self.folder / name)
-        pointer_tmp = self.folder / f"CURRENT.{os.getpid()}.tmp"
-        pointer_tmp.write_text(name)
-        _fsync(pointer_tmp)
-        os.replace(pointer_tmp, self.pointer)
-        self.drop_old(name)
+        with FileLock(self.folder / SWITCH_LOCK):  # the version check and the switch are one step
+            current = self.pointer.read_text().strip() if self.pointer.exists() else None
+            if current is not None and _version(current) > meta["version"]:
+                shutil.rmtree(tmp, ignore_errors=True)
+                return current
+            publish_folder(tmp, self.folder / name)
+            pointer_tmp = self.folder / f"CURRENT.{os.getpid()}.tmp"
+            pointer_tmp.write_text(name)
+            _fsync(pointer_tmp)
+            os.replace(pointer_tmp, self.pointer)
+            self.drop_old(name)
         return name
 
     def drop_old(self, keep: str) -> None:
         """Remove every generation but ``keep``, and leftovers of saves whose process died."""
         for old in self.folder.iterdir():
-            if old.name in (keep, "CURRENT") or (old.suffix == ".tmp" and process_alive(old.name.split(".")[-2])):
+            if old.name in (keep, "CURRENT", SWITCH_LOCK) or (old.suffix == ".tmp" and process_alive(old.name.split(".")[-2])):
                 continue  # another process's save in progress
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+
+
+def _version(generation: str) -> int:
+    """The table version a generation folder (``gen-<version>-<rand>``) was built at."""
+    return int(generation.split("-")[1])
 
 
 def _fsync(path: Path) -> None:
