@@ -29,6 +29,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cmr_search.api.errors import (
+    Cancelled,
     Conflict,
     InvalidUpload,
     NotFound,
@@ -56,6 +57,7 @@ DOMAIN_ERRORS: dict[type[CmrError], tuple[int, str | None]] = {
     TooLarge: (413, None),
     InvalidUpload: (400, None),
     Unusable: (422, None),
+    Cancelled: (499, None),  # nginx's "client closed request": nobody reads it, the log does
     WithdrawnError: (409, "study_withdrawn"),
     InputError: (400, "bad_request"),
     StoreError: (503, "store_unavailable"),

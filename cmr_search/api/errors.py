@@ -11,7 +11,7 @@ from starlette.exceptions import HTTPException
 
 from cmr_search.core.exceptions import CmrError, InputError
 
-__all__ = ["ApiError", "Conflict", "InvalidUpload", "NotFound", "ServiceError", "TooLarge", "Unusable",
+__all__ = ["ApiError", "Cancelled", "Conflict", "InvalidUpload", "NotFound", "ServiceError", "TooLarge", "Unusable",
            "error_response"]
 
 
@@ -54,3 +54,8 @@ class InvalidUpload(ServiceError, InputError):
 
 class Unusable(ServiceError, InputError):
     """An upload that reads but holds nothing usable (no cine study)."""
+
+
+class Cancelled(ServiceError):
+    """The client went away before the work was done; it stopped at the next stage boundary
+    (nothing stored)."""

@@ -6,9 +6,9 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import secrets
 import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
@@ -19,7 +19,7 @@ from cmr_search.api import schemas
 from cmr_search.api.auth import KeyRing
 from cmr_search.api.batching import MicroBatcher
 from cmr_search.api.cines import CineCache
-from cmr_search.api.errors import Conflict, InvalidUpload, NotFound, Unusable
+from cmr_search.api.errors import Cancelled, Conflict, InvalidUpload, NotFound, Unusable
 from cmr_search.api.settings import ServeSettings
 from cmr_search.api.uploads import UploadLimits, unpack_upload
 from cmr_search.core.exceptions import InputError
@@ -55,6 +55,11 @@ def _hit_out(hit: Hit) -> schemas.HitOut:
     return schemas.HitOut(**{name: value for name in _HIT_FIELDS
                              if (value := m[name] if name in m else getattr(hit, name, None)) is not None},
                           links=_links(hit.study_uid))
+
+
+def _stop_if(cancelled: Callable[[], bool]) -> None:
+    if cancelled():
+        raise Cancelled("client_closed", "the client closed the connection; the upload was stopped and nothing stored")
 
 
 def _stamp(row: dict) -> int:
@@ -100,7 +105,9 @@ class SearchService:
 
     # -- start-up ---------------------------------------------------------------------------
     def warm(self) -> None:
-        """Open both indexes and the text tower so the first request is as fast as the rest."""
+        """Open both indexes and the text tower so the first request is as fast as the rest,
+        and remove the scratch a crashed server's uploads left."""
+        self.store.clip_store.clean_scratch()
         self.searcher.warm()
         try:
             self.encode_text("warm-up")
@@ -268,20 +275,23 @@ class SearchService:
                 self._embedder = Embedder(folder)
             return self._embedder
 
-    def upload(self, parts: list, persist: bool) -> schemas.UploadResult:
+    def upload(self, parts: list, persist: bool, cancelled: Callable[[], bool] = lambda: False) -> schemas.UploadResult:
         """Ingest and embed one new study; answer its neighbours and predictions; store it
-        only when ``persist`` (clips, views, study: in that order, undone on failure)."""
+        only when ``persist`` (clips, views, study: in that order, undone on failure).
+        ``cancelled()`` (the client went away) is asked between stages, until storing starts."""
         from cmr_search.encoder.embed import embed_study
         from cmr_search.ingest import IngestConfig, ingest
         from cmr_search.store import ClipStore
 
-        work = self.layout.tmp / f"upload-{os.getpid()}-{secrets.token_hex(4)}"
+        work = self.store.clip_store.scratch_dir("upload")
         try:
             files = unpack_upload(parts, work / "files", self.limits)
+            _stop_if(cancelled)
             staging = ClipStore.open(work / "staging", self.store.clip_store.clip_config, create=True)
             salt = patient_salt(self.layout, self.settings.patient_salt)
             report = ingest([work / "files"], staging, IngestConfig(clip=staging.clip_config, workers=1), salt,
                             progress=False)
+            _stop_if(cancelled)
             skipped = sorted({r["reason"] for r in report.skipped})
             if not report.studies_written:
                 reasons = sorted({r["reason"] for r in report.rejected}) or skipped or ["no cine series found"]
@@ -294,6 +304,7 @@ class SearchService:
             study_uid = uids.pop()
             view_rows, study_row = embed_study(sorted(clip_rows, key=_view_order), self._embedder_for_uploads())
             replaced = False
+            _stop_if(cancelled)
             if persist:
                 replaced = self._persist(study_uid, clip_rows, view_rows, study_row)
         finally:

@@ -2,7 +2,8 @@
 
 Refused with the reason, as ``TooLarge``: more bytes than allowed, too many files, a zip
 whose members would unpack to more than allowed (declared or actual); as
-``InvalidUpload``: members that compress suspiciously well (a zip bomb), absolute or
+``InvalidUpload``: members, or an archive as a whole, that compress suspiciously well (a
+zip bomb), absolute or
 ``..`` member paths, links, encrypted members, unreadable zips. Client file
 names are never used as paths: every file is written under a generated name.
 """
@@ -21,6 +22,8 @@ from cmr_search.api.errors import InvalidUpload, TooLarge
 __all__ = ["UploadLimits", "unpack_upload"]
 
 _CHUNK = 1 << 20
+#: below this many unpacked bytes an archive's ratio is not judged (a few tiny members)
+_WHOLE_ARCHIVE_FLOOR = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,11 @@ def unpack_upload(parts: list[tuple[str, BinaryIO]], dest: Path, limits: UploadL
         label = name or f"file {i + 1}"
         for info in infos:
             _check_member(info, label, limits)
+        declared = sum(m.file_size for m in infos)
+        # the archive as a whole: many small members of zeros pass every per-member check
+        if declared > _WHOLE_ARCHIVE_FLOOR and declared > limits.max_zip_ratio * max(size, 1):
+            raise InvalidUpload("zip_bomb", f"{label} unpacks {declared / max(size, 1):.0f}x its size (limit "
+                                f"{limits.max_zip_ratio:g}x); refusing a possible zip bomb")
         files += len(infos)
         if files > limits.max_files:
             raise TooLarge("too_many_files", f"{label}: more than {limits.max_files} files in one upload")

@@ -59,10 +59,22 @@ def read_dataset(ref: FileRef, pixels: bool) -> Dataset:
             return pydicom.dcmread(fp, stop_before_pixels=not pixels)
         except InvalidDicomError:
             fp.seek(0)
+            if not _starts_like_a_dataset(fp.read(4)):
+                # a lenient parse walks any bytes as elements: 1-2 s per MiB of zeros or noise
+                raise InvalidDicomError("no DICM preamble, and the first bytes are not a DICOM element") from None
+            fp.seek(0)
             ds = pydicom.dcmread(fp, stop_before_pixels=not pixels, force=True)
     if "SOPClassUID" not in ds or "StudyInstanceUID" not in ds:
         raise InvalidDicomError("no DICOM header")
     return ds
+
+
+def _starts_like_a_dataset(head: bytes) -> bool:
+    """Whether a file without the preamble begins with an element of the file meta (0002) or
+    identifying (0008) group, in either byte order, as preamble-less exports do."""
+    if len(head) < 4:
+        return False
+    return int.from_bytes(head[:2], "little") in (0x0002, 0x0008) or int.from_bytes(head[:2], "big") in (0x0002, 0x0008)
 
 
 def elements(ds: Dataset) -> Elements:

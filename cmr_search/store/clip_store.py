@@ -150,18 +150,24 @@ class ClipStore:
             self._write_lock = FileLock(self.layout.study_write_lock)
         return self._write_lock
 
-    def scratch_dir(self) -> Path:
-        """A fresh private folder for one ingest run's intermediate clips; folders left by
-        runs that died (their process is gone) are removed first."""
-        base = self.layout.tmp
-        base.mkdir(exist_ok=True)
-        for old in base.glob("ingest-*"):
+    def scratch_dir(self, kind: str = "ingest") -> Path:
+        """A fresh private folder for one ingest run's intermediate clips (or one upload's
+        files, ``kind="upload"``); folders left by processes that died are removed first."""
+        self.clean_scratch()
+        path = self.layout.tmp / f"{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+        path.mkdir(parents=True)
+        return path
+
+    def clean_scratch(self) -> int:
+        """Remove the scratch folders of ingests and uploads whose process is gone (a crash,
+        a kill); how many. The search service runs it when it starts, too."""
+        removed = 0
+        for old in self.layout.tmp.glob("*-*-*") if self.layout.tmp.exists() else ():
             pid = old.name.split("-")[1]
             if pid.isdigit() and not process_alive(pid):
                 shutil.rmtree(old, ignore_errors=True)
-        path = base / f"ingest-{os.getpid()}-{secrets.token_hex(4)}"
-        path.mkdir()
-        return path
+                removed += 1
+        return removed
 
     # -- clips -------------------------------------------------------------------------
     def has_table(self, name: str) -> bool:

@@ -116,6 +116,11 @@ def test_malicious_and_broken_uploads_are_refused(private_api, new_study):
     _error(_upload(api, _bad_zip({"/abs/evil.dcm": b"x"})), 400, "unsafe_zip")
     message = _error(_upload(api, _bad_zip({"bomb.dcm": b"\0" * (64 << 20)})), 400, "zip_bomb")
     assert "zip bomb" in message
+    # many members of 1 MiB of zeros: each passes the per-member check, the archive does not
+    many = _bad_zip({f"m{i:04d}.dcm": b"\0" * (1 << 20) for i in range(300)})
+    assert len(many) < 2 << 20
+    message = _error(_upload(api, many), 400, "zip_bomb")
+    assert "unpacks" in message and not list((api.root / "tmp").glob("upload-*"))
     _error(_upload(api, b"PK\x03\x04 truncated"), 400, "bad_zip")
     _error(api.client.post("/studies", headers=api.write), 422, "invalid_request")  # no files at all
     assert not list((api.root / "tmp").glob("upload-*"))  # every refusal cleaned up
@@ -280,3 +285,58 @@ def test_a_failed_replacement_puts_the_stored_study_back(private_api, new_study,
 @pytest.mark.parametrize("persist", [False])
 def test_uploads_need_the_write_role(api, new_study, persist):
     _error(_upload(api, _zip(new_study), persist=persist, headers=api.read), 403, "forbidden")
+
+
+def test_scratch_a_crashed_server_left_is_removed_when_the_service_starts(trained_store, tmp_path):
+    import shutil
+
+    root = tmp_path / "store"
+    shutil.copytree(trained_store[0], root)
+    dead = root / "tmp" / "upload-999999999-deadbeef"  # no such process: a server killed mid-upload
+    (dead / "files").mkdir(parents=True)
+    (dead / "files" / "f00000.dcm").write_bytes(b"\0" * 1024)
+    mine = root / "tmp" / "upload-1-cafe"  # pid 1 is alive: another process's upload in progress
+    mine.mkdir()
+    from api_data import open_api
+
+    handle = open_api(root, trained_store[1])
+    with handle.client:  # the lifespan warms the service
+        assert not dead.exists() and mine.exists()
+
+
+def test_an_upload_whose_client_left_stops_at_the_next_stage_and_stores_nothing(private_api, new_study):
+    from cmr_search.api.errors import Cancelled
+
+    api, uid = private_api, _study_uid(new_study)
+    svc = api.client.app.state.service
+    asked = []
+
+    def cancelled() -> bool:  # the client leaves once the files are unpacked
+        asked.append(1)
+        return True
+
+    with pytest.raises(Cancelled, match="nothing stored"):
+        svc.upload([("study.zip", io.BytesIO(_zip(new_study)))], True, cancelled)
+    assert asked == [1] and _clip_count(api, uid) == 0 and not list((api.root / "tmp").glob("upload-*"))
+
+
+def test_the_upload_route_notices_a_client_that_closed_the_connection():
+    import asyncio
+    import threading
+
+    from starlette.requests import Request
+
+    from cmr_search.api.routes.studies import _watch_disconnect
+
+    async def watch() -> threading.Event:
+        channel: asyncio.Queue = asyncio.Queue()  # the ASGI server's side of one connection
+        request = Request({"type": "http", "method": "POST", "path": "/studies", "headers": []}, channel.get)
+        gone = threading.Event()
+        task = asyncio.create_task(_watch_disconnect(request, gone, every_s=0.01))
+        await asyncio.sleep(0.05)
+        assert not gone.is_set()  # the client is still there
+        await channel.put({"type": "http.disconnect"})
+        await asyncio.wait_for(task, 5)
+        return gone
+
+    assert asyncio.run(watch()).is_set()

@@ -119,3 +119,31 @@ def test_undecodable_pixels_are_refused_with_the_file_named(tmp_path):
     with pytest.raises(PixelError, match="missing pixel data") as err:
         decode_stack([(ref, 0)], ds.Rows, ds.Columns, lambda _: pydicom.dcmread(broken))
     assert err.value.where == str(ref)
+
+
+def test_bytes_that_cannot_be_dicom_are_refused_without_a_lenient_parse(tmp_path):
+    """A file with no preamble is parsed leniently only if it starts like a dataset: a
+    lenient parse of zeros or noise costs seconds per MiB (a cheap upload made expensive)."""
+    import time
+
+    from pydicom.errors import InvalidDicomError
+
+    from cmr_search.ingest.reader import read_dataset
+
+    from pydicom.dataset import Dataset
+    from pydicom.uid import generate_uid
+
+    ds = Dataset()  # an image's identifying elements, written without preamble or file meta (ACR-NEMA style)
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.4", generate_uid()
+    ds.StudyInstanceUID, ds.Modality = generate_uid(), "MR"
+    bare = tmp_path / "bare.dcm"
+    ds.save_as(bare, enforce_file_format=False, implicit_vr=True, little_endian=True)
+    assert bare.read_bytes()[:2] == b"\x08\x00"
+    assert read_dataset(FileRef(str(bare)), pixels=False).StudyInstanceUID == ds.StudyInstanceUID
+    for name, content in (("zeros", bytes(4 << 20)), ("noise", np.random.default_rng(0).bytes(4 << 20))):
+        path = tmp_path / name
+        path.write_bytes(content)
+        started = time.perf_counter()
+        with pytest.raises(InvalidDicomError, match="not a DICOM element"):
+            read_dataset(FileRef(str(path)), pixels=True)
+        assert time.perf_counter() - started < 0.5

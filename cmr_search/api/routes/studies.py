@@ -8,9 +8,11 @@ and the parser's refusal leaves as a 413 ``too_many_files``.
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from typing import Annotated
 
-from fastapi import APIRouter, File, UploadFile
+from fastapi import APIRouter, File, Request, UploadFile
 from fastapi.responses import FileResponse
 
 from cmr_search.api import schemas
@@ -23,16 +25,27 @@ router = APIRouter(prefix="/studies", tags=["studies"], responses=schemas.ERRORS
 @router.post("", dependencies=[WriteKey],
              responses={409: {"model": schemas.ErrorBody}, 413: {"model": schemas.ErrorBody}})
 async def upload(files: Annotated[list[UploadFile], File(description="DICOM files of one study, or zips of them")],
-                 svc: ServiceDep, metrics: MetricsDep, persist: bool = True) -> schemas.UploadResult:
+                 request: Request, svc: ServiceDep, metrics: MetricsDep, persist: bool = True) -> schemas.UploadResult:
     """A new study (DICOM files or a zip): ingest, embed, and answer its neighbours and
     the heads' predictions; ``persist=false`` answers without storing anything."""
+    gone = threading.Event()  # a client that leaves stops the work at the next stage, not minutes later
+    watcher = asyncio.create_task(_watch_disconnect(request, gone))
     try:
-        result = await off_loop(svc.upload, [(f.filename or "", f.file) for f in files], persist)
+        result = await off_loop(svc.upload, [(f.filename or "", f.file) for f in files], persist, gone.is_set)
     except ServiceError:
         metrics.uploads.labels("refused").inc()
         raise
+    finally:
+        watcher.cancel()
     metrics.uploads.labels("stored" if persist else "answered").inc()
     return result
+
+
+async def _watch_disconnect(request: Request, gone: threading.Event, every_s: float = 0.5) -> None:
+    """Set ``gone`` once the client has closed the connection."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(every_s)
+    gone.set()
 
 
 @router.get("/{study_uid}", dependencies=[ReadKey])
