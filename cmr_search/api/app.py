@@ -37,6 +37,7 @@ from cmr_search.api.errors import (
     Unusable,
     error_response,
 )
+from cmr_search.api.logs import install_access_log_filter
 from cmr_search.api.metrics import ApiMetrics
 from cmr_search.api.middleware import BodyLimit, Observe
 from cmr_search.api.routes import clusters, heads, health, page, search, studies
@@ -93,6 +94,7 @@ def create_app(settings: ServeSettings, service: SearchService | None = None, wa
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        install_access_log_filter()  # a key sent as ?api_key=... never reaches the access log
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.serve_threads
         if warm_in_background:
             threading.Thread(target=warm, name="cmr-warm", daemon=True).start()
@@ -137,7 +139,27 @@ def create_app(settings: ServeSettings, service: SearchService | None = None, wa
     app.include_router(clusters.router)
     app.include_router(page.router)
     app.mount("/static", StaticFiles(directory=page.STATIC), name="static")
+
+    def openapi() -> dict:
+        # k's real limit is a setting (CMR_MAX_K), checked at the edge; the schemas carry
+        # a fixed bound, so the document is given this server's own
+        if app.openapi_schema is None:
+            _cap_k(FastAPI.openapi(app), settings.max_k)
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
+
+
+def _cap_k(doc: dict, max_k: int) -> None:
+    """Set the maximum of every ``k`` (query parameters and request bodies) to ``max_k``."""
+    for operation in (op for item in doc.get("paths", {}).values() for op in item.values()):
+        for parameter in operation.get("parameters", []):
+            if parameter.get("name") == "k":
+                parameter["schema"]["maximum"] = max_k
+    for schema in doc.get("components", {}).get("schemas", {}).values():
+        if "k" in schema.get("properties", {}):
+            schema["properties"]["k"]["maximum"] = max_k
 
 
 def app_from_env() -> FastAPI:

@@ -12,7 +12,7 @@ from pydantic_core import PydanticCustomError
 from cmr_search.store.clip_store import sql_quote
 
 __all__ = [
-    "ERRORS", "ClusterList", "ErrorBody", "Filters", "HeadInfo", "HitOut", "NeighborList", "Prediction", "SearchResult",
+    "ERRORS", "KEY_ERRORS", "ClusterList", "ErrorBody", "Filters", "HeadInfo", "HitOut", "NeighborList", "Prediction", "SearchResult",
     "StudyDetail", "TextQuery", "UploadResult", "ViewOut",
 ]
 
@@ -264,3 +264,5 @@ class ErrorBody(BaseModel):
 
 #: the error responses the data routes document (OpenAPI)
 ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 403, 404, 422)}
+#: what a route behind a key answers besides its own errors (no key, a key without the role)
+KEY_ERRORS = {status: {"model": ErrorBody} for status in (401, 403)}

@@ -52,11 +52,12 @@ def _zip_members(path: Path) -> list[FileRef]:
         ]
 
 
-def discover(paths: list[Path]) -> list[FileRef]:
+def discover(paths: list[Path], skipped: list[tuple[str, str]] | None = None) -> list[FileRef]:
     """List every candidate file under ``paths`` (folders recursively, zips by member).
 
-    Raises InputError for a path that does not exist, since that is a typing mistake
-    rather than a bad file.
+    Links to folders are not followed (a link can loop back to its parent); each is added
+    to ``skipped`` as (path, reason), so the ingest report names it. Raises InputError for a
+    path that does not exist, since that is a typing mistake rather than a bad file.
     """
     refs: list[FileRef] = []
     for root in paths:
@@ -68,6 +69,12 @@ def discover(paths: list[Path]) -> list[FileRef]:
             continue
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+                dirnames.remove(name)
+                if skipped is not None:
+                    reason = ("a symbolic link to a folder, not followed (links can loop); give its target "
+                              "folder to ingest what it holds")
+                    skipped.append((os.path.join(dirpath, name), reason))
             for name in sorted(filenames):
                 if _ignored(name):
                     continue

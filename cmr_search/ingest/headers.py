@@ -167,8 +167,10 @@ def header_from_dataset(ds: Dataset, ref: FileRef, salt: bytes, elems: Elements 
     base = {"where": where, "study_uid": study_uid, "series_uid": series_uid}
     if modality and modality != "MR":
         return Rejection(reason=f"modality {modality} is not MR", by_design=True, **base)
-    if rows <= 0 or columns <= 0:
+    if not has(elems, "Rows") or not has(elems, "Columns"):
         return Rejection(reason="no image (Rows/Columns absent): not an image object", by_design=True, **base)
+    if rows <= 0 or columns <= 0:
+        return Rejection(reason=f"an image of {rows}x{columns} pixels; the header is corrupt", **base)
     if not (8 <= rows <= MAX_MATRIX and 8 <= columns <= MAX_MATRIX) or n_frames > MAX_FRAMES:
         return Rejection(reason=f"absurd dimensions {rows}x{columns}x{n_frames} frames; header is corrupt", **base)
 

@@ -263,7 +263,9 @@ def ingest(
     for kind, path in (("reports", reports), ("labels", labels)):
         if path is not None:
             store.check_table_file(path, kind)
-    refs = discover(paths)
+    links: list[tuple[str, str]] = []
+    refs = discover(paths, links)
+    report.skipped += [asdict(Rejection(where, reason, by_design=True)) for where, reason in links]
     report.files_found = len(refs)
     scratch = store.scratch_dir()
     try:

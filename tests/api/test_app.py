@@ -67,3 +67,14 @@ def test_a_domain_error_leaves_with_its_status_and_code(tmp_path, error, status,
     r = TestClient(_stub_app(tmp_path, heads=heads)).get("/heads")
     assert r.status_code == status
     assert r.json() == {"error": {"status": status, "code": code, "message": str(error)}}
+
+
+def test_the_openapi_document_tells_the_keys_and_limits_the_server_enforces(trained_store):
+    app = create_app(ServeSettings(store=trained_store[0], max_k=25), service=object(), warm_in_background=True)
+    doc = app.openapi()
+    for path in ("/heads", "/clusters", "/metrics"):
+        assert {"401", "403"} <= set(doc["paths"][path]["get"]["responses"]), path
+    (k,) = [p for p in doc["paths"]["/studies/{study_uid}/neighbors"]["get"]["parameters"] if p["name"] == "k"]
+    assert k["schema"]["maximum"] == 25 == doc["components"]["schemas"]["TextQuery"]["properties"]["k"]["maximum"]
+    upload = doc["paths"]["/studies"]["post"]["requestBody"]
+    assert upload["required"] and "files" in doc["components"]["schemas"]["Body_upload_studies_post"]["required"]

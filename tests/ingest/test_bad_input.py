@@ -166,3 +166,22 @@ def test_series_split_across_units_are_read_again_with_the_same_result(cohort, t
     assert ids == sorted(split.clip_metadata(["clip_id"])["clip_id"].to_pylist())
     for clip_id in ids:
         assert np.array_equal(whole.get_clip(clip_id)[1], split.get_clip(clip_id)[1])
+
+
+def test_a_zero_sized_image_is_rejected_and_a_linked_folder_reported(cohort, tmp_path, salt):
+    study = _study_dirs(cohort)[0]
+    root = tmp_path / "in"
+    shutil.copytree(study, root / study.name)
+    ds = pydicom.dcmread(min((root / study.name).rglob("*.dcm")))
+    ds.SeriesInstanceUID = pydicom.uid.generate_uid(entropy_srcs=["zero-size"])
+    ds.Rows = ds.Columns = 0
+    (root / "loose").mkdir()
+    ds.save_as(root / "loose" / "zero.dcm")
+    (root / "loop").symlink_to(root, target_is_directory=True)  # would walk forever if followed
+    (root / "elsewhere").symlink_to(study, target_is_directory=True)
+    report = ingest([root], ClipStore.open(tmp_path / "store", create=True), IngestConfig(), salt, progress=False)
+    assert report.exit_code == 3
+    assert any("0x0 pixels" in r["reason"] for r in report.rejected)
+    links = sorted(Path(r["where"]).name for r in report.skipped if "symbolic link" in r["reason"])
+    assert links == ["elsewhere", "loop"]
+    assert report.studies_written == 1

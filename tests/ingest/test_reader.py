@@ -126,12 +126,11 @@ def test_bytes_that_cannot_be_dicom_are_refused_without_a_lenient_parse(tmp_path
     lenient parse of zeros or noise costs seconds per MiB (a cheap upload made expensive)."""
     import time
 
+    from pydicom.dataset import Dataset
     from pydicom.errors import InvalidDicomError
+    from pydicom.uid import generate_uid
 
     from cmr_search.ingest.reader import read_dataset
-
-    from pydicom.dataset import Dataset
-    from pydicom.uid import generate_uid
 
     ds = Dataset()  # an image's identifying elements, written without preamble or file meta (ACR-NEMA style)
     ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.4", generate_uid()

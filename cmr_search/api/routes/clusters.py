@@ -7,7 +7,7 @@ from fastapi import APIRouter
 from cmr_search.api import schemas
 from cmr_search.api.deps import ReadKey, ServiceDep, off_loop
 
-router = APIRouter(prefix="/clusters", tags=["clusters"], dependencies=[ReadKey])
+router = APIRouter(prefix="/clusters", tags=["clusters"], dependencies=[ReadKey], responses=schemas.KEY_ERRORS)
 
 
 @router.get("")

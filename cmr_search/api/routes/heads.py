@@ -7,7 +7,7 @@ from fastapi import APIRouter
 from cmr_search.api import schemas
 from cmr_search.api.deps import ReadKey, ServiceDep, off_loop
 
-router = APIRouter(prefix="/heads", tags=["heads"], dependencies=[ReadKey])
+router = APIRouter(prefix="/heads", tags=["heads"], dependencies=[ReadKey], responses=schemas.KEY_ERRORS)
 
 
 @router.get("")

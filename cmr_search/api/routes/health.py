@@ -32,7 +32,7 @@ def readyz(service: AnyServiceDep) -> schemas.Ready:
     return schemas.Ready(model_id=service.model_id)
 
 
-@router.get("/metrics", dependencies=[ReadKey], response_class=Response)
+@router.get("/metrics", dependencies=[ReadKey], response_class=Response, responses=schemas.KEY_ERRORS)
 def prometheus(service: AnyServiceDep, metrics: MetricsDep) -> Response:
     """Prometheus text format: requests and latency by route, index rows, uploads."""
     rows = service.stats() if service.ready.is_set() else {}
