@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import defaultdict
 from collections.abc import Callable
@@ -20,6 +21,8 @@ from cmr_search.encoder.checkpoint import load_checkpoint, load_text_encoder, lo
 from cmr_search.encoder.video import preprocess_batch
 
 __all__ = ["EmbedReport", "Embedder", "TextQueryEncoder", "embed_store", "embed_study", "encode_study"]
+
+log = logging.getLogger(__name__)
 
 # the columns a view row copies from its clip
 VIEW_META = ["clip_id", "study_uid", "patient_key", "view", "slice_index", "sex", "age", "vendor", "site", "study_date"]
@@ -166,32 +169,52 @@ def embed_store(store_root: Path, checkpoint: Path, batch_size: int = 32, commit
     embedder = Embedder(checkpoint, device=device, compile_batch=batch_size, **load_options)
     tables = EmbeddingStore(store, embedder.dim)
     finish_pending_withdrawals(tables)  # never embed (or index) a study a crash left half-withdrawn
-    corpus = ClipCorpus(store_root)  # pixels by row id at one pinned table version
-    meta = corpus.metadata([*VIEW_META, "ingested_at"]).to_pylist()
-    clips_read = {m["clip_id"]: m["ingested_at"] for m in meta}
-    done = tables.embedded_clip_ids(embedder.model_id)
-    todo = [m for m in meta if m["clip_id"] not in done]
-    bar = _progress(progress, len(todo))
-    pending: list[dict] = []
-    for i in range(0, len(todo), batch_size):
-        chunk = todo[i : i + batch_size]
-        clips = corpus.read_clips([m["_rowid"] for m in chunk])
-        vectors = embedder.encode_clips(clips).numpy()
-        for m, v in zip(chunk, vectors):
-            row = {k: m[k] for k in VIEW_META}
-            pending.append(row | {"model_id": embedder.model_id, "vector": v.tolist()})
-        if len(pending) >= commit_every:
-            _commit_views(tables, pending, clips_read, before_commit)
-            pending = []
-        if bar:
-            bar[0].update(bar[1], advance=len(chunk))
-    _commit_views(tables, pending, clips_read, before_commit)
-    if bar:
-        bar[0].stop()
+    embedded = skipped = 0
+    for attempt in range(3):
+        corpus = ClipCorpus(store_root)  # pixels by row id at one pinned table version
+        meta = corpus.metadata([*VIEW_META, "ingested_at"]).to_pylist()
+        done = tables.embedded_clip_ids(embedder.model_id)
+        todo = [m for m in meta if m["clip_id"] not in done]
+        skipped = skipped if attempt else len(meta) - len(todo)
+        try:
+            embedded += _embed_clips(tables, corpus, embedder, todo, batch_size, commit_every, progress, before_commit)
+            break
+        except RuntimeError as error:
+            # a withdrawal with purge rewrote the clip table and dropped the pinned version's
+            # files; what was committed stays, the rest is read again at the new version
+            if "Not found" not in str(error) or attempt == 2:
+                raise
+            log.warning("the clip table was rewritten by a withdrawal while embedding; reading it again")
     n_studies = _pool_studies(tables, embedder, before_commit)
     for table in ("views", "studies"):  # the FAISS indexes reflect the new rows before we return
         VectorIndex.open(tables, table, embedder.model_id, index_config or IndexConfig())
-    return EmbedReport(embedder.model_id, len(todo), len(meta) - len(todo), n_studies, time.monotonic() - started)
+    return EmbedReport(embedder.model_id, embedded, skipped, n_studies, time.monotonic() - started)
+
+
+def _embed_clips(tables, corpus, embedder: Embedder, todo: list[dict], batch_size: int, commit_every: int,
+                 progress: bool, before_commit) -> int:
+    """Embed these clips of the pinned corpus and commit their views; how many were embedded."""
+    clips_read = {m["clip_id"]: m["ingested_at"] for m in todo}
+    bar = _progress(progress, len(todo))
+    pending: list[dict] = []
+    try:
+        for i in range(0, len(todo), batch_size):
+            chunk = todo[i : i + batch_size]
+            clips = corpus.read_clips([m["_rowid"] for m in chunk])
+            vectors = embedder.encode_clips(clips).numpy()
+            for m, v in zip(chunk, vectors):
+                row = {k: m[k] for k in VIEW_META}
+                pending.append(row | {"model_id": embedder.model_id, "vector": v.tolist()})
+            if len(pending) >= commit_every:
+                _commit_views(tables, pending, clips_read, before_commit)
+                pending = []
+            if bar:
+                bar[0].update(bar[1], advance=len(chunk))
+        _commit_views(tables, pending, clips_read, before_commit)
+    finally:
+        if bar:
+            bar[0].stop()
+    return len(todo)
 
 
 def _study_row(uid: str, cols: list[dict], vectors: np.ndarray, embedder: Embedder) -> dict:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import multiprocessing
 import os
 import shutil
 import time
@@ -41,6 +40,7 @@ from cmr_search.ingest.series import (
     plan_series,
     plan_study,
 )
+from cmr_search.ingest.workers import worker_pool
 from cmr_search.store.patients import patient_salt
 from cmr_search.store.tombstones import Tombstones
 
@@ -190,21 +190,6 @@ def units_of(refs: list[FileRef], max_files: int) -> list[list[FileRef]]:
     return sorted(units, key=len, reverse=True)
 
 
-@contextmanager
-def _pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
-    """One process pool for the whole run, of ``workers - 1`` processes: this process is the
-    other worker (None: it is the only one)."""
-    if workers <= 1:
-        yield None
-        return
-    # forkserver: the parent holds Lance's native threads, which fork() would copy mid-lock.
-    # Preloading this module in the server makes each worker a cheap fork, not a fresh import.
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload([__name__])
-    with ProcessPoolExecutor(max_workers=workers - 1, mp_context=ctx) as pool:
-        yield pool
-
-
 def _map(pool: ProcessPoolExecutor | None, fn: Callable, items: list, chunksize: int) -> Iterator:
     return map(fn, items) if pool is None else pool.map(fn, items, chunksize=chunksize)
 
@@ -269,7 +254,7 @@ def ingest(
     report.files_found = len(refs)
     scratch = store.scratch_dir()
     try:
-        with progress_bar(progress) as bar, _pool(cfg.workers) as pool:
+        with progress_bar(progress) as bar, worker_pool(cfg.workers) as pool:
             plans, failures = _scan(pool, refs, cfg, salt, scratch, report, bar)
             t_write = time.perf_counter()
             task = bar.add_task("studies", total=len(plans))

@@ -204,3 +204,16 @@ def test_tombstones_keep_hashes_and_readmit_a_patient_with_their_studies(tmp_pat
     assert "1.2.3" not in stones.path.read_text() and "pk-9" not in stones.path.read_text()
     assert stones.remove(patient_keys=["pk-9"]) == 2  # the patient and the study withdrawn with them
     assert stones.withdrawn(["1.2.3", "1.2.4", "1.2.6"], {"1.2.6": "pk-9"}) == {"1.2.3"}
+
+
+def test_embed_reads_the_clips_again_when_a_withdrawal_purges_its_pinned_version(store_copy):
+    root, _, encoder = store_copy
+    victim, _ = _two_studies(root)
+    pause = Pause("views")  # the first commit, after the first 8 clips: most are still to read
+    report = run_paused(lambda: embed_store(root, encoder, batch_size=8, commit_every=8, progress=False,
+                                            before_commit=pause),
+                        pause, lambda: withdraw(EmbeddingStore.open(root), study_uids=[victim], purge=True))
+    store = EmbeddingStore.open(root)
+    clips = set(store.clip_store.clip_metadata(["clip_id"])["clip_id"].to_pylist())
+    assert store.embedded_clip_ids(report.model_id) == clips  # every remaining clip, none of the victim's
+    assert rows_of(store, "views", victim) == []
