@@ -141,11 +141,15 @@ class StoreLayout:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Replace a small text file so that a reader sees the old content or the new, never half."""
+    """Replace a small text file so that a reader sees the old content or the new, never half
+    (written and synced to disk before the rename, so a crash cannot publish it empty)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
+    with open(tmp, "w") as fp:
+        fp.write(text)
+        fp.flush()
+        os.fsync(fp.fileno())
     os.replace(tmp, path)
 
 

@@ -7,7 +7,7 @@ Python API (the search service uses it)::
     evaluate_head(store, name)
 """
 
-from importlib import import_module
+from cmr_search.core.lazy import lazy_exports
 
 __all__ = ["Head", "HeadConfig", "HeadRegistry", "evaluate_head", "predict_head", "train_head"]
 
@@ -15,9 +15,4 @@ _HOME = {"HeadConfig": "cmr_search.heads.config", "Head": "cmr_search.heads.regi
          "HeadRegistry": "cmr_search.heads.registry", "evaluate_head": "cmr_search.heads.registry",
          "predict_head": "cmr_search.heads.registry", "train_head": "cmr_search.heads.registry"}
 
-
-def __getattr__(name: str):
-    # Lazy: `cmr --help` and `cmr keys` need HeadConfig's fields, not torch and lancedb
-    if name in _HOME:
-        return getattr(import_module(_HOME[name]), name)
-    raise AttributeError(f"module 'cmr_search.heads' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _HOME)

@@ -1,7 +1,7 @@
 """DICOM ingestion: discovery, headers, series and slice planning, views, canonical clips,
 and the pipeline that writes whole studies into the clip store."""
 
-from importlib import import_module
+from cmr_search.core.lazy import lazy_exports
 
 __all__ = ["IngestConfig", "IngestReport", "ingest"]
 
@@ -11,10 +11,4 @@ _HOME = {
     "ingest": "cmr_search.ingest.pipeline",
 }
 
-
-def __getattr__(name: str):
-    # Lazy: ingest workers import cmr_search.ingest.* without pulling in lancedb, whose
-    # native runtime must not be inherited by forked processes.
-    if name in _HOME:
-        return getattr(import_module(_HOME[name]), name)
-    raise AttributeError(f"module 'cmr_search.ingest' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _HOME)

@@ -1,7 +1,7 @@
 """The store: the clip table, the embedding tables, withdrawal, the FAISS indexes, filters
 and search."""
 
-from importlib import import_module
+from cmr_search.core.lazy import lazy_exports
 
 __all__ = ["ClipConfig", "ClipStore", "EmbeddingStore", "Searcher"]
 
@@ -12,10 +12,4 @@ _HOME = {
     "Searcher": "cmr_search.store.search",
 }
 
-
-def __getattr__(name: str):
-    # Lazy: ingest workers import the store's config without lancedb, whose native runtime
-    # must not be inherited by forked processes.
-    if name in _HOME:
-        return getattr(import_module(_HOME[name]), name)
-    raise AttributeError(f"module 'cmr_search.store' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _HOME)

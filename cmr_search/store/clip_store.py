@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from filelock import FileLock
 
 from cmr_search.core.exceptions import InputError, StoreError
-from cmr_search.core.layout import StoreLayout
+from cmr_search.core.layout import StoreLayout, write_atomic
 from cmr_search.store.config import ClipConfig
 from cmr_search.store.tombstones import Tombstones
 
@@ -134,11 +134,9 @@ class ClipStore:
             return cls(root, stored)
         if not create:
             raise StoreError(f"{root} is not a cmr store (no store.json); run `cmr ingest ... --store {root}` first")
-        root.mkdir(parents=True, exist_ok=True)
         clip = clip or ClipConfig()
-        tmp = meta_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"format_version": FORMAT_VERSION, "clip": clip.to_dict()}, indent=2))
-        os.replace(tmp, meta_path)  # atomic: a crash leaves either no store or a whole one
+        # atomic: a crash leaves either no store or a whole one
+        write_atomic(meta_path, json.dumps({"format_version": FORMAT_VERSION, "clip": clip.to_dict()}, indent=2))
         return cls(root, clip)
 
     def write_lock(self) -> FileLock:

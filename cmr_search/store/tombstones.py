@@ -82,4 +82,5 @@ class Tombstones:
 
     def _write(self, lines: set[str], before: set[str]) -> None:
         if lines != before:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # beside the salt, as private
             write_atomic(self.path, "".join(f"{line}\n" for line in sorted(lines)))

@@ -21,7 +21,7 @@ import faiss
 import numpy as np
 from filelock import FileLock
 
-from cmr_search.core.layout import publish_folder
+from cmr_search.core.layout import publish_folder, write_atomic
 from cmr_search.store.clip_store import process_alive
 
 __all__ = ["Generation", "IndexFiles"]
@@ -93,10 +93,7 @@ class IndexFiles:
                 shutil.rmtree(tmp, ignore_errors=True)
                 return current
             publish_folder(tmp, self.folder / name)
-            pointer_tmp = self.folder / f"CURRENT.{os.getpid()}.tmp"
-            pointer_tmp.write_text(name)
-            _fsync(pointer_tmp)
-            os.replace(pointer_tmp, self.pointer)
+            write_atomic(self.pointer, name)
             self.drop_old(name)
         return name
 
