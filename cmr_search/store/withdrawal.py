@@ -63,7 +63,7 @@ def withdraw(store: EmbeddingStore, study_uids: list[str] = (), patient_keys: li
         _finish_pending(store)
         patient_of = _studies_of(store, study_uids, patient_keys)
         uids = list(patient_of)
-        journal = StoreLayout(store.root).journal / f"withdraw-{secrets.token_hex(6)}.json"
+        journal = store.layout.journal / f"withdraw-{secrets.token_hex(6)}.json"
         journal.parent.mkdir(exist_ok=True)
         tmp = journal.with_suffix(".tmp")
         tmp.write_text(json.dumps({"study_uids": uids, "patient_of": patient_of, "purge": purge}))
@@ -85,7 +85,7 @@ def finish_pending_withdrawals(store: EmbeddingStore) -> list[WithdrawReport]:
     """Complete every withdrawal whose journal entry a crash left behind (a ``stat`` when
     there is none). Waits for the study-write lock, so a withdrawal still running in another
     process is never done twice at once."""
-    folder = StoreLayout(store.root).journal
+    folder = store.layout.journal
     if not folder.exists() or not any(folder.glob("withdraw-*")):
         return []
     with store.write_lock():
@@ -94,7 +94,7 @@ def finish_pending_withdrawals(store: EmbeddingStore) -> list[WithdrawReport]:
 
 def _finish_pending(store: EmbeddingStore) -> list[WithdrawReport]:
     """``finish_pending_withdrawals`` for a caller holding the write lock."""
-    folder = StoreLayout(store.root).journal
+    folder = store.layout.journal
     if not folder.exists():
         return []
     reports = []
@@ -125,8 +125,9 @@ def _studies_of(store: EmbeddingStore, study_uids: list[str], patient_keys: list
             columns = ["study_uid", "patient_key"] if "patient_key" in table.schema.names else ["study_uid"]
             rows = table.search().where(" OR ".join(clauses)).select(columns).limit(None).to_arrow().to_pylist()
             for row in rows:
-                key = row.get("patient_key")
-                uids[row["study_uid"]] = key if key in patient_keys else uids.get(row["study_uid"])
+                uids.setdefault(row["study_uid"], None)
+                if row.get("patient_key") in patient_keys:
+                    uids[row["study_uid"]] = row["patient_key"]
     if not uids:
         what = ", ".join([*(f"study {u}" for u in study_uids), *(f"patient {k}" for k in patient_keys)])
         raise InputError(f"nothing to withdraw: no {what} in {store.root} (check the study_uid or patient key)")
@@ -153,7 +154,7 @@ def _remove(store: EmbeddingStore, uids: list[str], purge: bool,
             _purge_history(store.clip_store.db, name)
         deleted[name] = n
     refresh_indexes(store)
-    layout = StoreLayout(store.root)
+    layout = store.layout
     _scrub_ingest_reports(layout.ingest_reports, set(uids))
     _scrub_caches(layout, uids)
     return WithdrawReport(uids, deleted)
