@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-__all__ = ["FINDINGS", "GRADE_WORDS", "MACROS", "TERMS", "Finding", "Term", "expand", "grade_name"]
+__all__ = ["ADVERBS", "FINDINGS", "GRADE_WORDS", "MACROS", "TERMS", "Finding", "Term", "expand", "grade_name"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,14 @@ class Finding:
     negative: str  # the finding denied: "no LV dilatation"
     graded: bool = False
     scale: tuple[str, str, str] = ("mild", "moderate", "severe")  # grade 1..3 as adjectives
+    with_grade: str = ""  # the finding at a grade: {adj} "moderate", {adv} "moderately"
+
+    def phrase(self, grade: int | None = None) -> str:
+        """The finding asserted, at ``grade`` (1..3) where it has one."""
+        if not (self.graded and grade):
+            return self.positive
+        adj = self.scale[grade - 1]
+        return self.with_grade.format(adj=adj, adv=ADVERBS[grade])
 
 
 #: grade words -> grade 1..3; size words count for effusions (``Finding.scale``)
@@ -49,6 +57,7 @@ GRADE_WORDS: dict[str, int] = {
     "severe": 3, "severely": 3, "marked": 3, "markedly": 3, "large": 3, "gross": 3,
     "grossly": 3, "poor": 3, "massive": 3, "massively": 3,
 }
+ADVERBS = {1: "mildly", 2: "moderately", 3: "severely"}
 _GRADE = "|".join(GRADE_WORDS)
 _ADVERBS = "|".join(w for w in GRADE_WORDS if w.endswith("ly"))
 
@@ -70,21 +79,27 @@ MACROS: dict[str, tuple[str, ...]] = {
 }
 
 FINDINGS: dict[str, Finding] = {f.name: f for f in (
-    Finding("lv_dilatation", "LV dilatation", "no LV dilatation", graded=True),
+    Finding("lv_dilatation", "LV dilatation", "no LV dilatation", graded=True,
+            with_grade="{adj} LV dilatation"),
     Finding("reduced_lvef", "impaired LV systolic function", "normal LV systolic function",
-            graded=True),
+            graded=True, with_grade="{adv} impaired LV systolic function"),
     Finding("hcm", "hypertrophic cardiomyopathy", "no hypertrophic cardiomyopathy"),
-    Finding("concentric_lvh", "concentric LV hypertrophy", "no LV hypertrophy", graded=True),
+    Finding("concentric_lvh", "concentric LV hypertrophy", "no LV hypertrophy", graded=True,
+            with_grade="{adj} concentric LV hypertrophy"),
     Finding("dcm", "dilated cardiomyopathy", "no dilated cardiomyopathy"),
     Finding("lv_thrombus", "apical LV thrombus", "no LV thrombus"),
     Finding("apical_akinesis", "apical akinesis", "no regional wall motion abnormality"),
-    Finding("rv_dilatation", "RV dilatation", "no RV dilatation", graded=True),
+    Finding("rv_dilatation", "RV dilatation", "no RV dilatation", graded=True,
+            with_grade="{adj} RV dilatation"),
     Finding("rv_dysfunction", "impaired RV systolic function", "normal RV systolic function",
-            graded=True),
-    Finding("la_dilatation", "left atrial dilatation", "normal left atrial size", graded=True),
-    Finding("ra_dilatation", "right atrial dilatation", "normal right atrial size", graded=True),
+            graded=True, with_grade="{adv} impaired RV systolic function"),
+    Finding("la_dilatation", "left atrial dilatation", "normal left atrial size", graded=True,
+            with_grade="{adj} left atrial dilatation"),
+    Finding("ra_dilatation", "right atrial dilatation", "normal right atrial size", graded=True,
+            with_grade="{adj} right atrial dilatation"),
     Finding("pericardial_effusion", "pericardial effusion", "no pericardial effusion",
-            graded=True, scale=("small", "moderate", "large")),
+            graded=True, scale=("small", "moderate", "large"),
+            with_grade="{adj} pericardial effusion"),
 )}
 
 TERMS: tuple[Term, ...] = (
@@ -100,7 +115,7 @@ TERMS: tuple[Term, ...] = (
           "LV systolic dysfunction|impairment", "GRADE? LV systolic? dysfunction|impairment",
           "GRADE? REDUCED lvef|ef", "hfref", "lvef|ef BE? GRADE? REDUCED"),
          ("reduced_lvef",)),
-    Term(("NORMAL LV? FUNCTION", "LV? FUNCTION BE? NORMAL", "NORMAL biventricular FUNCTION",
+    Term(("NORMAL LV? FUNCTION", "LV? FUNCTION BE? NORMAL",
           "NORMAL lvef|ef", "lvef|ef BE? NORMAL", "LV FUNCTION BE? within normal limits"),
          ("reduced_lvef",), normal=True),
     # wall thickness
@@ -147,8 +162,19 @@ TERMS: tuple[Term, ...] = (
     Term(("GRADE? REDUCED RV FUNCTION", "RV FUNCTION BE? GRADE? REDUCED",
           "RV systolic? dysfunction|impairment", "GRADE? REDUCED rvef", "rvef BE? GRADE? REDUCED"),
          ("rv_dysfunction",)),
-    Term(("NORMAL RV FUNCTION", "RV FUNCTION BE? NORMAL", "NORMAL rvef", "NORMAL biventricular FUNCTION"),
+    Term(("NORMAL RV FUNCTION", "RV FUNCTION BE? NORMAL", "NORMAL rvef"),
          ("rv_dysfunction",), normal=True),
+    # both ventricles in one phrase
+    Term(("NORMAL biventricular FUNCTION", "biventricular FUNCTION BE? NORMAL"),
+         ("reduced_lvef", "rv_dysfunction"), normal=True),
+    Term(("NORMAL biventricular SIZE", "biventricular SIZE BE? NORMAL"),
+         ("lv_dilatation", "rv_dilatation"), normal=True),
+    Term(("NORMAL biventricular SIZE and FUNCTION", "biventricular SIZE and FUNCTION BE? NORMAL"),
+         ("lv_dilatation", "rv_dilatation", "reduced_lvef", "rv_dysfunction"), normal=True),
+    Term(("biventricular DILATATION", "both ventricles BE? GRADE? DILATED"),
+         ("lv_dilatation", "rv_dilatation")),
+    Term(("GRADE? REDUCED biventricular FUNCTION", "biventricular systolic? dysfunction|impairment"),
+         ("reduced_lvef", "rv_dysfunction")),
     # atria
     Term(("GRADE? LA DILATATION", "LA BE? GRADE? DILATED", "GRADE? DILATED LA", "ADV? DILATED left atrium"),
          ("la_dilatation",)),

@@ -1,0 +1,139 @@
+"""The findings parser against what the synthetic generator knows it wrote, and against
+report phrasing the generator never uses."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cmr_search.findings.lexicon import FINDINGS, TERMS, expand
+from cmr_search.findings.parse import FindingParser, ef_grade, summarise
+from cmr_search.synth.labels import study_labels
+from cmr_search.synth.params import sample_study_params
+from cmr_search.synth.phantom import build_phantom
+from cmr_search.synth.reports import write_report
+
+
+@pytest.fixture(scope="module")
+def parser() -> FindingParser:
+    return FindingParser()
+
+
+@pytest.fixture(scope="module")
+def cohort_reports():
+    out = []
+    for k in range(120):
+        params = sample_study_params(np.random.default_rng([11, k]), study_index=k)
+        labels = study_labels(params, build_phantom(params).volumes)
+        out.append((labels, write_report(labels, params, np.random.default_rng([12, k]))))
+    return out
+
+
+def _truth_grade(finding: str, labels: dict) -> int | None:
+    if finding == "lv_dilatation":
+        return int(labels["lv_dilatation_grade"])
+    if finding == "reduced_lvef":
+        return ef_grade(labels["lvef"])
+    if finding == "pericardial_effusion":
+        mm = labels["effusion_mm"]
+        return 1 if mm < 10 else 2 if mm < 20 else 3
+    return None
+
+
+def test_every_stated_finding_is_found_with_its_negation(parser, cohort_reports):
+    parsed = parser.parse_many([r.text for _, r in cohort_reports])
+    stated = wrong = extra = 0
+    for (labels, report), mentions in zip(cohort_reports, parsed):
+        said = summarise(mentions)
+        for finding, present in report.mentions:
+            stated += 1
+            wrong += finding not in said or said[finding].present != present
+        for finding, st in said.items():
+            # "mildly impaired" (LVEF 40-50) is impaired function below the label's cut-off
+            mild_lvef = finding == "reduced_lvef" and st.present and st.grade == 1
+            if finding not in dict(report.mentions) and finding not in report.omitted and not mild_lvef:
+                extra += 1
+    assert stated > 500
+    assert wrong / stated <= 0.01, wrong
+    assert extra / stated <= 0.02, extra
+
+
+def test_grades_match_the_labels(parser, cohort_reports):
+    checked = right = 0
+    for labels, report in cohort_reports:
+        said = summarise(parser.parse(report.text))
+        for finding in ("lv_dilatation", "reduced_lvef", "pericardial_effusion"):
+            st = said.get(finding)
+            if st is not None and st.present and st.grade is not None:
+                checked += 1
+                right += st.grade == _truth_grade(finding, labels)
+    assert checked > 30
+    assert right == checked
+
+
+# (text, {finding: (present, grade)}) in wording our generator does not write
+PHRASES = [
+    ("No evidence of intracardiac thrombus.", {"lv_thrombus": (False, None)}),
+    ("LV thrombus is absent.", {"lv_thrombus": (False, None)}),
+    ("A laminated apical clot is seen.", {"lv_thrombus": (True, None)}),
+    ("The LV cavity is not dilated.", {"lv_dilatation": (False, None)}),
+    ("Markedly enlarged left ventricle.", {"lv_dilatation": (True, 3)}),
+    ("Mild to moderate left ventricular dilatation.", {"lv_dilatation": (True, 2)}),
+    ("Left ventricular ejection fraction is estimated at 33 %.", {"reduced_lvef": (True, 2)}),
+    ("EF 62%.", {"reduced_lvef": (False, None)}),
+    ("Moderately reduced left ventricular systolic function.", {"reduced_lvef": (True, 2)}),
+    ("There is a large circumferential pericardial effusion.", {"pericardial_effusion": (True, 3)}),
+    ("No pericardial effusion or LV thrombus.",
+     {"pericardial_effusion": (False, None), "lv_thrombus": (False, None)}),
+    ("No LV dilatation, with severely impaired systolic function.",
+     {"lv_dilatation": (False, None), "reduced_lvef": (True, 3)}),
+    ("Normal biventricular size and systolic function.", {"reduced_lvef": (False, None)}),
+    ("The right ventricle appears mildly enlarged.", {"rv_dilatation": (True, 1)}),
+    ("Akinetic LV apex.", {"apical_akinesis": (True, None)}),
+    ("Normal regional wall motion.", {"apical_akinesis": (False, None)}),
+    ("Asymmetric septal hypertrophy in keeping with HCM.", {"hcm": (True, None)}),
+    ("Without left ventricular hypertrophy.", {"hcm": (False, None), "concentric_lvh": (False, None)}),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), PHRASES, ids=[t for t, _ in PHRASES])
+def test_clinical_phrasings(parser, text, expected):
+    said = {k: (v.present, v.grade) for k, v in summarise(parser.parse(text)).items()}
+    for finding, value in expected.items():
+        assert said.get(finding) == value, said
+
+
+def test_mentions_carry_spans_and_cues(parser):
+    text = "Severely dilated LV. No LV thrombus."
+    dil, thr = parser.parse(text)
+    assert text[dil.start:dil.end] == "Severely dilated LV" and text[slice(*dil.cue)] == "Severely"
+    assert (dil.finding, dil.negated, dil.grade, dil.sentence) == ("lv_dilatation", False, 3, 0)
+    assert (thr.finding, thr.negated, thr.sentence) == ("lv_thrombus", True, 1)
+    assert parser.sentences(text) == [(0, 20), (21, 36)]
+
+
+def test_a_report_that_says_both_is_marked(parser):
+    said = summarise(parser.parse("No LV dilatation. Impression: mildly dilated LV."))
+    st = said["lv_dilatation"]
+    assert st.present and st.grade == 1 and st.conflicting
+
+
+def test_lexicon_is_consistent():
+    names = {n for t in TERMS for n in t.findings}
+    assert names == set(FINDINGS)
+    for term in TERMS:
+        assert set(term.asserted or ()) <= set(term.findings)
+        for template in term.templates:
+            assert expand(template), template
+
+
+def test_no_two_terms_share_a_pattern():
+    # the entity ruler keeps one label per span: a shared pattern would lose a finding
+    import json
+
+    owner: dict[str, int] = {}
+    for i, term in enumerate(TERMS):
+        for template in term.templates:
+            for pattern in expand(template):
+                key = json.dumps(pattern, sort_keys=True)
+                assert owner.setdefault(key, i) == i, template
