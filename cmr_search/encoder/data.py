@@ -192,7 +192,7 @@ class ContrastiveBatches(torch.utils.data.Dataset):
     def __init__(self, corpus: ClipCorpus, studies: list[Study], studies_per_batch: int, views_per_study: int,
                  sentences: int, augment: AugmentConfig, pre: PreprocessConfig, seed: int, length: int,
                  stratify_views: float = 0.0, report_variants: int = 0, device_augment: bool = False,
-                 ranks: int = 1):
+                 ranks: int = 1, counterfactuals: int = 0):
         if not studies:
             raise StoreError("no training studies with a report; import reports with `cmr ingest --reports CSV`")
         self.corpus, self.studies = corpus, studies
@@ -205,6 +205,11 @@ class ContrastiveBatches(torch.utils.data.Dataset):
         self.stratify_views = stratify_views
         self.report_variants = report_variants
         self.device_augment = device_augment
+        self.counterfactuals = counterfactuals
+        self._parser = None  # the findings parser, built on first use in each worker
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_parser": None}
 
     def __len__(self) -> int:
         return self.length
@@ -225,10 +230,28 @@ class ContrastiveBatches(torch.utils.data.Dataset):
     def variant_texts(self) -> list[list[str]]:
         """The ``report_variants`` sampled reports of every study (deterministic per seed):
         what a locked text tower embeds once, before training."""
-        return [
-            [sample_report(st.report, self.k, np.random.default_rng([self.seed, i, 2, v])) for v in range(self.report_variants)]
-            for i, st in enumerate(self.studies)
-        ]
+        return [[self._variant(i, v) for v in range(self.report_variants)] for i in range(len(self.studies))]
+
+    def _variant(self, i: int, v: int) -> str:
+        return sample_report(self.studies[i].report, self.k, np.random.default_rng([self.seed, i, 2, v]))
+
+    def counterfactual_texts(self, texts: list[str], step: int) -> tuple[list[str], torch.Tensor]:
+        """``counterfactuals`` rewrites of each sampled report (`findings.rewrite`), drawn
+        from their own stream of the step's seed -> (texts [S·K], valid [S, K]); a report
+        with fewer possible edits pads with empty texts that ``valid`` leaves out."""
+        # imported here: spaCy loads only for runs that rewrite reports
+        from cmr_search.findings.parse import FindingParser
+        from cmr_search.findings.rewrite import counterfactuals
+
+        if self._parser is None:
+            self._parser = FindingParser()
+        rng = np.random.default_rng([self.seed, step, 3])
+        out, valid = [], torch.zeros(len(texts), self.counterfactuals, dtype=torch.bool)
+        for j, (text, mentions) in enumerate(zip(texts, self._parser.parse_many(texts))):
+            made = [c.text for c in counterfactuals(self._parser, text, rng, self.counterfactuals, mentions)]
+            valid[j, : len(made)] = True
+            out += made + [""] * (self.counterfactuals - len(made))
+        return out, valid
 
     def __getitem__(self, step: int) -> dict:
         rng = np.random.default_rng([self.seed, step, 1])
@@ -260,6 +283,9 @@ class ContrastiveBatches(torch.utils.data.Dataset):
             batch["report_ids"] = torch.as_tensor(studies, dtype=torch.long) * self.report_variants + torch.tensor(variants)
         else:
             batch["texts"] = texts
+        if self.counterfactuals:
+            sampled = texts or [self._variant(int(i), v) for i, v in zip(studies, variants)]
+            batch["counterfactuals"], batch["counterfactual_valid"] = self.counterfactual_texts(sampled, step)
         return batch
 
 

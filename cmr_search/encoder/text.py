@@ -34,6 +34,9 @@ class TextConfig:
     # reports per study are embedded once before training and each step draws one of them
     # (LiT's precomputed locked tower); 0 encodes the sampled report at every step
     cached_variants: int = 8
+    # counterfactual rewrites of each sampled report per step (findings.rewrite: a finding
+    # negated, asserted, regraded or dropped), the study's hard negatives in the loss
+    counterfactuals: int = 0
 
 
 def default_text_model_dir() -> Path:

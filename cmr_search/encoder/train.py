@@ -41,7 +41,7 @@ from cmr_search.metrics.retrieval import retrieval_summary
 __all__ = ["ReportCache", "TrainResult", "Trainer", "any_rank", "embed_studies", "latest_checkpoint", "lr_at",
            "micro_step"]
 
-METRIC_FIELDS = ["step", "loss", "raw", "pair", "study", "v2t", "t2v", "lr", "temperature", "seconds",
+METRIC_FIELDS = ["step", "loss", "raw", "pair", "study", "v2t", "t2v", "hard_err", "lr", "temperature", "seconds",
                  "val_R@1", "val_R@5", "val_R@10", "val_median_rank", "val_pool"]
 
 
@@ -147,21 +147,35 @@ def micro_step(net, model: CmrClip, loss_fn: ContrastiveLoss, batch: dict, views
     """Forward (under ``amp``) and backward of one batch of ``{"clips", "texts"}``, or of
     ``{"clips", "report_ids"}`` into ``reports`` (a locked text tower's cache); ``net`` is
     the model or its DDP wrapper, whose features the loss gathers across ranks. uint8
-    clips with an ``"augment"`` entry are augmented here, on the model's device."""
+    clips with an ``"augment"`` entry are augmented here, on the model's device. A batch's
+    ``"counterfactuals"`` (K rewrites per study, ``"counterfactual_valid"`` [S, K]) are its
+    studies' hard negatives."""
     device = next(model.parameters()).device
     clips = batch["clips"].to(device, non_blocking=True)
     if "augment" in batch:
         clips = apply_augment(clips, batch["augment"], model.cfg.augment, model.cfg.preprocess)
+    texts = batch.get("texts", [])
+    rewrites = batch.get("counterfactuals", [])
     if "report_ids" in batch:
         text = reports(batch["report_ids"]).to(device)
-    else:
-        text = {k: v.to(device) for k, v in model.text.tokenize(batch["texts"]).items()}
+        if rewrites:  # the locked tower embeds the rewrites too; nothing of it trains
+            with torch.no_grad():
+                rewrites = model.text.encode(rewrites).to(device)
+    else:  # reports and their rewrites in one pass of the text tower
+        text = {k: v.to(device) for k, v in model.text.tokenize(texts + rewrites).items()}
     with amp:
-        views, reports, studies = net(clips, text, views_per_study)
-        views, reports, studies = (gather_with_grad(x.float()) for x in (views, reports, studies))
+        views, encoded, studies = net(clips, text, views_per_study)
+        if isinstance(rewrites, list) and rewrites:
+            encoded, rewrites = encoded[: len(texts)], encoded[len(texts):]
+        views, encoded, studies = (gather_with_grad(x.float()) for x in (views, encoded, studies))
         # clips are ordered by study, v per study, on every rank alike
-        study_of_view = torch.arange(reports.shape[0], device=device).repeat_interleave(views_per_study)
-        out = loss_fn(views, reports, study_of_view, model.scale(), studies)
+        study_of_view = torch.arange(encoded.shape[0], device=device).repeat_interleave(views_per_study)
+        hard = valid = None
+        if len(rewrites):
+            k = batch["counterfactual_valid"].shape[1]
+            hard = gather_with_grad(rewrites.float()).view(encoded.shape[0], k, -1)
+            valid = gather_with_grad(batch["counterfactual_valid"].to(device).float()).bool()
+        out = loss_fn(views, encoded, study_of_view, model.scale(), studies, hard, valid)
     (out["loss"] / accum_steps).backward()
     return out
 
@@ -275,7 +289,8 @@ class Trainer:
                                   self.cfg.text.sentences, self.cfg.augment, self.cfg.preprocess, t.seed,
                                   length=t.max_steps * micro, stratify_views=t.stratify_views,
                                   report_variants=self.cfg.text.cached_variants if locked else 0,
-                                  device_augment=self.augments_on_device, ranks=self.world)
+                                  device_augment=self.augments_on_device, ranks=self.world,
+                                  counterfactuals=self.cfg.text.counterfactuals)
         reports = ReportCache(data.variant_texts(), self.model) if locked else None
         indices = [s * micro + a * self.world + self.rank for s in range(self.step, end_step) for a in range(t.accum_steps)]
         loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=indices, num_workers=t.num_workers,

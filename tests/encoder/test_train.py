@@ -117,6 +117,39 @@ def test_checkpoint_round_trip_and_exact_resume(enc_store, tiny_cfg, tmp_path):
     assert steps == [1, 2, 3, 4]
 
 
+def test_counterfactual_batches_are_seeded_rewrites_of_the_sampled_reports(enc_store, tiny_cfg):
+    corpus = ClipCorpus(enc_store)
+    data = ContrastiveBatches(corpus, corpus.with_reports(), 4, 2, 5, tiny_cfg.augment, tiny_cfg.preprocess, 0, 2,
+                              counterfactuals=2)
+    batch, again = data[1], data[1]
+    assert batch["counterfactuals"] == again["counterfactuals"]  # the step's seed fixes them
+    rewrites, valid = batch["counterfactuals"], batch["counterfactual_valid"]
+    assert len(rewrites) == 2 * len(batch["texts"]) and valid.shape == (len(batch["texts"]), 2)
+    assert valid.any()
+    for j, text in enumerate(batch["texts"]):
+        for k in range(2):
+            rewrite = rewrites[2 * j + k]
+            assert bool(valid[j, k]) == bool(rewrite) and rewrite != text
+
+
+def test_text_tower_training_with_counterfactuals_resumes_exactly(enc_store, tiny_cfg, tmp_path):
+    cfg = replace(tiny_cfg, text=replace(tiny_cfg.text, frozen_layers=5, freeze_projection=False,
+                                         counterfactuals=2))
+    quiet = {"progress": False, "log": lambda *_: None}
+    straight = Trainer(enc_store, cfg, run_dir=tmp_path / "a", **quiet)
+    top = {k: v.clone() for k, v in straight.model.text.state_dict().items()}
+    done = straight.fit(max_steps=4)
+    moved = [k for k, v in straight.model.text.state_dict().items() if not torch.equal(v, top[k])]
+    assert any("layer.5." in k for k in moved) and any("proj" in k for k in moved)
+    assert not any("layer.4." in k or "embeddings" in k for k in moved)  # frozen layers stay
+    rows = list(csv.DictReader((tmp_path / "a" / "metrics.csv").read_text().splitlines()))
+    assert all(r["hard_err"] != "" for r in rows)
+
+    Trainer(enc_store, cfg, run_dir=tmp_path / "b", **quiet).fit(max_steps=2)
+    again = Trainer(enc_store, cfg, run_dir=tmp_path / "b", resume=True, **quiet).fit(max_steps=4)
+    assert again.model_id == done.model_id  # bit-identical to the uninterrupted run
+
+
 def test_training_augments_uint8_clips_on_the_device_when_asked(enc_store, tiny_cfg, tmp_path):
     with pytest.raises(InputError, match="augment_on"):
         replace(tiny_cfg, train=replace(tiny_cfg.train, augment_on="gpu"))
