@@ -21,6 +21,9 @@ from cmr_search.core.settings import Settings
 from cmr_search.store.config import IndexConfig
 
 QUERY = "severe LV dilatation with apical thrombus"
+# a fixed number of steps, not minutes: every newcomer gets the same model however busy
+# the machine is (five minutes were 14 steps on a loaded machine and 430 on an idle one)
+DEMO_STEPS = 400
 HEADS = {"lvef-demo": ["lvef"], "disease-demo": None}  # None: every 0/1 label column
 
 
@@ -58,8 +61,7 @@ def demo(
     store: StoreOpt = None,
     studies: Annotated[int, typer.Option("--studies", min=4, help="Synthetic studies to generate.")] = 200,
     seed: Annotated[int, typer.Option("--seed")] = 0,
-    encoder_minutes: Annotated[float, typer.Option("--encoder-minutes", min=0.1, help="Training budget of the CPU encoder.")] = 5.0,
-    encoder_steps: Annotated[int | None, typer.Option("--encoder-steps", min=1, help="Stop training after this many steps (a smoke run).")] = None,
+    encoder_steps: Annotated[int, typer.Option("--encoder-steps", min=1, help="Training steps of the CPU encoder (its learning-rate schedule spans them).")] = DEMO_STEPS,
     eval_seeds: Annotated[int, typer.Option("--eval-seeds", min=1, help="Replicates per label share in the evaluation.")] = 5,
     serve_after: Annotated[bool, typer.Option("--serve/--no-serve", help="Start the search service at the end.")] = True,
     host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
@@ -93,7 +95,7 @@ def demo(
                 cfg = IngestConfig(workers=settings.workers or os.cpu_count() or 1)
                 report = run_ingest([data / "dicom"], root, cfg, settings, data / "reports.csv", data / "labels.csv")
                 print_ingest(report)
-        model_id = _encoder(root, encoder_minutes, encoder_steps)
+        model_id = _encoder(root, encoder_steps)
         _embed(root, model_id, settings)
         with _stage("5. search", f'cmr search --store {root} --text "{QUERY}" -k 5'):
             from cmr_search.encoder.embed import TextQueryEncoder
@@ -125,21 +127,25 @@ def _stored_study_uids(root: Path) -> set[str]:
     return store.study_uids() & store.table_study_uids("labels") & store.table_study_uids("reports")
 
 
-def _encoder(root: Path, minutes: float, steps: int | None) -> str:
-    """The store's trained encoder, trained now if there is none."""
+def _encoder(root: Path, steps: int) -> str:
+    """The store's trained encoder, trained now for ``steps`` steps if there is none."""
     model_id = StoreLayout(root).latest_model_id()
     if model_id is not None:
         _skip("3. encoder", f"{model_id} is trained (STORE/encoders/LATEST)")
         return model_id
-    budget = f"{steps} steps" if steps else f"{minutes:g} min"
-    with _stage(f"3. train the CPU encoder for {budget}", f"cmr train-encoder --store {root} --max-minutes {minutes:g}"):
+    with _stage(f"3. train the CPU encoder for {steps} steps", f"cmr train-encoder --store {root} --max-steps {steps}"):
+        from dataclasses import replace
+
         from cmr_search.encoder.config import load_config
         from cmr_search.encoder.train import Trainer
 
+        cfg = load_config("mvit_xs_cpu")
+        cfg.train = replace(cfg.train, max_steps=steps)
         run = StoreLayout(root).run("demo")
-        trainer = Trainer(root, load_config("mvit_xs_cpu"), run_dir=run, resume=(run / "checkpoint").exists(),
-                          log=err.print)
-        return trainer.fit(max_minutes=minutes, max_steps=steps).model_id
+        trainer = Trainer(root, cfg, run_dir=run, resume=(run / "checkpoint").exists(), log=err.print)
+        result = trainer.fit()
+        err.print(f"  {result.step} steps in {result.seconds / 60:.1f} min ({result.seconds / max(result.step, 1):.2f} s/step)")
+        return result.model_id
 
 
 def _embed(root: Path, model_id: str, settings: Settings) -> None:

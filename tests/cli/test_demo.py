@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 CMR = [sys.executable, "-m", "cmr_search.cli"]
 
 
@@ -16,7 +18,7 @@ def test_demo_runs_every_stage_then_reuses_them(tmp_path):
             "--no-serve"]
     first = subprocess.run(args, capture_output=True, text=True, check=False, env={"COLUMNS": "200", "PATH": ""})
     assert first.returncode == 0, first.stderr[-3000:]
-    for stage in ("1. synthetic cohort", "2. ingest", "3. train the CPU encoder for 2 steps", "4. embed",
+    for stage in ("1. synthetic cohort", "2. ingest", "3. train the CPU encoder for 2 steps", "2 steps in", "4. embed",
                   "5. search", "6. head lvef-demo", "6. head disease-demo", "7. evaluate", "8. serve"):
         assert stage in first.stderr
     assert "skipped:" not in first.stderr
@@ -37,3 +39,28 @@ def test_demo_runs_every_stage_then_reuses_them(tmp_path):
 
     other = subprocess.run([*args[:6], "--studies", "13", *args[8:]], capture_output=True, text=True, check=False)
     assert other.returncode == 2 and "not 13" in other.stderr
+
+
+@pytest.mark.slow
+def test_the_demo_example_query_returns_mostly_matching_studies(tmp_path):
+    """The demo as a newcomer runs it (200 studies, its fixed training steps): the query it
+    prints must return studies with both findings."""
+    import numpy as np
+
+    from cmr_search.cli.demo import QUERY
+    from cmr_search.encoder.embed import TextQueryEncoder
+    from cmr_search.store import ClipStore
+    from cmr_search.store.config import IndexConfig
+    from cmr_search.store.search import Searcher
+
+    store = tmp_path / "demo" / "store"
+    done = subprocess.run([*CMR, "demo", "--store", str(store), "--eval-seeds", "1", "--no-serve"],
+                          capture_output=True, text=True, check=False, env={"COLUMNS": "200", "PATH": ""})
+    assert done.returncode == 0, done.stderr[-3000:]
+    labels = {r["study_uid"]: r for r in ClipStore.open(store).db.open_table("labels").to_arrow().to_pylist()}
+    matching = {uid for uid, r in labels.items() if r["lv_dilatation_grade"] == 3 and r["lv_thrombus"] == 1}
+    model_id = (store / "encoders" / "LATEST").read_text().strip()
+    searcher = Searcher(store, model_id, IndexConfig(), encode_text=TextQueryEncoder(store))
+    top = [hit.study_uid for hit in searcher.by_text(QUERY, 10)]
+    found = len(matching & set(top))
+    assert found >= min(5, len(matching)), (found, len(matching), np.round([labels[u]["lv_dilatation_grade"] for u in top]))
