@@ -108,8 +108,11 @@ TERMS: tuple[Term, ...] = (
           "GRADE? DILATED LV", "ADV? DILATED left ventricle|ventricle", "LV BE? GRADE? dilated|enlarged"),
          ("lv_dilatation",)),
     Term(("NORMAL LV SIZE", "LV SIZE BE? normal", "LV SIZE BE? within normal limits", "LV BE not DILATED",
-          "LV BE normal in? size?", "non - dilated LV", "non-dilated LV", "LV BE of? normal size"),
+          "LV BE normal in? size?", "non - dilated LV", "non-dilated LV", "LV BE of? normal size",
+          "LV not DILATED"),
          ("lv_dilatation",), normal=True),
+    # "normal LV": size and function (the LV macro would also take "normal LV size")
+    Term(("NORMAL lv", "NORMAL left ventricle"), ("lv_dilatation", "reduced_lvef"), normal=True),
     # left ventricular systolic function
     Term(("GRADE? REDUCED LV? FUNCTION", "LV FUNCTION BE? GRADE? REDUCED",
           "LV systolic dysfunction|impairment", "GRADE? LV systolic? dysfunction|impairment",
@@ -157,7 +160,7 @@ TERMS: tuple[Term, ...] = (
     Term(("GRADE? RV DILATATION", "RV BE? GRADE? DILATED", "GRADE? DILATED RV",
           "ADV? DILATED right ventricle"), ("rv_dilatation",)),
     Term(("GRADE? RV DILATATION and dysfunction|impairment",), ("rv_dilatation", "rv_dysfunction")),
-    Term(("NORMAL RV SIZE", "RV SIZE BE? NORMAL", "RV BE not DILATED", "RV BE normal in? size?",
+    Term(("NORMAL RV SIZE", "RV SIZE BE? NORMAL", "RV BE? not DILATED", "RV BE normal in? size?",
           "non - dilated RV", "non-dilated RV"), ("rv_dilatation",), normal=True),
     Term(("GRADE? REDUCED RV FUNCTION", "RV FUNCTION BE? GRADE? REDUCED",
           "RV systolic? dysfunction|impairment", "GRADE? REDUCED rvef", "rvef BE? GRADE? REDUCED"),

@@ -27,8 +27,10 @@ _FOLLOWING = ["absent", "is absent", "are absent", "not seen", "is not seen", "n
               "excluded", "has resolved", "resolved", "not detected", "not evident"]
 _PRECEDING = ["there is no", "no definite", "no evidence for", "absent", "no significant",
               "no convincing", "no obvious", "no appreciable", "negative for", "nil"]
-_TERMINATION = ["with", "while", "whereas", "otherwise", "besides", "and there is",
-                "and there was", "apart from"]
+# "no thrombus and severe LV dilatation": a new clause after "and" is not denied ("or"
+# keeps the scope: "no thrombus or effusion")
+_TERMINATION = ["with", "while", "whereas", "otherwise", "besides", "and", "apart from", ";"]
+_BELOW = {"below", "under", "<", "less", "≤", "<="}
 _CONJUNCTIONS = {"and", "or", "with", "but", "while", "whereas", ";", ":", "."}
 _EF_LABEL = "ef_value"
 
@@ -78,7 +80,9 @@ class FindingParser:
         number = {"LIKE_NUM": True}
         ef = [{"LOWER": {"IN": ["lvef", "ef"]}}, ]
         filler = {"LOWER": {"IN": ["of", "is", "was", "=", ":", "at", "estimated", "measured",
-                                   "calculated", "approximately", "~", "about", "around"]}, "OP": "*"}
+                                   "calculated", "approximately", "~", "about", "around", "below",
+                                   "under", "<", "less", "than", "above", ">", "over", "greater",
+                                   "≤", "≥", "<=", ">=", "of", "only"]}, "OP": "*"}
         for head in (ef, [{"LOWER": "ejection"}, {"LOWER": "fraction"}],
                      [{"LOWER": {"IN": ["lv", "left"]}}, {"LOWER": "ventricular", "OP": "?"},
                       {"LOWER": "ejection"}, {"LOWER": "fraction"}]):
@@ -115,6 +119,8 @@ class FindingParser:
                 value = _number(ent)
                 if value is None or not 5 <= value <= 90:
                     continue
+                if any(t.lower_ in _BELOW for t in ent):  # "LVEF < 40%": just under the bound
+                    value -= 0.5
                 g = ef_grade(value)
                 num = next(t for t in ent if t.like_num)
                 out.append(Mention("reduced_lvef", (g == 0) != negex, g or None, ent.start_char,
@@ -124,7 +130,12 @@ class FindingParser:
             term = TERMS[int(ent.label_[4:])]
             negated = term.normal != negex
             names = term.findings if negated or term.asserted is None else term.asserted
-            cue = None if negated else _grade_word(doc, ent)
+            cue = _grade_word(doc, ent)
+            if negex and not term.normal and cue is not None:
+                # a finding given its own grade is asserted, whatever negation precedes it in
+                # the clause: "no LV thrombus, severe LV dilatation"
+                negated = False
+            cue = None if negated else cue
             for name in names:
                 graded = cue is not None and FINDINGS[name].graded
                 out.append(Mention(name, negated, GRADE_WORDS[cue.lower_] if graded else None,

@@ -93,6 +93,13 @@ PHRASES = [
     ("Normal regional wall motion.", {"apical_akinesis": (False, None)}),
     ("Asymmetric septal hypertrophy in keeping with HCM.", {"hcm": (True, None)}),
     ("Without left ventricular hypertrophy.", {"hcm": (False, None), "concentric_lvh": (False, None)}),
+    # query phrasings: a denial does not reach past "and", nor over a finding given a grade
+    ("no thrombus and severe LV dilatation", {"lv_thrombus": (False, None), "lv_dilatation": (True, 3)}),
+    ("no LV thrombus, severely dilated LV", {"lv_thrombus": (False, None), "lv_dilatation": (True, 3)}),
+    ("LVEF below 35%", {"reduced_lvef": (True, 2)}),
+    ("EF < 40%", {"reduced_lvef": (True, 2)}),
+    ("LV not dilated", {"lv_dilatation": (False, None)}),
+    ("normal LV", {"lv_dilatation": (False, None), "reduced_lvef": (False, None)}),
 ]
 
 
