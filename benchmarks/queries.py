@@ -31,8 +31,9 @@ import numpy as np
 import torch
 from encoder import PHENOTYPES, evaluate, make_store
 
-#: what the CPU recipe replaced: the whole text tower locked, its reports cached
+#: what the CPU recipe replaced: the whole text tower locked, its reports cached, 600 steps
 LOCKED = {"frozen_layers": 6, "freeze_projection": True, "cached_variants": 8, "counterfactuals": 0}
+LOCKED_STEPS = 600
 
 # paraphrased clinical queries, none of them a string of the suite or of a report template:
 # (text, kind, label spec {column: value}); kind "negated" scores the absence of every column
@@ -112,8 +113,9 @@ def query_figures(model, corpus, test, labels: dict) -> dict:
     model.eval()
     _, studies = embed_studies(model, corpus, test, torch.device("cpu"))
     s = studies.numpy()
-    table = {c: np.array([float(labels[st.study_uid][c]) if labels[st.study_uid][c] is not None else np.nan
-                          for st in test]) for c in labels[test[0].study_uid] if c != "study_uid"}
+    numeric = [c for c, v in labels[test[0].study_uid].items() if isinstance(v, (int, float)) and c != "study_uid"]
+    table = {c: np.array([np.nan if labels[st.study_uid][c] is None else float(labels[st.study_uid][c])
+                          for st in test]) for c in numeric}
     with torch.inference_mode():
         encode = (lambda texts: model.text.encode(texts).float().numpy())
         queries = phrase_queries(table)
@@ -155,7 +157,7 @@ def query_figures(model, corpus, test, labels: dict) -> dict:
     return out
 
 
-def run(store: Path, recipe: str, seed: int, steps: int, work: Path) -> dict:
+def run(store: Path, recipe: str, seed: int, steps: int | None, work: Path) -> dict:
     """Train one recipe at one seed and score it."""
     from cmr_search.encoder.config import load_config
     from cmr_search.encoder.train import Trainer
@@ -163,6 +165,8 @@ def run(store: Path, recipe: str, seed: int, steps: int, work: Path) -> dict:
     cfg = load_config("mvit_xs_cpu")
     if recipe == "locked":
         cfg.text = replace(cfg.text, **LOCKED)
+        cfg.train = replace(cfg.train, max_steps=LOCKED_STEPS)
+    steps = steps or cfg.train.max_steps
     cfg.train = replace(cfg.train, seed=seed, split_seed=0, max_steps=steps, val_fraction=0.25,
                         eval_every=max(50, steps // 4), checkpoint_every=max(50, steps // 4))
     trainer = Trainer(store, cfg, run_dir=work / f"{recipe}-{seed}", device="cpu", progress=True, log=print)
@@ -210,7 +214,7 @@ def main() -> None:
     parser.add_argument("--store", type=Path, help="an ingested store with reports and labels")
     parser.add_argument("--studies", type=int, default=400, help="cohort size when no --store is given")
     parser.add_argument("--keep-store", type=Path, help="copy the generated store here for later runs")
-    parser.add_argument("--steps", type=int, default=600, help="training steps per run (the CPU config's max_steps)")
+    parser.add_argument("--steps", type=int, help="training steps per run (default: each recipe's own)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--recipes", nargs="+", default=["locked", "cpu"], choices=["locked", "cpu"])
     parser.add_argument("--json", type=Path, help="write every figure here")

@@ -12,8 +12,8 @@ from pydantic_core import PydanticCustomError
 from cmr_search.store.clip_store import sql_quote
 
 __all__ = [
-    "ERRORS", "KEY_ERRORS", "ClusterList", "ErrorBody", "Filters", "HeadInfo", "HitOut", "NeighborList", "Prediction", "SearchResult",
-    "StudyDetail", "TextQuery", "UploadResult", "ViewOut",
+    "ERRORS", "KEY_ERRORS", "ClusterList", "ErrorBody", "Filters", "HeadInfo", "HitOut", "MatchExplanation", "NeighborList",
+    "Prediction", "QueryFinding", "SearchResult", "StudyDetail", "TextHitOut", "TextQuery", "UploadResult", "ViewOut",
 ]
 
 View = Literal["4CH", "3CH", "2CH", "SAX", "LVOT", "OTHER"]
@@ -76,6 +76,8 @@ class TextQuery(BaseModel):
     query: str = Field(..., min_length=1, max_length=1000, examples=["severe LV dilatation with apical thrombus"])
     k: int = Field(10, ge=1, le=10_000)
     filters: Filters = Field(default_factory=Filters)
+    explain: bool = Field(True, description="say for each hit which findings of the query its report (or, "
+                                            "without a report, a head) states; false skips it")
 
     @field_validator("query")
     @classmethod
@@ -102,6 +104,45 @@ class HitOut(BaseModel):
     links: dict[str, str] = {}
 
 
+Verdict = Literal["match", "contradicts", "grade_differs", "conflicting", "not_stated", "unknown"]
+
+
+class MatchExplanation(BaseModel):
+    """What a hit's stored report, or without one a registered head, says of one finding of
+    the query. It marks the hit; it never moves or hides it."""
+
+    finding: str = Field(description="the finding's name, as its label column: lv_dilatation, lv_thrombus, ...")
+    asked: str = Field(description="what the query asks, in the lexicon's words: 'severe LV dilatation', 'no LV thrombus'")
+    verdict: Verdict = Field(description="match; contradicts (states the opposite); grade_differs (present at "
+                                         "another grade); conflicting (the report states both); not_stated (the "
+                                         "report does not name it); unknown (no report, and no head predicts it)")
+    source: str | None = Field(None, description="'report', or 'head <name>' for a study without a report; null: unknown")
+    stated: str | None = Field(None, description="what the source says, in the lexicon's words")
+    asked_grade: str | None = Field(None, description="the grade the query asks ('severe', 'small', ...)")
+    stated_grade: str | None = Field(None, description="the grade the source states")
+    evidence: list[str] = Field([], description="the report's phrases that state it")
+    opposite: list[str] = Field([], description="a conflicting report's phrases that state the opposite")
+    label: str | None = Field(None, description="the head's label column")
+    probability: float | None = Field(None, description="a classification head's probability")
+    value: float | None = Field(None, description="a regression head's prediction, in label units")
+
+
+class QueryFinding(BaseModel):
+    """One finding the text query names, as the findings parser read it."""
+
+    finding: str
+    present: bool = Field(description="false: the query asks for its absence ('no LV thrombus')")
+    grade: str | None = None
+    asked: str = Field(description="the finding in the lexicon's words")
+    text: list[str] = Field(description="the query's words for it")
+
+
+class TextHitOut(HitOut):
+    """A hit of a text query, with what its report or a head says of the query's findings."""
+
+    explanation: list[MatchExplanation] = Field([], description="one entry per finding of ``findings``")
+
+
 class SearchResult(BaseModel):
     """Studies ranked by similarity to a text query."""
 
@@ -109,7 +150,9 @@ class SearchResult(BaseModel):
     query: str
     k: int
     level: Literal["studies", "views"]
-    hits: list[HitOut]
+    findings: list[QueryFinding] = Field([], description="the findings read from the query (empty when it names "
+                                                         "none the lexicon knows, or with explain=false)")
+    hits: list[TextHitOut]
 
 
 class NeighborList(BaseModel):

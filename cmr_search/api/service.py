@@ -10,6 +10,7 @@ import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import numpy as np
@@ -32,6 +33,9 @@ from cmr_search.store.patients import patient_salt
 from cmr_search.store.search import Hit, Searcher
 from cmr_search.store.withdrawal import withdraw
 
+if TYPE_CHECKING:
+    from cmr_search.api.explain import Explainer
+
 __all__ = ["SearchService"]
 
 log = logging.getLogger(__name__)
@@ -49,12 +53,12 @@ def _links(study_uid: str) -> dict[str, str]:
 _HIT_FIELDS = tuple(name for name in schemas.HitOut.model_fields if name != "links")
 
 
-def _hit_out(hit: Hit) -> schemas.HitOut:
+def _hit_out(hit: Hit, kind: type[schemas.HitOut] = schemas.HitOut) -> schemas.HitOut:
     """A search hit as the API shows it (a missing or null value leaves the schema's default)."""
     m = hit.metadata
-    return schemas.HitOut(**{name: value for name in _HIT_FIELDS
-                             if (value := m[name] if name in m else getattr(hit, name, None)) is not None},
-                          links=_links(hit.study_uid))
+    return kind(**{name: value for name in _HIT_FIELDS
+                   if (value := m[name] if name in m else getattr(hit, name, None)) is not None},
+                links=_links(hit.study_uid))
 
 
 def _stop_if(cancelled: Callable[[], bool]) -> None:
@@ -95,9 +99,10 @@ class SearchService:
         self.limits = UploadLimits(settings.max_upload_bytes, settings.max_upload_files, settings.max_unzipped_bytes,
                                    settings.max_zip_ratio)
         self._embedder = None
+        self._explainer: Explainer | None = None
         self.encode_text = MicroBatcher(self.searcher.encode_text, max_batch=16, name="cmr-text")
         self._heads: dict[str, tuple[float, Head]] = {}
-        self._lock = threading.Lock()  # lazy loads (embedder, heads)
+        self._lock = threading.Lock()  # lazy loads (embedder, heads, findings parser)
         # HDBSCAN can take seconds: on its own lock, so predictions and uploads do not wait for it
         self._cluster_lock = threading.Lock()
         self._write_lock = threading.Lock()  # this process writes one study at a time
@@ -113,6 +118,7 @@ class SearchService:
             self.encode_text("warm-up")
         except InputError as error:  # a store embedded with the published checkpoint has no text tower
             log.warning("text search unavailable: %s", error)
+        self.explainer()
         # Everything loaded so far (torch, the encoders, the index and its hit columns) lives as
         # long as the process. Left to the cyclic GC, every full collection walked it all: a
         # 120-160 ms stall of every thread, several times a minute under load, and the
@@ -124,11 +130,38 @@ class SearchService:
     # -- search -----------------------------------------------------------------------------
     def search_text(self, query: schemas.TextQuery, vector: np.ndarray | None = None) -> schemas.SearchResult:
         """Text-to-scan (``vector``: the query already encoded by ``encode_text``). The query
-        is taken as valid: its schema and the API's edge check it (k against ``max_k`` too)."""
+        is taken as valid: its schema and the API's edge check it (k against ``max_k`` too).
+        With the query's ``explain``, each hit says what its report, or a head, states of the
+        query's findings."""
         where = query.filters.where()
         hits = self.searcher.by_vector(self.encode_text(query.query) if vector is None else vector, query.k, where)
-        return schemas.SearchResult(model_id=self.model_id, query=query.query, k=query.k,
-                                    level=self.searcher.level_for(where), hits=[_hit_out(h) for h in hits])
+        result = schemas.SearchResult(model_id=self.model_id, query=query.query, k=query.k,
+                                      level=self.searcher.level_for(where),
+                                      hits=[_hit_out(h, schemas.TextHitOut) for h in hits])
+        return self.explain(result) if query.explain else result
+
+    def explain(self, result: schemas.SearchResult) -> schemas.SearchResult:
+        """``result`` with the findings of its query and each hit's verdict on them. The
+        verdicts mark hits, never filter or reorder them: the query's words are no filter."""
+        from cmr_search.api.explain import asked_out, head_rows
+
+        explainer = self.explainer()
+        asked = explainer.query(result.query)
+        why = explainer.explain(asked, [h.study_uid for h in result.hits], self.store.clip_store.reports,
+                                lambda uids, labels: head_rows(self._loaded_heads(), self.store, self.model_id,
+                                                               uids, labels))
+        return result.model_copy(update={"findings": asked_out(asked), "hits": [
+            h.model_copy(update={"explanation": w}) for h, w in zip(result.hits, why)]})
+
+    def explainer(self) -> Explainer:
+        """The findings parser of this service, built on first use (about 0.1 s; ``warm`` does it)."""
+        # imported here: spaCy's import is paid only by a service that searches text
+        from cmr_search.api.explain import Explainer
+
+        with self._lock:
+            if self._explainer is None:
+                self._explainer = Explainer()
+            return self._explainer
 
     def _require_study(self, study_uid: str) -> None:
         if not self.searcher.has_study(study_uid):

@@ -39,11 +39,11 @@ def eval_command(
     baseline_predictions: Annotated[Path | None, typer.Option("--baseline-predictions", help="With --predictions: a second model's file for the paired DeLong test.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics.json on stdout too.")] = False,
 ) -> None:
-    """Evaluate the embeddings: retrieval, LVEF, disease AUROC, data efficiency, clusters.
+    """Evaluate the embeddings: retrieval, LVEF, disease AUROC, zero-shot, data efficiency, clusters.
 
     Text-to-scan and scan-to-scan retrieval, LVEF and disease heads with DeLong intervals
-    (contrastive vs the same encoder at random init), label efficiency over seeds, HDBSCAN
-    clusters and a 2-D map.
+    (contrastive vs the same encoder at random init), zero-shot labels from prompt pairs beside
+    the disease head, label efficiency over seeds, HDBSCAN clusters and a 2-D map.
 
     Writes a self-contained report.html (tables and plots) and metrics.json. With
     --predictions (and no store) it scores a prediction file as the paper's tables do.

@@ -1,8 +1,10 @@
-"""``cmr heads train|list|predict|evaluate``: heads on the stored embeddings and their registry."""
+"""``cmr heads train|list|predict|evaluate|zero-shot``: heads on the stored embeddings, their
+registry, and zero-shot labels from a prompt pair."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -10,7 +12,7 @@ import typer
 from rich.table import Table
 
 from cmr_search.cli.common import StoreOpt, err, fail, store_dir
-from cmr_search.core.exceptions import CmrError
+from cmr_search.core.exceptions import CmrError, InputError
 from cmr_search.core.settings import Settings
 from cmr_search.heads.config import HeadConfig
 
@@ -143,3 +145,48 @@ def evaluate(
     for problem in result["label_problems"]:
         err.print(f"  [yellow]note[/] {problem}")
     err.print(f"{head} on {result['scope']} ({result['studies']} studies):\n" + _fmt(result["metrics"]))
+
+
+@heads_app.command("zero-shot")
+def zero_shot(
+    label: Annotated[str, typer.Option("--label", help="The finding to score (its default prompts) and the 0/1 column of --labels.")],
+    store: StoreOpt = None,
+    positive: Annotated[str | None, typer.Option("--positive", help="Prompt stating the finding (default: the lexicon's, e.g. 'apical LV thrombus').")] = None,
+    negative: Annotated[str | None, typer.Option("--negative", help="Prompt denying it (default: the lexicon's, e.g. 'no LV thrombus').")] = None,
+    labels: Annotated[Path | None, typer.Option("--labels", help="CSV/Parquet keyed by study_uid: the AUROC of the score with its DeLong 95% interval.")] = None,
+    model_id: Annotated[str | None, typer.Option("--model-id", help="Embeddings and text tower of this encoder (default: the store's latest).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Write the scores (study_uid,score[,label]) as CSV here instead of stdout.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Score every study by cos(study, positive) - cos(study, negative) with the encoder's text
+    tower (no head, no training); with --labels also the AUROC [DeLong CI]."""
+    from cmr_search.heads import zero_shot as score_zero_shot
+
+    root = store_dir(store, Settings())
+    try:
+        result = score_zero_shot(root, label, positive, negative, labels, model_id)
+        if out is not None:
+            try:
+                with open(out, "w", newline="") as fp:
+                    result.write_csv(fp)
+            except OSError as error:
+                raise InputError(f"cannot write the scores to {out}: {error.strerror}; choose another --out") from None
+    except CmrError as error:
+        fail(error)
+    summary = result.summary()
+    if as_json:
+        print(json.dumps(summary | ({"out": str(out)} if out is not None else {"scores": result.rows()})))
+        return
+    if out is None:
+        result.write_csv(sys.stdout)
+    for problem in result.problems:
+        err.print(f"  [yellow]note[/] {problem}")
+    err.print(f"zero-shot {label} on model {result.model_id}: {summary['studies']} studies scored by "
+              f"'{result.positive}' against '{result.negative}'" + (f", written to {out}" if out is not None else ""))
+    if result.auroc is not None:
+        a = result.auroc
+        ci = (f"{a['level']:.0%} CI {a['lower']:.3f}-{a['upper']:.3f}" if summary["lower"] is not None
+              else "no CI from a single case or control")
+        auc = "AUROC n/a (one class only)" if summary["auroc"] is None else f"AUROC {a['auroc']:.3f} [{ci}, DeLong]"
+        err.print(f"{auc}, {a['positives']} positives / {a['negatives']} negatives"
+                  + (f"; {a['unlabelled']} studies without a label left out" if a["unlabelled"] else ""))

@@ -47,6 +47,7 @@ class LossConfig:
     learn_temperature: bool = True  # τ trains (clamped at 0.01)
     flood: float = 0.05  # flooding level b (paper: 0.05); 0 turns it off
     study_weight: float = 1.0  # weight of the pooled-study term
+    hard_weight: float = 1.0  # weight of the claim-vs-counterfactuals term (text.counterfactuals)
 
 
 @dataclass

@@ -235,23 +235,38 @@ class ContrastiveBatches(torch.utils.data.Dataset):
     def _variant(self, i: int, v: int) -> str:
         return sample_report(self.studies[i].report, self.k, np.random.default_rng([self.seed, i, 2, v]))
 
-    def counterfactual_texts(self, texts: list[str], step: int) -> tuple[list[str], torch.Tensor]:
-        """``counterfactuals`` rewrites of each sampled report (`findings.rewrite`), drawn
-        from their own stream of the step's seed -> (texts [S·K], valid [S, K]); a report
-        with fewer possible edits pads with empty texts that ``valid`` leaves out."""
+    def counterfactual_texts(self, texts: list[str], step: int) -> tuple[list[str], list[str], torch.Tensor]:
+        """Each sampled report's claim, a sentence that states a finding (drawn among them;
+        half the time restated plainly, "Severe LV dilatation.", as the rewrites and most
+        queries are phrased), and ``counterfactuals`` rewrites of it (`findings.rewrite`), from their own stream
+        of the step's seed -> (claims [S], rewrites [S·K], valid [S, K]). A report with no
+        finding, or fewer possible edits, pads with empty texts that ``valid`` leaves out."""
         # imported here: spaCy loads only for runs that rewrite reports
-        from cmr_search.findings.parse import FindingParser
-        from cmr_search.findings.rewrite import counterfactuals
+        from cmr_search.findings.parse import FindingParser, summarise
+        from cmr_search.findings.rewrite import counterfactuals, plain_sentence
 
         if self._parser is None:
             self._parser = FindingParser()
         rng = np.random.default_rng([self.seed, step, 3])
-        out, valid = [], torch.zeros(len(texts), self.counterfactuals, dtype=torch.bool)
+        k = self.counterfactuals
+        claims, rewrites, valid = [], [], torch.zeros(len(texts), k, dtype=torch.bool)
         for j, (text, mentions) in enumerate(zip(texts, self._parser.parse_many(texts))):
-            made = [c.text for c in counterfactuals(self._parser, text, rng, self.counterfactuals, mentions)]
+            claim, made = "", []
+            if mentions:
+                chosen = mentions[int(rng.integers(len(mentions)))]
+                if rng.random() < 0.5:
+                    start, end = self._parser.sentences(text)[chosen.sentence]
+                    claim = text[start:end]
+                else:
+                    # half the claims in the rewrites' own plain phrasing, so that phrasing
+                    # is no clue to which text is the rewrite
+                    st = summarise(mentions)[chosen.finding]
+                    claim = plain_sentence(st.finding, st.present, st.grade, rng)
+                made = [c.text for c in counterfactuals(self._parser, claim, rng, k)]
             valid[j, : len(made)] = True
-            out += made + [""] * (self.counterfactuals - len(made))
-        return out, valid
+            claims.append(claim)
+            rewrites += made + [""] * (k - len(made))
+        return claims, rewrites, valid
 
     def __getitem__(self, step: int) -> dict:
         rng = np.random.default_rng([self.seed, step, 1])
@@ -285,7 +300,7 @@ class ContrastiveBatches(torch.utils.data.Dataset):
             batch["texts"] = texts
         if self.counterfactuals:
             sampled = texts or [self._variant(int(i), v) for i, v in zip(studies, variants)]
-            batch["counterfactuals"], batch["counterfactual_valid"] = self.counterfactual_texts(sampled, step)
+            batch["claims"], batch["counterfactuals"], batch["counterfactual_valid"] = self.counterfactual_texts(sampled, step)
         return batch
 
 

@@ -4,12 +4,13 @@ Every view of a study is paired with that study's report (DESIGN.md): this is wh
 the view embeddings view-invariant. A report's other views are positives too, so they are
 masked out of each other's denominators rather than counted as negatives.
 
-A study's counterfactual reports (`findings.rewrite`: a finding negated, asserted,
-regraded or dropped) are extra negatives of its own views in the view -> report
-direction, NegCLIP's hard negatives: the view must score its true report above each.
-They are not negatives of other studies' views, for which a rewrite may well be true
-("no LV thrombus" made from one report describes most other studies), and they have no
-views of their own, so they take no part in the report -> view direction.
+Hard negatives (NegCLIP's idea): each study brings one claim, a finding-bearing sentence
+of its sampled report, and K counterfactual rewrites of it (`findings.rewrite`: the
+finding negated, asserted, regraded or dropped). Its views, and its pooled embedding, must
+score the claim above each of its rewrites: a softmax over [claim, rewrites] alone. Other
+studies' claims are no negatives here, since a claim ("No LV thrombus.") is true of most
+studies. Claims are single sentences, so the text tower reads a few dozen tokens per
+study for them, not another report.
 """
 
 from __future__ import annotations
@@ -18,24 +19,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ContrastiveLoss", "gather_with_grad", "pair_infonce"]
+__all__ = ["ContrastiveLoss", "claim_loss", "gather_with_grad", "pair_infonce"]
 
 
 def pair_infonce(
-    logits: torch.Tensor, study_of_view: torch.Tensor, lam: float,
-    hard: torch.Tensor | None = None,
+    logits: torch.Tensor, study_of_view: torch.Tensor, lam: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per positive pair (view v, report of its study) losses in both directions.
 
-    ``logits`` [V, S] = scale · v·u; ``study_of_view`` [V] gives each view's report column;
-    ``hard`` [V, K] = scale · v·c, the view's own study's counterfactual reports (-inf
-    where a study has fewer than K), extra negatives of l(v→u) only.
+    ``logits`` [V, S] = scale · v·u; ``study_of_view`` [V] gives each view's report column.
     Returns (loss, mean l(v→u), mean l(u→v)) with loss = mean(λ·l(v→u) + (1−λ)·l(u→v)).
     """
     v_idx = torch.arange(logits.shape[0], device=logits.device)
     # view -> reports: one positive column per row, every other report is a negative
-    row = logits if hard is None else torch.cat([logits, hard], dim=1)
-    l_vu = -F.log_softmax(row, dim=1)[v_idx, study_of_view]
+    l_vu = -F.log_softmax(logits, dim=1)[v_idx, study_of_view]
     # report -> views: the denominator of pair (s, v) is v plus every view of *other* studies
     same = study_of_view.unsqueeze(0) == torch.arange(logits.shape[1], device=logits.device).unsqueeze(1)  # [S, V]
     lt = logits.t()  # [S, V]
@@ -47,8 +44,25 @@ def pair_infonce(
     return loss, l_vu.mean(), l_uv.mean()
 
 
-def _masked(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    return logits.masked_fill(~valid, float("-inf"))
+def claim_loss(
+    x: torch.Tensor, claims: torch.Tensor, rewrites: torch.Tensor, valid: torch.Tensor,
+    owner: torch.Tensor, logit_scale: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of ``x`` [N, D] (a view or a pooled study) against its study's claim and its
+    rewrites: ``claims`` [S, D], ``rewrites`` [S, K, D], ``valid`` [S, K] (which rewrites
+    exist), ``owner`` [N] the row's study. Returns (mean −log softmax([claim, rewrites])[0]
+    over rows whose study has a rewrite, the share of those rows that score a rewrite at
+    or above the claim); zeros when no study has one."""
+    has = valid[owner].any(dim=1)
+    if not bool(has.any()):
+        zero = x.sum() * 0.0
+        return zero, zero.detach()
+    x, own = x[has], owner[has]
+    pos = logit_scale * (x * claims[own]).sum(-1, keepdim=True)  # [n, 1]
+    neg = logit_scale * torch.einsum("nkd,nd->nk", rewrites[own], x)
+    neg = neg.masked_fill(~valid[own], float("-inf"))
+    loss = -F.log_softmax(torch.cat([pos, neg], dim=1), dim=1)[:, 0].mean()
+    return loss, (neg.max(dim=1).values >= pos[:, 0]).float().mean().detach()
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
@@ -68,11 +82,12 @@ class ContrastiveLoss(nn.Module):
     below the flood level b the gradient turns around instead of driving the loss to zero.
     """
 
-    def __init__(self, lam: float = 0.75, flood: float = 0.05, study_weight: float = 1.0):
+    def __init__(self, lam: float = 0.75, flood: float = 0.05, study_weight: float = 1.0,
+                 hard_weight: float = 1.0):
         super().__init__()
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"lambda must lie in [0, 1]; got {lam}")
-        self.lam, self.flood, self.study_weight = lam, flood, study_weight
+        self.lam, self.flood, self.study_weight, self.hard_weight = lam, flood, study_weight, hard_weight
 
     def forward(
         self,
@@ -81,33 +96,32 @@ class ContrastiveLoss(nn.Module):
         study_of_view: torch.Tensor,
         logit_scale: torch.Tensor,
         studies: torch.Tensor | None = None,
-        counterfactuals: torch.Tensor | None = None,
+        claims: torch.Tensor | None = None,
+        rewrites: torch.Tensor | None = None,
         valid: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """``views`` [V, D] and ``reports`` [S, D] L2-normalised, ``study_of_view`` [V] in
         [0, S); ``studies`` [S, D] the pooled study embeddings (row s pairs with report s);
-        ``counterfactuals`` [S, K, D] each study's rewritten reports, ``valid`` [S, K] which
-        of them exist. Returns named losses; ``loss`` is the one to back-propagate."""
+        ``claims`` [S, D], ``rewrites`` [S, K, D] and ``valid`` [S, K] each study's claim and
+        its counterfactuals (``claim_loss``). Returns named losses; ``loss`` is the one to
+        back-propagate."""
         logits = logit_scale * views @ reports.t()
-        hard_views = hard_studies = None
-        if counterfactuals is not None:
-            if valid is None:
-                valid = torch.ones(counterfactuals.shape[:2], dtype=torch.bool, device=counterfactuals.device)
-            own = counterfactuals[study_of_view]  # [V, K, D]
-            hard_views = _masked(logit_scale * torch.einsum("vkd,vd->vk", own, views), valid[study_of_view])
-            if studies is not None:
-                hard_studies = _masked(logit_scale * torch.einsum("skd,sd->sk", counterfactuals, studies), valid)
-        pair, v2t, t2v = pair_infonce(logits, study_of_view, self.lam, hard_views)
+        pair, v2t, t2v = pair_infonce(logits, study_of_view, self.lam)
         out = {"pair": pair, "v2t": v2t, "t2v": t2v}
-        if hard_views is not None:
-            # how often a view prefers one of its study's rewrites to its true report
-            out["hard_err"] = (hard_views.max(dim=1).values > logits.gather(1, study_of_view[:, None])[:, 0]).float().mean()
         total = pair
         if studies is not None and self.study_weight > 0:
             s_idx = torch.arange(studies.shape[0], device=studies.device)
-            study, _, _ = pair_infonce(logit_scale * studies @ reports.t(), s_idx, self.lam, hard_studies)
+            study, _, _ = pair_infonce(logit_scale * studies @ reports.t(), s_idx, self.lam)
             out["study"] = study
             total = total + self.study_weight * study
+        if claims is not None and self.hard_weight > 0:
+            hard, err = claim_loss(views, claims, rewrites, valid, study_of_view, logit_scale)
+            if studies is not None and self.study_weight > 0:
+                s_idx = torch.arange(studies.shape[0], device=studies.device)
+                hard_s, _ = claim_loss(studies, claims, rewrites, valid, s_idx, logit_scale)
+                hard = hard + self.study_weight * hard_s
+            out["hard"], out["hard_err"] = hard, err
+            total = total + self.hard_weight * hard
         out["raw"] = total
         out["loss"] = (total - self.flood).abs() + self.flood if self.flood > 0 else total
         return out

@@ -39,15 +39,19 @@ class CmrClip(nn.Module):
         pooled, attention = self.pool(views, mask)
         return F.normalize(pooled, dim=-1), attention
 
-    def forward(self, clips: torch.Tensor, reports: dict[str, torch.Tensor] | torch.Tensor, views_per_study: int):
+    def forward(self, clips: torch.Tensor, reports: dict[str, torch.Tensor] | torch.Tensor, views_per_study: int,
+                sentences: dict[str, torch.Tensor] | None = None):
         """A training batch: clips [S·v, 3, T, H, W] ordered by study, v per study, and the
-        S tokenised reports (or, from a locked text tower, their embeddings [S, D])
-        -> (views [S·v, D], reports [S, D], studies [S, D])."""
+        S tokenised reports (or, from a locked text tower, their embeddings [S, D]), and
+        optionally more tokenised texts (the claims and their rewrites)
+        -> (views [S·v, D], reports [S, D], studies [S, D], sentences [M, D] or None).
+        Everything goes through this one forward, so DDP sees every parameter it uses."""
         views = self.video(clips)
         s = views.shape[0] // views_per_study
         mask = torch.ones(s, views_per_study, dtype=torch.bool, device=views.device)
         studies, _ = self.pool_study(views.view(s, views_per_study, -1), mask)
-        return views, reports if isinstance(reports, torch.Tensor) else self.encode_text(reports), studies
+        reports = reports if isinstance(reports, torch.Tensor) else self.encode_text(reports)
+        return views, reports, studies, None if sentences is None else self.encode_text(sentences)
 
     def encode_text(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         """Tokenised reports -> [N, D]."""

@@ -41,7 +41,7 @@ from cmr_search.metrics.retrieval import retrieval_summary
 __all__ = ["ReportCache", "TrainResult", "Trainer", "any_rank", "embed_studies", "latest_checkpoint", "lr_at",
            "micro_step"]
 
-METRIC_FIELDS = ["step", "loss", "raw", "pair", "study", "v2t", "t2v", "hard_err", "lr", "temperature", "seconds",
+METRIC_FIELDS = ["step", "loss", "raw", "pair", "study", "v2t", "t2v", "hard", "hard_err", "lr", "temperature", "seconds",
                  "val_R@1", "val_R@5", "val_R@10", "val_median_rank", "val_pool"]
 
 
@@ -148,34 +148,32 @@ def micro_step(net, model: CmrClip, loss_fn: ContrastiveLoss, batch: dict, views
     ``{"clips", "report_ids"}`` into ``reports`` (a locked text tower's cache); ``net`` is
     the model or its DDP wrapper, whose features the loss gathers across ranks. uint8
     clips with an ``"augment"`` entry are augmented here, on the model's device. A batch's
-    ``"counterfactuals"`` (K rewrites per study, ``"counterfactual_valid"`` [S, K]) are its
-    studies' hard negatives."""
+    ``"claims"`` (a sentence per study), ``"counterfactuals"`` (K rewrites of each) and
+    ``"counterfactual_valid"`` [S, K] are its studies' hard negatives (``claim_loss``)."""
     device = next(model.parameters()).device
     clips = batch["clips"].to(device, non_blocking=True)
     if "augment" in batch:
         clips = apply_augment(clips, batch["augment"], model.cfg.augment, model.cfg.preprocess)
-    texts = batch.get("texts", [])
-    rewrites = batch.get("counterfactuals", [])
+    claims = batch.get("claims")
     if "report_ids" in batch:
         text = reports(batch["report_ids"]).to(device)
-        if rewrites:  # the locked tower embeds the rewrites too; nothing of it trains
-            with torch.no_grad():
-                rewrites = model.text.encode(rewrites).to(device)
-    else:  # reports and their rewrites in one pass of the text tower
-        text = {k: v.to(device) for k, v in model.text.tokenize(texts + rewrites).items()}
+    else:
+        text = {k: v.to(device) for k, v in model.text.tokenize(batch["texts"]).items()}
+    # claims and their rewrites are single sentences: one padded batch of their own
+    short = None if claims is None else {
+        k: v.to(device) for k, v in model.text.tokenize(claims + batch["counterfactuals"]).items()}
     with amp:
-        views, encoded, studies = net(clips, text, views_per_study)
-        if isinstance(rewrites, list) and rewrites:
-            encoded, rewrites = encoded[: len(texts)], encoded[len(texts):]
+        views, encoded, studies, sentences = net(clips, text, views_per_study, short)
         views, encoded, studies = (gather_with_grad(x.float()) for x in (views, encoded, studies))
         # clips are ordered by study, v per study, on every rank alike
         study_of_view = torch.arange(encoded.shape[0], device=device).repeat_interleave(views_per_study)
-        hard = valid = None
-        if len(rewrites):
-            k = batch["counterfactual_valid"].shape[1]
-            hard = gather_with_grad(rewrites.float()).view(encoded.shape[0], k, -1)
-            valid = gather_with_grad(batch["counterfactual_valid"].to(device).float()).bool()
-        out = loss_fn(views, encoded, study_of_view, model.scale(), studies, hard, valid)
+        hard = {}
+        if sentences is not None:
+            n, k = batch["counterfactual_valid"].shape
+            hard = {"claims": gather_with_grad(sentences[:n].float()),
+                    "rewrites": gather_with_grad(sentences[n:].float().view(n, k, -1)),
+                    "valid": gather_with_grad(batch["counterfactual_valid"].to(device).float()).bool()}
+        out = loss_fn(views, encoded, study_of_view, model.scale(), studies, **hard)
     (out["loss"] / accum_steps).backward()
     return out
 
@@ -208,7 +206,7 @@ class Trainer:
         np.random.seed(t.seed)
         self.model = CmrClip(cfg).to(self.device)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, t), betas=(0.9, 0.98), eps=1e-6)
-        self.loss_fn = ContrastiveLoss(cfg.loss.lam, cfg.loss.flood, cfg.loss.study_weight)
+        self.loss_fn = ContrastiveLoss(cfg.loss.lam, cfg.loss.flood, cfg.loss.study_weight, cfg.loss.hard_weight)
         self.step, self.elapsed, self.val = 0, 0.0, {}
         if resume and self.ckpt_dir.exists():
             self._restore()

@@ -117,7 +117,12 @@ def evaluate_store(store_root: Path, cfg: EvalConfig | None = None, model_id: st
             name: scan_to_scan_eval(b.studies.numpy(), labels, phenotypes, labels.get("lvef"), b.patient_keys, cfg.k)
             for name, b in bags.items()}
     with stage("heads"):
-        _heads(bags, store, labels, phenotypes, labels_path, cfg, result)
+        disease = _heads(bags, store, labels, phenotypes, labels_path, cfg, result)
+    with stage("zero-shot labels"):
+        from cmr_search.evals.zeroshot import zero_shot_labels
+
+        result.metrics["zero_shot"] = {"model_id": model_id, **zero_shot_labels(
+            searcher.encode_text, main, labels, phenotypes, disease.get("contrastive"), cfg.level)}
     with stage("registered heads"):
         result.metrics["registered_heads"] = _registered_heads(store_root)
     with stage("clusters and maps"):
@@ -153,8 +158,9 @@ def _text_retrieval(searcher, store, bags, labels: dict, cfg: EvalConfig) -> dic
 
 
 def _heads(bags: dict, store, labels: dict, phenotypes: list[str], labels_path, cfg: EvalConfig,
-           result: Evaluation) -> None:
-    """LVEF and disease heads for every model, fraction and seed; statistics on the full-label fits."""
+           result: Evaluation) -> dict:
+    """LVEF and disease heads for every model, fraction and seed; statistics on the full-label
+    fits. Returns the disease heads' full-label fits by model (the zero-shot section's reference)."""
     from cmr_search.evals.efficiency import label_efficiency
     from cmr_search.evals.plots import efficiency_plot
     from cmr_search.heads.config import HeadConfig
@@ -171,7 +177,7 @@ def _heads(bags: dict, store, labels: dict, phenotypes: list[str], labels_path, 
         tasks["disease"] = load_labels(store, main, phenotypes, labels_path, "multilabel")
     if not tasks:
         result.metrics["heads"] = {"skipped": "no lvef column and no 0/1 phenotype column in the labels"}
-        return
+        return {}
     runs = {}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a head's ops are tiny: a second thread made each fit 5x slower (measured)
@@ -207,6 +213,7 @@ def _heads(bags: dict, store, labels: dict, phenotypes: list[str], labels_path, 
             [r for r in out["efficiency"] if r["task"] == "disease"], "mean_auroc", "mean AUROC over labels (held out)",
             "Disease head: AUROC against share of labels")
     result.metrics["heads"] = out
+    return full.get("disease", {})
 
 
 def _lvef_statistics(held: dict, cfg: EvalConfig, result: Evaluation) -> dict:

@@ -20,6 +20,7 @@ SECTIONS = {
     "scan-to-scan": "Scan-to-scan",
     "lvef": "LVEF",
     "disease": "Disease labels",
+    "zero-shot": "Zero-shot labels",
     "efficiency": "Data efficiency",
     "registered-heads": "Registered heads",
     "clusters": "Clusters and maps",
@@ -168,6 +169,37 @@ def _disease(m: dict) -> str:
             "holds only one class. p: paired two-sided DeLong test, contrastive vs baseline.</p>")
 
 
+def _zero_shot(m: dict) -> str:
+    z = m.get("zero_shot") or {}
+    skipped = (f'<p class="note">no prompt pair in the findings lexicon for: {html.escape(", ".join(z["skipped"]))}</p>'
+               if z.get("skipped") else "")
+    if not z.get("labels"):
+        return '<p class="skip">no 0/1 label with a prompt pair in the findings lexicon</p>' + skipped
+    rows = []
+    for r in z["labels"]:
+        held = r.get("held_out", {})
+        zs, head, every = held.get("zero_shot", {}), held.get("head", {}), r["all"]
+        rows.append({"label": r["label"], "prompts": f"{r['positive']} / {r['negative']}",
+                     "cases": zs.get("positives"), "n": _count(zs), "zs": zs.get("auroc"), "zs_lower": zs.get("lower"),
+                     "zs_upper": zs.get("upper"), "head": head.get("auroc"), "head_lower": head.get("lower"),
+                     "head_upper": head.get("upper"), "p": held.get("p_delong"), "all_cases": every["positives"],
+                     "all_n": _count(every), "all": every["auroc"], "all_lower": every["lower"],
+                     "all_upper": every["upper"]})
+    headers = {"zs": "zero-shot AUROC", "zs_lower": "lower", "zs_upper": "upper", "head": "linear head AUROC",
+               "head_lower": "lower", "head_upper": "upper", "all_cases": "all: cases", "all_n": "all: n",
+               "all": "all: zero-shot AUROC", "all_lower": "lower", "all_upper": "upper"}
+    return (_table(rows, list(rows[0]), headers)
+            + '<p class="note">Zero-shot score: cos(study, positive prompt) - cos(study, negative prompt) with the '
+              "model's own text tower; no head, no training labels. Beside it the linear disease head on the same "
+              "held-out studies; p: paired two-sided DeLong test of the two. all: zero-shot over every labelled "
+              "study (it trains on none).</p>" + skipped)
+
+
+def _count(auroc: dict):
+    """Labelled studies behind one ``labelled_auroc``."""
+    return auroc["positives"] + auroc["negatives"] if auroc else None
+
+
 def _efficiency(m: dict, figures: dict) -> str:
     rows = m.get("heads", {}).get("efficiency", [])
     summary = {}
@@ -248,7 +280,8 @@ def render_html(metrics: dict, figures: dict[str, bytes]) -> str:
     """The whole report as one HTML string."""
     body = {
         "summary": _summary(metrics), "text-retrieval": _text_retrieval(metrics), "scan-to-scan": _scan(metrics),
-        "lvef": _lvef(metrics, figures), "disease": _disease(metrics), "efficiency": _efficiency(metrics, figures),
+        "lvef": _lvef(metrics, figures), "disease": _disease(metrics), "zero-shot": _zero_shot(metrics),
+        "efficiency": _efficiency(metrics, figures),
         "registered-heads": _registered(metrics), "clusters": _clusters(metrics, figures),
         "reference": _reference(metrics),
     }

@@ -19,7 +19,7 @@ import numpy as np
 from cmr_search.findings.lexicon import ADVERBS, FINDINGS
 from cmr_search.findings.parse import FindingParser, Mention, Statement, summarise
 
-__all__ = ["EDITS", "Counterfactual", "counterfactuals", "edits_of", "rewrite"]
+__all__ = ["EDITS", "Counterfactual", "counterfactuals", "edits_of", "plain_sentence", "rewrite"]
 
 EDITS = ("negate", "assert", "regrade", "drop")
 # an LVEF inside each grade's band (ef_grade): normal, mild, moderate, severe
@@ -97,11 +97,11 @@ def rewrite(
                                    grade, rng)
             continue
         others = summarise([m for m in in_sentence if m.finding != finding])
-        parts = [_sentence(st.finding, st.present, st.grade, rng) for st in others.values()]
+        parts = [plain_sentence(st.finding, st.present, st.grade, rng) for st in others.values()]
         if edit == "negate":
-            parts.append(_sentence(finding, False, None, rng))
+            parts.append(plain_sentence(finding, False, None, rng))
         elif edit == "assert":
-            parts.append(_sentence(finding, True, grade, rng))
+            parts.append(plain_sentence(finding, True, grade, rng))
         replaced[s] = " ".join(parts)
     pieces, cursor = [], 0
     for s, new in sorted(replaced.items()):
@@ -116,8 +116,9 @@ def rewrite(
     return Counterfactual(result, edit, finding, grade)
 
 
-def _sentence(finding: str, present: bool, grade: int | None, rng: np.random.Generator) -> str:
-    """One plain sentence stating a finding, in one of a few phrasings."""
+def plain_sentence(finding: str, present: bool, grade: int | None, rng: np.random.Generator) -> str:
+    """One plain sentence stating a finding ("Moderate LV dilatation.", "There is no LV
+    thrombus."), in one of a few phrasings."""
     f = FINDINGS[finding]
     phrase = f.phrase(grade) if present else f.negative
     form = int(rng.integers(2))

@@ -60,8 +60,11 @@ class Bags:
                     torch.zeros(n, 1, dtype=torch.bool), self.view_names)
 
 
-def load_bags(store: EmbeddingStore, model_id: str, study_uids: list[str] | None = None) -> Bags:
-    """Every study of ``model_id`` (or these) with its view bag; studies without views are left out."""
+def load_bags(store: EmbeddingStore, model_id: str, study_uids: list[str] | None = None,
+              with_views: bool = True) -> Bags:
+    """Every study of ``model_id`` (or these) with its view bag; studies without views are left out.
+    ``with_views=False`` reads the study embeddings alone (empty bags, as ``Bags.studies_only``) and
+    keeps every study."""
     # a few studies (a prediction) are read by key, not by scanning the model's every row
     where = None
     if study_uids is not None and len(study_uids) <= 1000:
@@ -79,6 +82,11 @@ def load_bags(store: EmbeddingStore, model_id: str, study_uids: list[str] | None
             raise InputError(f"no embedding of model {model_id} for study {min(missing)}"
                              + (f" and {len(missing) - 1} more" if len(missing) > 1 else "") + "; run `cmr embed`")
     uids = studies["study_uid"].to_pylist()
+    keys = np.asarray(studies["patient_key"].to_pylist(), dtype=object)
+    vectors = torch.from_numpy(np.array(EmbeddingStore.vectors(studies)))
+    if not with_views:
+        return Bags(model_id, uids, keys, vectors, torch.zeros(len(uids), 1, store.dim),
+                    torch.zeros(len(uids), 1, dtype=torch.bool))
     position = {u: i for i, u in enumerate(uids)}
     views = store.rows("views", model_id, ["clip_id", "study_uid", "view", "slice_index", "vector"], where)
     pos = np.array([position.get(u, -1) for u in views["study_uid"].to_pylist()], np.int64)
@@ -101,8 +109,7 @@ def load_bags(store: EmbeddingStore, model_id: str, study_uids: list[str] | None
     for p, cid, view, sl in zip(pos, views["clip_id"].to_pylist(), views["view"].to_pylist(),
                                 views["slice_index"].to_pylist()):
         names[p].append({"view": view, "slice_index": sl, "clip_id": cid})
-    bags = Bags(model_id, uids, np.asarray(studies["patient_key"].to_pylist(), dtype=object),
-                torch.from_numpy(np.array(EmbeddingStore.vectors(studies))), padded, mask, names)
+    bags = Bags(model_id, uids, keys, vectors, padded, mask, names)
     return bags if has_views.all() else bags.subset(np.flatnonzero(has_views))
 
 

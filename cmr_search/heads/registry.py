@@ -36,7 +36,7 @@ from cmr_search.store.embedding_store import EmbeddingStore
 from cmr_search.store.search import default_model_id
 from cmr_search.store.withdrawal import finish_pending_withdrawals
 
-__all__ = ["CARD_FORMAT", "Head", "HeadRegistry", "evaluate_head", "predict_head", "train_head"]
+__all__ = ["CARD_FORMAT", "Head", "HeadRegistry", "evaluate_head", "open_store", "predict_head", "train_head"]
 
 CARD_FORMAT = "cmr-head/1"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
@@ -137,7 +137,8 @@ class HeadRegistry:
         return Head(name, card, model.eval())
 
 
-def _open_store(store_root: Path) -> EmbeddingStore:
+def open_store(store_root: Path) -> EmbeddingStore:
+    """The store's embedding tables, for reading by a head."""
     # a crash mid-withdrawal: finish it before any head reads those studies
     store = EmbeddingStore.open(Path(store_root))
     finish_pending_withdrawals(store)
@@ -146,7 +147,7 @@ def _open_store(store_root: Path) -> EmbeddingStore:
 
 def predict_head(store_root: Path, name: str, study_uids: list[str]) -> list[dict]:
     """Predictions of registered head ``name`` for stored studies (see ``Head.predict``)."""
-    return HeadRegistry(store_root).load(name).predict(_open_store(store_root), study_uids)
+    return HeadRegistry(store_root).load(name).predict(open_store(store_root), study_uids)
 
 
 def train_head(store_root: Path, labels: list[str], cfg: HeadConfig | None = None, labels_path: Path | None = None,
@@ -155,7 +156,7 @@ def train_head(store_root: Path, labels: list[str], cfg: HeadConfig | None = Non
     """Train a head on the store's embeddings and register it; returns it with the label
     report (what was skipped and why)."""
     cfg = cfg or HeadConfig()
-    store = _open_store(store_root)
+    store = open_store(store_root)
     model_id = model_id or default_model_id(store)
     bags = load_bags(store, model_id)
     label_set = load_labels(store, bags, list(labels), labels_path, cfg.task)
@@ -171,7 +172,7 @@ def evaluate_head(store_root: Path, name: str, labels_path: Path | None = None) 
     """Metrics of a registered head: on its own test split (labels from the store, split
     again from the card's seeds), or on every labelled study of ``labels_path`` (an
     external test set)."""
-    store = _open_store(store_root)
+    store = open_store(store_root)
     head = HeadRegistry(store_root).load(name)
     card = head.card
     bags = load_bags(store, head.model_id)

@@ -299,6 +299,14 @@ class ClipStore:
         result.problems += [f"study {u}: withdrawn from this store (cmr delete); not imported" for u in sorted(withdrawn)]
         return table.filter(pa.array([u not in withdrawn for u in uids]))
 
+    def reports(self, study_uids: list[str]) -> dict[str, str]:
+        """The stored report text of each of these studies that has one."""
+        if not study_uids or not self.has_table("reports"):
+            return {}
+        where = "study_uid IN (" + ", ".join(f"'{sql_quote(u)}'" for u in study_uids) + ")"
+        rows = self.db.open_table("reports").search().where(where).select(["study_uid", "report"]).limit(None).to_arrow()
+        return dict(zip(rows["study_uid"].to_pylist(), rows["report"].to_pylist()))
+
     def table_study_uids(self, name: str) -> set[str]:
         """study_uid values of the reports or labels table (empty if the table is absent)."""
         if not self.has_table(name):

@@ -86,3 +86,52 @@ def test_a_query_shows_cards_with_playing_cines_and_neighbours(server, browser, 
     assert query.get_attribute("data-study-uid") == uid
     others = [c.get_attribute("data-study-uid") for c in browser.find_elements(By.CSS_SELECTOR, "#results .card:not(.query)")]
     assert others and uid not in others
+
+
+def test_each_text_hit_shows_what_its_report_says_of_the_query(server, browser):
+    """The page shows, under every hit, the API's verdict per finding of the query, with the
+    report's phrase: a match, a contradiction, or not stated."""
+    import json
+    import urllib.request
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, key = server
+    query = "severe LV dilatation without LV thrombus"
+    request = urllib.request.Request(url + "/search/text", json.dumps({"query": query, "k": 10, "filters": {}}).encode(),
+                                     {"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(request) as r:
+        expected = {h["study_uid"]: h["explanation"] for h in json.load(r)["hits"]}
+    shown = [e["verdict"] for why in expected.values() for e in why]
+    assert {"match", "contradicts"} <= set(shown), shown  # the cohort's reports give both
+
+    browser.get(url + "/")
+    browser.execute_script("const k = document.querySelector('#api-key'); k.value = arguments[0];"
+                           "k.dispatchEvent(new Event('change'));", key)
+    box = browser.find_element(By.ID, "query")
+    box.clear()
+    box.send_keys(query)
+    browser.find_element(By.ID, "k").clear()
+    browser.find_element(By.ID, "k").send_keys("10")
+    browser.find_element(By.CSS_SELECTOR, "#search-form button").click()
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .card .why .verdict")) == len(shown))
+    assert "severe LV dilatation · no LV thrombus" in browser.find_element(By.ID, "understood").text
+    for card in browser.find_elements(By.CSS_SELECTOR, "#results .card"):
+        why = expected[card.get_attribute("data-study-uid")]
+        lines = card.find_elements(By.CSS_SELECTOR, ".why .verdict")
+        assert [(line.get_attribute("data-finding"), line.get_attribute("data-verdict")) for line in lines] == [
+            (e["finding"], e["verdict"]) for e in why]
+        for line, e in zip(lines, why):
+            text = line.text
+            assert text.startswith(("✓", "✗", "≈", "!", "–", "?")) and e["asked"] in text
+            assert all(f"‘{phrase}’" in text for phrase in e["evidence"])
+            if e["verdict"] == "contradicts":
+                assert "contradicts: report says" in text
+                assert line.value_of_css_property("color") == "rgba(180, 35, 24, 1)"  # the page's red
+            if e["verdict"] == "match":
+                mark = line.find_element(By.CSS_SELECTOR, ".mark")
+                assert mark.value_of_css_property("color") == "rgba(6, 118, 71, 1)"  # green
+            if e["verdict"] == "not_stated":
+                assert "not stated in the report" in text

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cmr_search.encoder.loss import ContrastiveLoss, pair_infonce
+from cmr_search.encoder.loss import ContrastiveLoss, claim_loss, pair_infonce
 
 
 def nll(pos, *others):
@@ -28,48 +28,40 @@ def test_pair_infonce_matches_hand_computation_with_same_study_mask():
     assert loss.item() == pytest.approx(expected, abs=1e-6)
 
 
-def test_counterfactuals_are_extra_negatives_of_their_own_studys_views_only():
-    # the case above, with two rewrites of report 0 and one of report 1 (its second is padding)
-    a, b, c, d, e, f = 2.0, -1.0, 1.5, 0.5, 0.3, 1.2
-    g, h, i, j = 1.8, -0.4, 0.9, 2.5
-    logits = torch.tensor([[a, b], [c, d], [e, f]])
-    ninf = float("-inf")
-    hard = torch.tensor([[g, h], [i, j], [0.7, ninf]])  # row v: its own study's rewrites
-    lam = 0.7
-    loss, v2t, t2v = pair_infonce(logits, torch.tensor([0, 0, 1]), lam, hard)
-    l_vu = [nll(a, b, g, h), nll(c, d, i, j), nll(f, e, 0.7)]
-    l_uv = [nll(a, e), nll(c, e), nll(f, b, d)]  # rewrites have no views: this side is unchanged
-    assert v2t.item() == pytest.approx(sum(l_vu) / 3, abs=1e-6)
-    assert t2v.item() == pytest.approx(sum(l_uv) / 3, abs=1e-6)
-    expected = sum(lam * x + (1 - lam) * y for x, y in zip(l_vu, l_uv)) / 3
-    assert loss.item() == pytest.approx(expected, abs=1e-6)
+def test_claim_loss_matches_hand_computation():
+    # views 0 and 1 belong to study 0 (two rewrites), view 2 to study 1 (one rewrite, one pad)
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    claims = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    rewrites = torch.tensor([[[0.0, 1.0], [0.6, 0.8]], [[1.0, 0.0], [9.0, 9.0]]])
+    valid = torch.tensor([[True, True], [True, False]])
+    scale = torch.tensor(2.0)
+    loss, err = claim_loss(x, claims, rewrites, valid, torch.tensor([0, 0, 1]), scale)
+    rows = [nll(2 * 1.0, 2 * 0.0, 2 * 0.6), nll(2 * 0.0, 2 * 1.0, 2 * 0.8), nll(2 * 0.8, 2 * 0.6)]
+    assert loss.item() == pytest.approx(sum(rows) / 3, abs=1e-6)
+    assert err.item() == pytest.approx(1 / 3)  # view 1 prefers a rewrite to its claim
+    # a study without rewrites adds nothing; none at all gives a zero loss
+    none = torch.zeros(2, 2, dtype=torch.bool)
+    assert claim_loss(x, claims, rewrites, none, torch.tensor([0, 0, 1]), scale)[0].item() == 0.0
+    only0 = torch.tensor([[True, True], [False, False]])
+    part, _ = claim_loss(x, claims, rewrites, only0, torch.tensor([0, 0, 1]), scale)
+    assert part.item() == pytest.approx(sum(rows[:2]) / 2, abs=1e-6)
 
 
-def test_the_loss_puts_each_studys_rewrites_against_its_own_views():
+def test_the_hard_term_joins_the_loss_with_its_weight():
     torch.manual_seed(1)
     views, reports = F.normalize(torch.randn(4, 8), dim=1), F.normalize(torch.randn(2, 8), dim=1)
-    studies, rewrites = F.normalize(torch.randn(2, 8), dim=1), F.normalize(torch.randn(2, 3, 8), dim=1)
+    studies, claims = F.normalize(torch.randn(2, 8), dim=1), F.normalize(torch.randn(2, 8), dim=1)
+    rewrites = F.normalize(torch.randn(2, 3, 8), dim=1)
     valid = torch.tensor([[True, True, False], [True, False, False]])
     study_of_view, scale = torch.tensor([0, 0, 1, 1]), torch.tensor(10.0)
-    fn = ContrastiveLoss(lam=0.6, flood=0.0, study_weight=0.5)
-    out = fn(views, reports, study_of_view, scale, studies, rewrites, valid)
-
-    def by_hand(rows, positive, own):
-        total = 0.0
-        for r, p, o in zip(rows, positive, own):
-            others = [float(scale * r @ reports[q]) for q in range(2) if q != p]
-            hard = [float(scale * r @ rewrites[o, k]) for k in range(3) if valid[o, k]]
-            total += nll(float(scale * r @ reports[p]), *others, *hard)
-        return total / len(rows)
-
-    assert out["v2t"].item() == pytest.approx(by_hand(views, [0, 0, 1, 1], [0, 0, 1, 1]), abs=1e-5)
+    fn = ContrastiveLoss(lam=0.6, flood=0.0, study_weight=0.5, hard_weight=0.3)
+    out = fn(views, reports, study_of_view, scale, studies, claims, rewrites, valid)
     plain = fn(views, reports, study_of_view, scale, studies)
-    assert out["t2v"].item() == pytest.approx(plain["t2v"].item(), abs=1e-6)
-    assert out["v2t"] > plain["v2t"] and out["study"] > plain["study"]
-    # a rewrite that is all padding changes nothing
-    none = fn(views, reports, study_of_view, scale, studies, rewrites, torch.zeros(2, 3, dtype=torch.bool))
-    assert none["loss"].item() == pytest.approx(plain["loss"].item(), abs=1e-6)
-    assert 0.0 <= out["hard_err"].item() <= 1.0
+    by_views, _ = claim_loss(views, claims, rewrites, valid, study_of_view, scale)
+    by_studies, _ = claim_loss(studies, claims, rewrites, valid, torch.arange(2), scale)
+    assert out["hard"].item() == pytest.approx((by_views + 0.5 * by_studies).item(), abs=1e-6)
+    assert out["loss"].item() == pytest.approx(plain["loss"].item() + 0.3 * out["hard"].item(), abs=1e-5)
+    assert out["pair"].item() == pytest.approx(plain["pair"].item())  # the report terms are untouched
 
 
 def test_one_view_per_study_is_the_asymmetric_clip_loss():

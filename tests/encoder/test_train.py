@@ -79,7 +79,7 @@ def test_a_few_steps_reduce_the_loss(enc_store, tiny_cfg):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 
     def loss():
-        views, reports, studies = model(batch["clips"], tokens, 2)
+        views, reports, studies, _ = model(batch["clips"], tokens, 2)
         return loss_fn(views, reports, batch["study_of_view"], model.scale(), studies)["loss"]
 
     model.eval()
@@ -124,13 +124,20 @@ def test_counterfactual_batches_are_seeded_rewrites_of_the_sampled_reports(enc_s
                               counterfactuals=2)
     batch, again = data[1], data[1]
     assert batch["counterfactuals"] == again["counterfactuals"]  # the step's seed fixes them
-    rewrites, valid = batch["counterfactuals"], batch["counterfactual_valid"]
-    assert len(rewrites) == 2 * len(batch["texts"]) and valid.shape == (len(batch["texts"]), 2)
-    assert valid.any()
-    for j, text in enumerate(batch["texts"]):
+    claims, rewrites, valid = batch["claims"], batch["counterfactuals"], batch["counterfactual_valid"]
+    assert len(claims) == len(batch["texts"]) and len(rewrites) == 2 * len(claims)
+    assert valid.shape == (len(claims), 2) and valid.any()
+    from cmr_search.findings.parse import FindingParser, summarise
+
+    parser = FindingParser()
+    for j, (text, claim) in enumerate(zip(batch["texts"], claims)):
+        # a sentence of the sampled report, or what it says of one finding, said plainly
+        whole = summarise(parser.parse(text))
+        assert claim in text or all((whole[f].present, whole[f].grade) == (s.present, s.grade)
+                                    for f, s in summarise(parser.parse(claim)).items())
         for k in range(2):
             rewrite = rewrites[2 * j + k]
-            assert bool(valid[j, k]) == bool(rewrite) and rewrite != text
+            assert bool(valid[j, k]) == bool(rewrite) and rewrite != claim
 
 
 def test_text_tower_training_with_counterfactuals_resumes_exactly(enc_store, tiny_cfg, tmp_path):

@@ -112,6 +112,50 @@ def test_eval_config_refuses_bad_values():
         EvalConfig(baseline="kinetics")
 
 
+def test_zero_shot_section_beside_the_head_as_metrics_stats_gives_it():
+    """``zero_shot_labels`` on a held-out split: the zero-shot and head AUROCs and the paired p
+    are metrics.stats' on the same arrays; a label without prompts is skipped; the page shows it."""
+    import torch
+
+    from cmr_search.evals.efficiency import HeldOut
+    from cmr_search.evals.zeroshot import zero_shot_labels
+    from cmr_search.heads.data import Bags
+    from cmr_search.heads.zeroshot import prompt_scores
+    from cmr_search.metrics.stats import auroc_ci, delong_test
+
+    rng = np.random.default_rng(3)
+    n, test = 60, np.arange(0, 60, 2)
+    y = (np.arange(n) % 4 == 0).astype(float)
+    y[5] = np.nan  # no label: left out of every AUROC
+    studies = rng.standard_normal((n, 16)).astype(np.float32)
+    bags = Bags("m", [f"s{i}" for i in range(n)], np.array([f"p{i}" for i in range(n)], object),
+                torch.from_numpy(studies), torch.zeros(n, 1, 16), torch.zeros(n, 1, dtype=torch.bool))
+    head = HeldOut("contrastive", ["scar", "lv_thrombus"], test, np.stack([y[test], y[test]], 1),
+                   rng.random((len(test), 2)), 1.0, 0, 30)
+    texts: dict[str, np.ndarray] = {}
+
+    def encode(batch):  # a fixed embedding per prompt, so the scores can be recomputed
+        return np.stack([texts.setdefault(t, rng.standard_normal(16)) for t in batch])
+
+    out = zero_shot_labels(encode, bags, {"lv_thrombus": y, "scar": y}, ["scar", "lv_thrombus"], head)
+    assert out["skipped"] == ["scar"] and [r["label"] for r in out["labels"]] == ["lv_thrombus"]
+    row = out["labels"][0]
+    assert (row["positive"], row["negative"]) == ("apical LV thrombus", "no LV thrombus")
+    scores = prompt_scores(studies, texts[row["positive"]], texts[row["negative"]])
+    known = ~np.isnan(y)
+    assert (row["all"]["auroc"], row["all"]["lower"], row["all"]["upper"]) == pytest.approx(
+        auroc_ci(y[known].astype(int), scores[known]))
+    assert row["all"]["unlabelled"] == 1
+    yt = y[test].astype(int)
+    held = row["held_out"]
+    assert (held["zero_shot"]["auroc"], held["zero_shot"]["upper"]) == pytest.approx(
+        np.array(auroc_ci(yt, scores[test]))[[0, 2]])
+    assert held["head"]["auroc"] == pytest.approx(auroc_ci(yt, head.pred[:, 1])[0])
+    assert held["p_delong"] == pytest.approx(delong_test(yt, scores[test], head.pred[:, 1]))
+    page = render_html({"zero_shot": out}, {})
+    assert "zero-shot AUROC" in page and "linear head AUROC" in page and "apical LV thrombus / no LV thrombus" in page
+
+
 def test_cmr_eval_on_a_trained_store(trained_store, tmp_path):
     """The whole evaluation through the CLI: both models, every section, figures embedded."""
     root, model_id = trained_store
@@ -135,6 +179,14 @@ def test_cmr_eval_on_a_trained_store(trained_store, tmp_path):
     assert {r["model"] for r in efficiency} == {"contrastive", "baseline"}
     assert metrics["heads"]["lvef"]["contrastive"]["mae"] > 0
     assert metrics["registered_heads"][0]["name"] == "lvef-mil"
+    zero_shot = metrics["zero_shot"]  # every phenotype with a prompt pair, beside the disease head
+    assert zero_shot["model_id"] == model_id and zero_shot["labels"]
+    assert [r["label"] for r in zero_shot["labels"]] == [p for p in run["phenotypes"] if p not in zero_shot["skipped"]]
+    for row in zero_shot["labels"]:
+        assert row["all"]["positives"] + row["all"]["negatives"] + row["all"]["unlabelled"] == 10
+        assert set(row["held_out"]) == {"zero_shot", "head", "p_delong"}
+        if row["all"]["negatives"] and row["all"]["positives"]:
+            assert 0 <= row["all"]["auroc"] <= 1
     page = (out / "report.html").read_text()
     parser = _Sections()
     parser.feed(page)

@@ -27,11 +27,14 @@ router = APIRouter(tags=["search"], dependencies=[ReadKey], responses=schemas.ER
 
 @router.post("/search/text")
 async def search_text(query: schemas.TextQuery, svc: ServiceDep, searches: SearchLimiterDep) -> schemas.SearchResult:
-    """Text-to-scan: studies ranked by the similarity of their embedding to the encoded query."""
+    """Text-to-scan: studies ranked by the similarity of their embedding to the encoded query,
+    each with what its report (or a head) says of the query's findings."""
     check_k(query.k, svc)  # before the text is encoded
     # the encoder's batcher thread encodes it together with whatever else is waiting; no
     # pool thread waits for it, so a burst of text queries fills whole batches
     vector = await asyncio.wrap_future(svc.encode_text.submit(query.query))
+    # the explanation (reports read and parsed, heads run: about 10 ms for 10 hits) stays on
+    # the searches' thread too, so that a busy pool holds no text search back
     return await off_loop(svc.search_text, query, vector, limiter=searches)
 
 

@@ -100,6 +100,56 @@ function renderPredictions(card, predictions) {
   }
 }
 
+// a text hit's verdict per finding of the query: what its report (or, without one, a head) says
+const VERDICTS = {
+  match: ["✓", "the study's report (or a head) states it as asked"],
+  contradicts: ["✗", "it states the opposite of what was asked"],
+  grade_differs: ["≈", "it states the finding at another grade"],
+  conflicting: ["!", "the report states it both ways"],
+  not_stated: ["–", "the report does not mention it"],
+  unknown: ["?", "the study has no report and no head predicts this finding"],
+};
+
+const quoted = (phrases) => phrases.map((p) => `‘${p}’`).join(", ");
+
+function stated(e) {
+  if (e.source === "report") return e.evidence.length ? quoted(e.evidence) : e.stated;
+  const number = e.probability != null ? (100 * e.probability).toFixed(0) + "%"
+    : e.value != null ? `${e.label} ${e.value.toFixed(1)}` : "";
+  return `${e.stated} (${number})`;
+}
+
+function verdictText(e) {
+  switch (e.verdict) {
+    case "match": return `${e.asked} — ${e.source}: ${stated(e)}`;
+    case "contradicts": return `${e.asked} — contradicts: ${e.source} says ${stated(e)}`;
+    case "grade_differs": return `${e.asked} — grade differs: ${e.source} says ${e.stated_grade}, ${stated(e)}`;
+    case "conflicting": return `${e.asked} — report says both: ${quoted(e.evidence)} and ${quoted(e.opposite)}`;
+    case "not_stated": return `${e.asked} — not stated in the report`;
+    default: return `${e.asked} — unknown: no report, no head predicts it`;
+  }
+}
+
+function renderWhy(card, explanation) {
+  const box = $(".why", card);
+  box.textContent = "";
+  for (const e of explanation) {
+    const [mark, meaning] = VERDICTS[e.verdict] || ["?", e.verdict];
+    const line = document.createElement("div");
+    line.className = "verdict " + e.verdict;
+    line.dataset.finding = e.finding;
+    line.dataset.verdict = e.verdict;
+    line.title = meaning;
+    const m = document.createElement("span");
+    m.className = "mark";
+    m.textContent = mark;
+    const text = document.createElement("span");
+    text.textContent = verdictText(e);
+    line.append(m, text);
+    box.append(line);
+  }
+}
+
 function card(hit, isQuery = false) {
   const node = $("#card-template").content.firstElementChild.cloneNode(true);
   if (isQuery) node.classList.add("query");
@@ -124,8 +174,12 @@ function fill(node, hit) {
   }
 }
 
-function render(title, hits, query) {
+function render(title, hits, query, findings) {
   $("#results-title").textContent = title;
+  // what the search read from the query: the findings each hit is checked against
+  $("#understood").textContent = !findings ? ""
+    : findings.length ? "Findings of the query, checked against each study's report (or its heads): " + findings.map((f) => f.asked).join(" · ")
+    : "No findings recognised in the query: studies are ranked by similarity alone.";
   const grid = $("#results");
   grid.textContent = "";
   if (query) {
@@ -136,6 +190,7 @@ function render(title, hits, query) {
   for (const hit of hits) {
     const node = card(hit);
     grid.append(node);
+    if (hit.explanation) renderWhy(node, hit.explanation);
     fill(node, hit);
   }
   status(hits.length ? "" : "no studies matched");
@@ -148,7 +203,7 @@ async function search(event) {
     const body = { query: $("#query").value, k: Number($("#k").value) || 8, filters: filters() };
     const result = await getJSON("/search/text", {
       method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
-    render(`${result.hits.length} studies for “${result.query}”`, result.hits);
+    render(`${result.hits.length} studies for “${result.query}”`, result.hits, null, result.findings);
   } catch (e) { status(e.message, true); }
 }
 
