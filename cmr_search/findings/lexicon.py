@@ -40,13 +40,17 @@ class Finding:
     graded: bool = False
     scale: tuple[str, str, str] = ("mild", "moderate", "severe")  # grade 1..3 as adjectives
     with_grade: str = ""  # the finding at a grade: {adj} "moderate", {adv} "moderately"
+    # other ways reports say it (a leading {adj} or {adv} takes the grade, or nothing)
+    synonyms: tuple[str, ...] = ()
+    normal: str = ""  # the finding denied by saying what is normal: "normal LV size"
 
-    def phrase(self, grade: int | None = None) -> str:
-        """The finding asserted, at ``grade`` (1..3) where it has one."""
+    def phrase(self, grade: int | None = None, synonym: int = 0) -> str:
+        """The finding asserted, at ``grade`` (1..3) where it has one; ``synonym`` 1.. picks
+        one of ``synonyms`` instead of the canonical phrase."""
+        template = (self.with_grade or self.positive) if synonym == 0 else self.synonyms[synonym - 1]
         if not (self.graded and grade):
-            return self.positive
-        adj = self.scale[grade - 1]
-        return self.with_grade.format(adj=adj, adv=ADVERBS[grade])
+            return template.replace("{adj} ", "").replace("{adv} ", "")
+        return template.format(adj=self.scale[grade - 1], adv=ADVERBS[grade])
 
 
 #: grade words -> grade 1..3; size words count for effusions (``Finding.scale``)
@@ -80,31 +84,48 @@ MACROS: dict[str, tuple[str, ...]] = {
 
 FINDINGS: dict[str, Finding] = {f.name: f for f in (
     Finding("lv_dilatation", "LV dilatation", "no LV dilatation", graded=True,
-            with_grade="{adj} LV dilatation"),
+            with_grade="{adj} LV dilatation", normal="normal LV size",
+            synonyms=("{adv} dilated left ventricle", "{adv} enlarged LV",
+                      "{adj} left ventricular enlargement", "{adj} dilatation of the left ventricle")),
     Finding("reduced_lvef", "impaired LV systolic function", "normal LV systolic function",
-            graded=True, with_grade="{adv} impaired LV systolic function"),
-    Finding("hcm", "hypertrophic cardiomyopathy", "no hypertrophic cardiomyopathy"),
+            graded=True, with_grade="{adv} impaired LV systolic function",
+            normal="preserved LV systolic function",
+            synonyms=("{adv} reduced left ventricular ejection fraction", "{adj} LV systolic dysfunction",
+                      "{adv} depressed left ventricular function")),
+    Finding("hcm", "hypertrophic cardiomyopathy", "no hypertrophic cardiomyopathy",
+            synonyms=("asymmetric septal hypertrophy", "HCM")),
     Finding("concentric_lvh", "concentric LV hypertrophy", "no LV hypertrophy", graded=True,
-            with_grade="{adj} concentric LV hypertrophy"),
-    Finding("dcm", "dilated cardiomyopathy", "no dilated cardiomyopathy"),
-    Finding("lv_thrombus", "apical LV thrombus", "no LV thrombus"),
-    Finding("apical_akinesis", "apical akinesis", "no regional wall motion abnormality"),
+            with_grade="{adj} concentric LV hypertrophy",
+            synonyms=("{adj} concentric left ventricular hypertrophy", "{adj} concentric LVH")),
+    Finding("dcm", "dilated cardiomyopathy", "no dilated cardiomyopathy", synonyms=("DCM",)),
+    Finding("lv_thrombus", "apical LV thrombus", "no LV thrombus",
+            synonyms=("left ventricular thrombus", "apical clot", "intracavitary thrombus",
+                      "mural thrombus in the LV apex")),
+    Finding("apical_akinesis", "apical akinesis", "no regional wall motion abnormality",
+            normal="normal regional wall motion",
+            synonyms=("akinesia of the apical segments", "akinetic LV apex", "apical dyskinesis")),
     Finding("rv_dilatation", "RV dilatation", "no RV dilatation", graded=True,
-            with_grade="{adj} RV dilatation"),
+            with_grade="{adj} RV dilatation", normal="normal RV size",
+            synonyms=("{adv} dilated right ventricle", "{adj} right ventricular enlargement")),
     Finding("rv_dysfunction", "impaired RV systolic function", "normal RV systolic function",
-            graded=True, with_grade="{adv} impaired RV systolic function"),
+            graded=True, with_grade="{adv} impaired RV systolic function",
+            normal="preserved RV systolic function",
+            synonyms=("{adj} RV systolic dysfunction", "{adv} reduced right ventricular function")),
     Finding("la_dilatation", "left atrial dilatation", "normal left atrial size", graded=True,
-            with_grade="{adj} left atrial dilatation"),
+            with_grade="{adj} left atrial dilatation", synonyms=("{adv} dilated left atrium",
+                                                                  "{adj} LA enlargement")),
     Finding("ra_dilatation", "right atrial dilatation", "normal right atrial size", graded=True,
-            with_grade="{adj} right atrial dilatation"),
+            with_grade="{adj} right atrial dilatation", synonyms=("{adv} dilated right atrium",
+                                                                   "{adj} RA enlargement")),
     Finding("pericardial_effusion", "pericardial effusion", "no pericardial effusion",
             graded=True, scale=("small", "moderate", "large"),
-            with_grade="{adj} pericardial effusion"),
+            with_grade="{adj} pericardial effusion",
+            synonyms=("{adj} circumferential pericardial effusion", "{adj} effusion in the pericardium")),
 )}
 
 TERMS: tuple[Term, ...] = (
     # left ventricular size
-    Term(("GRADE? DILATATION? of? the? LV DILATATION", "LV BE? GRADE? DILATED",
+    Term(("GRADE? LV DILATATION", "GRADE? DILATATION of the LV", "LV BE? GRADE? DILATED",
           "GRADE? DILATED LV", "ADV? DILATED left ventricle|ventricle", "LV BE? GRADE? dilated|enlarged"),
          ("lv_dilatation",)),
     Term(("NORMAL LV SIZE", "LV SIZE BE? normal", "LV SIZE BE? within normal limits", "LV BE not DILATED",
@@ -157,7 +178,7 @@ TERMS: tuple[Term, ...] = (
     Term(("NORMAL regional? wall motion", "regional wall motion BE NORMAL"),
          ("apical_akinesis",), normal=True),
     # right ventricle
-    Term(("GRADE? RV DILATATION", "RV BE? GRADE? DILATED", "GRADE? DILATED RV",
+    Term(("GRADE? RV DILATATION", "GRADE? DILATATION of the RV", "RV BE? GRADE? DILATED", "GRADE? DILATED RV",
           "ADV? DILATED right ventricle"), ("rv_dilatation",)),
     Term(("GRADE? RV DILATATION and dysfunction|impairment",), ("rv_dilatation", "rv_dysfunction")),
     Term(("NORMAL RV SIZE", "RV SIZE BE? NORMAL", "RV BE? not DILATED", "RV BE normal in? size?",

@@ -117,14 +117,20 @@ def rewrite(
 
 
 def plain_sentence(finding: str, present: bool, grade: int | None, rng: np.random.Generator) -> str:
-    """One plain sentence stating a finding ("Moderate LV dilatation.", "There is no LV
-    thrombus."), in one of a few phrasings."""
+    """One plain sentence stating a finding ("Moderate LV dilatation.", "The LV apex is
+    akinetic."; "There is no LV thrombus.", "Pericardial effusion is absent."), its phrase
+    and its form drawn at random, so no one wording marks a rewrite."""
     f = FINDINGS[finding]
-    phrase = f.phrase(grade) if present else f.negative
-    form = int(rng.integers(2))
-    if form == 0:
-        return phrase[0].upper() + phrase[1:] + "."
-    return f"There is {phrase}."
+    phrase = f.phrase(grade if present else None, int(rng.integers(len(f.synonyms) + 1)))
+    if present:
+        forms = ["{P}.", "There is {p}.", "{P} is seen.", "{P} is present.", "Evidence of {p}."]
+    else:
+        forms = ["No {p}.", "There is no {p}.", "No evidence of {p}.", "{P} is absent.",
+                 "{P} is not seen.", "Without {p}.", "Negative for {p}."]
+        if f.normal:
+            forms.append(f.normal[0].upper() + f.normal[1:] + ".")
+    form = forms[int(rng.integers(len(forms)))]
+    return form.format(p=phrase, P=phrase[0].upper() + phrase[1:])
 
 
 def _regrade(sentence: str, offset: int, own: list[Mention], grade: int,

@@ -88,3 +88,18 @@ def test_nothing_to_rewrite(parser):
                    np.random.default_rng(0)) is None
     with pytest.raises(ValueError, match="unknown edit"):
         rewrite(text, [], [], "invert", "lv_thrombus", np.random.default_rng(0))
+
+
+def test_plain_sentences_say_what_they_are_asked_in_every_wording(parser):
+    from cmr_search.findings.lexicon import FINDINGS
+    from cmr_search.findings.rewrite import plain_sentence
+
+    rng = np.random.default_rng(5)
+    wordings = set()
+    for finding, f in FINDINGS.items():
+        for present, grade in [(False, None), (True, None)] + [(True, g) for g in (1, 2, 3) if f.graded]:
+            for _ in range(25):
+                text = plain_sentence(finding, present, grade, rng)
+                wordings.add(text)
+                assert _says(parser, text) == {finding: (present, grade)}, text
+    assert len(wordings) > 600  # no one wording marks a rewrite
