@@ -88,20 +88,28 @@ def evaluate(model, corpus, train, test, labels: dict, device) -> dict:
     return out
 
 
+def train_split(store: Path, cfg, seed: int, split_seed: int | None, steps: int, run_dir: Path):
+    """Train ``cfg`` at ``seed`` for ``steps`` with a quarter of the patients held out
+    -> (trainer, result, labels by study_uid, labelled train studies, labelled held-out studies)."""
+    from cmr_search.encoder.train import Trainer
+
+    cfg.train = replace(cfg.train, seed=seed, split_seed=split_seed, max_steps=steps, val_fraction=0.25,
+                        eval_every=max(50, steps // 4), checkpoint_every=max(50, steps // 4))
+    trainer = Trainer(store, cfg, run_dir=run_dir, device="cpu", progress=True, log=print)
+    result = trainer.fit()
+    labels = labels_of(store)
+    train = [s for s in trainer.train_studies if s.study_uid in labels]
+    test = [s for s in trainer.val_studies if s.study_uid in labels]
+    return trainer, result, labels, train, test
+
+
 def run_seed(store: Path, seed: int, steps: int, config: str, work: Path, split_seed: int | None = 0) -> dict:
     """Train one seed and score it against the same architecture at random init."""
     from cmr_search.encoder.config import load_config
     from cmr_search.encoder.model import CmrClip
-    from cmr_search.encoder.train import Trainer
 
     cfg = load_config(config)
-    cfg.train = replace(cfg.train, seed=seed, split_seed=split_seed, max_steps=steps, val_fraction=0.25, eval_every=max(50, steps // 4),
-                        checkpoint_every=max(50, steps // 4))
-    trainer = Trainer(store, cfg, run_dir=work / f"run-{seed}", device="cpu", progress=True, log=print)
-    result = trainer.fit()
-    labels = _labels(store)
-    train = [s for s in trainer.train_studies if s.study_uid in labels]
-    test = [s for s in trainer.val_studies if s.study_uid in labels]
+    trainer, result, labels, train, test = train_split(store, cfg, seed, split_seed, steps, work / f"run-{seed}")
     trained = evaluate(trainer.model, trainer.corpus, train, test, labels, trainer.device)
     torch.manual_seed(seed)
     random_model = CmrClip(cfg)
@@ -145,7 +153,8 @@ def throughput(configs: list[str], batch: int, repeats: int) -> list[dict]:
     return out
 
 
-def _labels(store: Path) -> dict:
+def labels_of(store: Path) -> dict:
+    """The store's labels table by study_uid."""
     from cmr_search.store import ClipStore
 
     rows = ClipStore.open(store).db.open_table("labels").to_arrow().to_pylist()

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from encoder import PHENOTYPES, evaluate, make_store
+from encoder import PHENOTYPES, evaluate, make_store, train_split
 
 #: what the CPU recipe replaced: the whole text tower locked, its reports cached, 600 steps
 LOCKED = {"frozen_layers": 6, "freeze_projection": True, "cached_variants": 8, "counterfactuals": 0}
@@ -160,31 +160,17 @@ def query_figures(model, corpus, test, labels: dict) -> dict:
 def run(store: Path, recipe: str, seed: int, steps: int | None, work: Path) -> dict:
     """Train one recipe at one seed and score it."""
     from cmr_search.encoder.config import load_config
-    from cmr_search.encoder.train import Trainer
 
     cfg = load_config("mvit_xs_cpu")
     if recipe == "locked":
         cfg.text = replace(cfg.text, **LOCKED)
         cfg.train = replace(cfg.train, max_steps=LOCKED_STEPS)
     steps = steps or cfg.train.max_steps
-    cfg.train = replace(cfg.train, seed=seed, split_seed=0, max_steps=steps, val_fraction=0.25,
-                        eval_every=max(50, steps // 4), checkpoint_every=max(50, steps // 4))
-    trainer = Trainer(store, cfg, run_dir=work / f"{recipe}-{seed}", device="cpu", progress=True, log=print)
-    result = trainer.fit()
-    labels = _labels(store)
-    train = [s for s in trainer.train_studies if s.study_uid in labels]
-    test = [s for s in trainer.val_studies if s.study_uid in labels]
+    trainer, result, labels, train, test = train_split(store, cfg, seed, 0, steps, work / f"{recipe}-{seed}")
     figures = evaluate(trainer.model, trainer.corpus, train, test, labels, trainer.device)
     figures |= query_figures(trainer.model, trainer.corpus, test, labels)
     figures["train_minutes"] = result.seconds / 60
     return {"recipe": recipe, "seed": seed, "steps": result.step, "held_out": len(test), **figures}
-
-
-def _labels(store: Path) -> dict:
-    from cmr_search.store import ClipStore
-
-    rows = ClipStore.open(store).db.open_table("labels").to_arrow().to_pylist()
-    return {r["study_uid"]: r for r in rows}
 
 
 FIGURES = [("positive_P@10", True, 0.80), ("combination_P@10", True, 0.60),
