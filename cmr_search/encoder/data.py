@@ -250,12 +250,12 @@ class ContrastiveBatches(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, step, 3])
         k = self.counterfactuals
         claims, rewrites, valid = [], [], torch.zeros(len(texts), k, dtype=torch.bool)
-        for j, (text, mentions) in enumerate(zip(texts, self._parser.parse_many(texts))):
+        for j, (text, (mentions, sentences)) in enumerate(zip(texts, self._parser.read_many(texts))):
             claim, made = "", []
             if mentions:
                 chosen = mentions[int(rng.integers(len(mentions)))]
                 if rng.random() < 0.5:
-                    start, end = self._parser.sentences(text)[chosen.sentence]
+                    start, end = sentences[chosen.sentence]
                     claim = text[start:end]
                 else:
                     # half the claims in the rewrites' own plain phrasing, so that phrasing

@@ -100,11 +100,16 @@ class FindingParser:
 
     def parse_many(self, texts: list[str]) -> list[list[Mention]]:
         """``parse`` over many texts (one spaCy pass)."""
-        return [self._mentions(doc) for doc in self.nlp.pipe(texts)]
+        return [mentions for mentions, _ in self.read_many(texts)]
 
     def sentences(self, text: str) -> list[tuple[int, int]]:
         """Character spans of the text's sentences, as ``Mention.sentence`` counts them."""
-        return [(s.start_char, s.end_char) for s in self.nlp(text).sents]
+        return self.read_many([text])[0][1]
+
+    def read_many(self, texts: list[str]) -> list[tuple[list[Mention], list[tuple[int, int]]]]:
+        """Each text's mentions and sentence spans from one spaCy pass (a rewrite needs both)."""
+        return [(self._mentions(doc), [(s.start_char, s.end_char) for s in doc.sents])
+                for doc in self.nlp.pipe(texts)]
 
     def _mentions(self, doc) -> list[Mention]:
         sentence_of = {}

@@ -51,12 +51,14 @@ def edits_of(statements: dict[str, Statement]) -> list[tuple[str, str]]:
 
 def counterfactuals(
     parser: FindingParser, text: str, rng: np.random.Generator, k: int = 2,
-    mentions: list[Mention] | None = None,
+    mentions: list[Mention] | None = None, sentences: list[tuple[int, int]] | None = None,
 ) -> list[Counterfactual]:
     """Up to ``k`` counterfactuals of ``text`` with distinct edits, the kind of edit drawn
-    first (so negations and regrades are not outnumbered by drops), then the finding."""
-    mentions = parser.parse(text) if mentions is None else mentions
-    sentences = parser.sentences(text)
+    first (so negations and regrades are not outnumbered by drops), then the finding.
+    ``mentions`` and ``sentences``: the text already read (``FindingParser.read_many``)."""
+    if mentions is None or sentences is None:
+        read, sentences = parser.read_many([text])[0]
+        mentions = read if mentions is None else mentions
     todo = edits_of(summarise(mentions))
     out: list[Counterfactual] = []
     while todo and len(out) < k:
