@@ -4,10 +4,10 @@ copy of that store with a tiny trained encoder, its embeddings and an LVEF head.
 from __future__ import annotations
 
 import csv
-import shutil
 from pathlib import Path
 
 import pytest
+from store_data import copy_store
 from tiny_models import tiny_encoder_config
 
 from cmr_search.ingest import IngestConfig, ingest
@@ -67,7 +67,7 @@ def trained_store(ingested, tmp_path_factory) -> tuple[Path, str]:
 
     store, _ = ingested
     root = tmp_path_factory.mktemp("api") / "store"
-    shutil.copytree(store.root, root)
+    copy_store(store.root, root)
     trained = Trainer(root, tiny_encoder_config(), run_dir=root / "encoders" / "runs" / "t", progress=False,
                       log=lambda *_: None).fit(max_steps=1)
     embed_store(root, trained.checkpoint, progress=False)

@@ -4,6 +4,8 @@ encoder needed), and the real DICOM files of pydicom and pydicom-data. Its own m
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,28 @@ def real_dicom_dirs() -> list[Path]:
     except ImportError:
         pass
     return dirs
+
+
+#: files the store never rewrites in place: Lance data files (a write adds new ones),
+#: model weights and training state (written in a temporary folder, then renamed)
+IMMUTABLE = (".lance", ".safetensors", ".pt")
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    if src.endswith(IMMUTABLE):
+        try:
+            os.link(src, dst)
+            return
+        except OSError:  # another file system: copy
+            pass
+    shutil.copy2(src, dst)
+
+
+def copy_store(src: Path, dst: Path) -> Path:
+    """A private copy of a test store that a test may write into. Immutable files are hard
+    links: a store with an encoder is ~230 MB, most of it the text tower's weights, and a
+    full test run copies one several dozen times (the CI machine's disk filled up)."""
+    return Path(shutil.copytree(src, dst, copy_function=_link_or_copy))
 
 
 MODEL = "m-test"

@@ -20,4 +20,5 @@ def tiny_encoder_config():
     cfg.__post_init__()
     cfg.train = replace(cfg.train, studies_per_batch=4, views_per_study=2, warmup_steps=2, max_steps=6,
                         checkpoint_every=2, eval_every=3, val_fraction=0.2, lr=1e-3)
+    cfg.align = replace(cfg.align, max_steps=0)  # tests that align say so
     return cfg

@@ -17,6 +17,7 @@ from cmr_search.encoder.video import PreprocessConfig
 
 __all__ = [
     "CONFIG_DIR",
+    "AlignConfig",
     "AugmentConfig",
     "EncoderConfig",
     "LossConfig",
@@ -98,6 +99,20 @@ class TrainConfig:
 
 
 @dataclass
+class AlignConfig:
+    """Text alignment after the joint training (``encoder/align.py``): the video tower and
+    the study pooling locked, their embeddings of the training studies computed once, and
+    the text tower's trainable part alone trained against them for ``max_steps`` more
+    steps. A step costs the text tower only, a tenth of a joint step on a CPU."""
+
+    max_steps: int = 0  # 0: no alignment phase
+    studies_per_batch: int = 64  # reports per step (the cached embeddings are their negatives)
+    lr: float = 1e-4  # peak learning rate of the text tower's trainable part
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.05
+
+
+@dataclass
 class EncoderConfig:
     """The whole contrastive model and its training recipe."""
 
@@ -110,6 +125,7 @@ class EncoderConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
 
     def __post_init__(self) -> None:
         if self.preprocess.crop != self.vision.crop_size:
@@ -117,6 +133,9 @@ class EncoderConfig:
                              f"({self.vision.crop_size}): the model sees what preprocessing makes")
         if self.train.augment_on not in AUGMENT_ON:
             raise InputError(f"train.augment_on is {self.train.augment_on!r}; use one of {', '.join(AUGMENT_ON)}")
+        if self.align.max_steps and self.text.freeze_projection:
+            raise InputError("align.max_steps trains the text tower, which text.freeze_projection locks; "
+                             "set freeze_projection to false or align.max_steps to 0")
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict (what a checkpoint stores)."""
@@ -126,7 +145,8 @@ class EncoderConfig:
     def from_dict(cls, data: dict) -> EncoderConfig:
         """Build from a dict; unknown keys are an error (a typo must not pass silently)."""
         parts = {"vision": MViTConfig, "preprocess": PreprocessConfig, "text": TextConfig,
-                 "pooling": PoolingConfig, "loss": LossConfig, "augment": AugmentConfig, "train": TrainConfig}
+                 "pooling": PoolingConfig, "loss": LossConfig, "augment": AugmentConfig, "train": TrainConfig,
+                 "align": AlignConfig}
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:

@@ -187,12 +187,14 @@ class ContrastiveBatches(torch.utils.data.Dataset):
     clips each, a sampled report per study, augmented clips. With ``device_augment`` the
     clips stay uint8 and the batch carries their augmentation's parameters
     (``sample_augment``), for the training device to apply: a quarter of the bytes of the
-    float clips at one channel, a twelfth at the model's three."""
+    float clips at one channel, a twelfth at the model's three. Without ``clips`` the batch
+    names its clips by store row id (``"rows"``) instead of carrying them: the text
+    alignment looks their embeddings up in its cache (``encoder/align.py``)."""
 
     def __init__(self, corpus: ClipCorpus, studies: list[Study], studies_per_batch: int, views_per_study: int,
                  sentences: int, augment: AugmentConfig, pre: PreprocessConfig, seed: int, length: int,
                  stratify_views: float = 0.0, report_variants: int = 0, device_augment: bool = False,
-                 ranks: int = 1, counterfactuals: int = 0):
+                 ranks: int = 1, counterfactuals: int = 0, clips: bool = True):
         if not studies:
             raise StoreError("no training studies with a report; import reports with `cmr ingest --reports CSV`")
         self.corpus, self.studies = corpus, studies
@@ -206,6 +208,7 @@ class ContrastiveBatches(torch.utils.data.Dataset):
         self.report_variants = report_variants
         self.device_augment = device_augment
         self.counterfactuals = counterfactuals
+        self.clips = clips
         self._parser = None  # the findings parser, built on first use in each worker
 
     def __getstate__(self) -> dict:
@@ -288,12 +291,15 @@ class ContrastiveBatches(torch.utils.data.Dataset):
                 variants.append(int(rng.integers(self.report_variants)))
             else:
                 texts.append(sample_report(st.report, self.k, rng))
-        clips = torch.from_numpy(self.corpus.read_clips(rows))
-        batch = {"study_of_view": torch.tensor(study_of_view), "step": step}
-        if self.device_augment:
-            batch |= {"clips": clips, "augment": sample_augment(len(clips), self.augment, gen)}
+        batch = {"study_of_view": torch.tensor(study_of_view), "studies": torch.as_tensor(studies), "step": step}
+        if not self.clips:
+            batch["rows"] = torch.tensor(rows)
         else:
-            batch["clips"] = augment_batch(clips, self.augment, self.pre, gen)
+            clips = torch.from_numpy(self.corpus.read_clips(rows))
+            if self.device_augment:
+                batch |= {"clips": clips, "augment": sample_augment(len(clips), self.augment, gen)}
+            else:
+                batch["clips"] = augment_batch(clips, self.augment, self.pre, gen)
         if self.report_variants:  # indices into the embeddings of ``variant_texts``
             batch["report_ids"] = torch.as_tensor(studies, dtype=torch.long) * self.report_variants + torch.tensor(variants)
         else:

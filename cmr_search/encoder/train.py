@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 
 from cmr_search.core.exceptions import InputError
 from cmr_search.core.layout import StoreLayout
+from cmr_search.encoder.align import TextAligner
 from cmr_search.encoder.checkpoint import export_encoder, save_checkpoint
 from cmr_search.encoder.config import EncoderConfig, TrainConfig
 from cmr_search.encoder.data import (
@@ -67,7 +68,8 @@ def param_groups(model: CmrClip, cfg: TrainConfig) -> list[dict]:
     for (is_text, decay), params in groups.items():
         if params:
             lr = cfg.text_lr if is_text else cfg.lr
-            out.append({"params": params, "base_lr": lr, "lr": lr, "weight_decay": cfg.weight_decay if decay else 0.0})
+            out.append({"params": params, "base_lr": lr, "lr": lr, "weight_decay": cfg.weight_decay if decay else 0.0,
+                        "text": is_text})
     return out
 
 
@@ -208,6 +210,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(param_groups(self.model, t), betas=(0.9, 0.98), eps=1e-6)
         self.loss_fn = ContrastiveLoss(cfg.loss.lam, cfg.loss.flood, cfg.loss.study_weight, cfg.loss.hard_weight)
         self.step, self.elapsed, self.val = 0, 0.0, {}
+        self._val_studies = None  # validation studies' embeddings, cached while the video tower is locked
         if resume and self.ckpt_dir.exists():
             self._restore()
         self.corpus = ClipCorpus(self.store_root)
@@ -269,17 +272,23 @@ class Trainer:
         if not self.val_studies:
             return {}
         self.model.eval()
-        _, studies = embed_studies(self.model, self.corpus, self.val_studies, self.device)
+        aligning = self.step > self.cfg.train.max_steps
+        if aligning and self._val_studies is not None:  # the video tower is locked in the alignment phase
+            studies = self._val_studies
+        else:
+            _, studies = embed_studies(self.model, self.corpus, self.val_studies, self.device)
+            self._val_studies = studies if aligning else None
         reports = self.model.text.encode([s.report for s in self.val_studies]).float()
         self.model.train()
         sim = (reports @ studies.t()).numpy()
         return retrieval_summary(sim, np.arange(len(self.val_studies)))
 
     def fit(self, max_minutes: float | None = None, max_steps: int | None = None) -> TrainResult | None:
-        """Train until ``max_steps`` (default: the config's) or ``max_minutes`` of this call;
-        returns the exported model (None on ranks other than 0)."""
-        t = self.cfg.train
-        end_step = min(max_steps or t.max_steps, t.max_steps)
+        """Train until ``max_steps`` (default: the config's, its alignment phase included) or
+        ``max_minutes`` of this call; returns the exported model (None on ranks other than 0)."""
+        t, a = self.cfg.train, self.cfg.align
+        total = t.max_steps + a.max_steps
+        end_step = min(max_steps or total, total)
         deadline = time.monotonic() + 60 * max_minutes if max_minutes else math.inf
         micro = t.accum_steps * self.world
         locked = self.cfg.text.freeze_projection and self.cfg.text.cached_variants > 0
@@ -290,9 +299,11 @@ class Trainer:
                                   device_augment=self.augments_on_device, ranks=self.world,
                                   counterfactuals=self.cfg.text.counterfactuals)
         reports = ReportCache(data.variant_texts(), self.model) if locked else None
-        indices = [s * micro + a * self.world + self.rank for s in range(self.step, end_step) for a in range(t.accum_steps)]
+        indices = [s * micro + m * self.world + self.rank
+                   for s in range(self.step, min(end_step, t.max_steps)) for m in range(t.accum_steps)]
         loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=indices, num_workers=t.num_workers,
                                              persistent_workers=False, pin_memory=self.device.type == "cuda")
+        aligner = align_it = None
         amp = (torch.autocast("cuda", dtype=torch.bfloat16)
                if self.device.type == "cuda" and t.precision == "bf16" else nullcontext())
         metrics_path = self.run_dir / "metrics.csv"
@@ -301,17 +312,26 @@ class Trainer:
         self.model.train()
         started, window, it = time.monotonic(), [], iter(loader)
         while self.step < end_step and not self._out_of_time(deadline):
+            if self.step >= t.max_steps and aligner is None:
+                # before the step's seed: making its loader draws from the global generator
+                aligner, align_it = self._aligner(end_step)
             # dropout and stochastic depth draw from a generator seeded by the step, so a
             # resumed run repeats exactly what the killed run would have done
             torch.manual_seed(t.seed * 1_000_003 + self.step * self.world + self.rank)
-            scale = lr_at(self.step, t)
-            for group in self.optimizer.param_groups:
-                group["lr"] = group["base_lr"] * scale
-            for a in range(t.accum_steps):
-                sync = self.net.no_sync() if self.ddp and a < t.accum_steps - 1 else nullcontext()
-                with sync:
-                    out = micro_step(self.net, self.model, self.loss_fn, next(it), t.views_per_study, amp, t.accum_steps,
-                                     reports)
+            if self.step < t.max_steps:
+                scale = lr_at(self.step, t)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = group["base_lr"] * scale
+                for m in range(t.accum_steps):
+                    sync = self.net.no_sync() if self.ddp and m < t.accum_steps - 1 else nullcontext()
+                    with sync:
+                        out = micro_step(self.net, self.model, self.loss_fn, next(it), t.views_per_study, amp,
+                                         t.accum_steps, reports)
+            else:  # the alignment phase: only the text tower's groups move
+                scale = lr_at(self.step - t.max_steps, a)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = a.lr * scale if group["text"] else 0.0
+                out = aligner.step(next(align_it), self.loss_fn, amp)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -340,6 +360,14 @@ class Trainer:
             bar[0].stop()
         self._checkpoint()
         return self._export()
+
+    def _aligner(self, end_step: int) -> tuple[TextAligner, object]:
+        """The alignment phase's cache of video embeddings and its batches from this step on."""
+        aligner = TextAligner(self.model, self.corpus, self.train_studies, self.cfg, self.device, self.world)
+        indices = [s * self.world + self.rank for s in range(self.step, end_step)]
+        loader = torch.utils.data.DataLoader(aligner.batches, batch_size=None, sampler=indices,
+                                             num_workers=self.cfg.train.num_workers, persistent_workers=False)
+        return aligner, iter(loader)
 
     def _out_of_time(self, deadline: float) -> bool:
         """Whether the time budget is spent; under DDP every rank stops at the same step (a

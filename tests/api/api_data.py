@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi.testclient import TestClient
+from store_data import copy_store
 
 from cmr_search.api.app import create_app
 from cmr_search.api.auth import KeyRing
@@ -28,7 +28,7 @@ def copy_api(trained_store: tuple[Path, str], folder: Path, **settings) -> Api:
     """An app over a private copy of the test store in ``folder`` (for tests that write)."""
     root, model_id = trained_store
     dst = Path(folder) / "store"
-    shutil.copytree(root, dst)
+    copy_store(root, dst)
     return open_api(dst, model_id, **settings)
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from store_data import copy_store
 
 CMR = [sys.executable, "-m", "cmr_search.cli"]
 
@@ -27,7 +27,7 @@ def _cmr(*args: str, **kw) -> subprocess.CompletedProcess:
 
 def test_keys_command_line(trained_store, tmp_path):
     root = tmp_path / "store"
-    shutil.copytree(trained_store[0], root)
+    copy_store(trained_store[0], root)
     made = _cmr("keys", "create", "--store", str(root), "--role", "write", "--label", "ci")
     assert made.returncode == 0, made.stderr
     key = made.stdout.strip()
@@ -51,7 +51,7 @@ def _port() -> int:
 @pytest.fixture()
 def served(trained_store, tmp_path):
     root = tmp_path / "store"
-    shutil.copytree(trained_store[0], root)
+    copy_store(trained_store[0], root)
     key = _cmr("keys", "create", "--store", str(root), "--role", "write").stdout.strip()
     port = _port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CMR_")}

@@ -11,6 +11,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from api_data import copy_api
+from store_data import copy_store
 
 
 def _zip(folder: Path, without: str | None = None) -> bytes:
@@ -288,10 +289,9 @@ def test_uploads_need_the_write_role(api, new_study, persist):
 
 
 def test_scratch_a_crashed_server_left_is_removed_when_the_service_starts(trained_store, tmp_path):
-    import shutil
 
     root = tmp_path / "store"
-    shutil.copytree(trained_store[0], root)
+    copy_store(trained_store[0], root)
     dead = root / "tmp" / "upload-999999999-deadbeef"  # no such process: a server killed mid-upload
     (dead / "files").mkdir(parents=True)
     (dead / "files" / "f00000.dcm").write_bytes(b"\0" * 1024)

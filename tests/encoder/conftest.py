@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
+from store_data import copy_store
 from tiny_models import tiny_encoder_config
 
 
@@ -13,7 +12,7 @@ def enc_store(ingested, tmp_path):
     """A private copy of the session's ingested store (encoder tests write into it)."""
     store, _ = ingested
     dst = tmp_path / "store"
-    shutil.copytree(store.root, dst)
+    copy_store(store.root, dst)
     return dst
 
 

@@ -158,6 +158,32 @@ def test_text_tower_training_with_counterfactuals_resumes_exactly(enc_store, tin
     assert again.model_id == done.model_id  # bit-identical to the uninterrupted run
 
 
+def test_the_alignment_phase_trains_the_text_tower_alone_and_resumes_exactly(enc_store, tiny_cfg, tmp_path):
+    cfg = replace(tiny_cfg, text=replace(tiny_cfg.text, frozen_layers=5, freeze_projection=False, counterfactuals=2),
+                  align=replace(tiny_cfg.align, max_steps=4, studies_per_batch=6, warmup_steps=1))
+    with pytest.raises(InputError, match="freeze_projection"):
+        replace(cfg, text=replace(cfg.text, freeze_projection=True))
+    quiet = {"progress": False, "log": lambda *_: None}
+    straight = Trainer(enc_store, cfg, run_dir=tmp_path / "a", **quiet)
+    straight.fit(max_steps=cfg.train.max_steps)  # the joint phase alone
+    before = {k: v.clone() for k, v in straight.model.state_dict().items()}
+    done = straight.fit()
+    assert done.step == cfg.train.max_steps + 4
+    moved = {k for k, v in straight.model.state_dict().items() if not torch.equal(v, before[k])}
+    assert any(k.startswith("text.bert.encoder.layer.5.") for k in moved) and "text.text_proj.weight" in moved
+    assert all(k.startswith("text.") for k in moved), sorted(k for k in moved if not k.startswith("text."))
+    rows = list(csv.DictReader((tmp_path / "a" / "metrics.csv").read_text().splitlines()))
+    assert [int(r["step"]) for r in rows] == list(range(1, cfg.train.max_steps + 5))
+    aligned = rows[cfg.train.max_steps:]
+    assert all(r["hard"] != "" and float(r["loss"]) > 0 for r in aligned)
+    assert aligned[-1]["val_R@1"] != ""  # validated at the end, on the locked video tower's embeddings
+
+    # killed in the alignment phase and resumed: bit-identical to the uninterrupted run
+    Trainer(enc_store, cfg, run_dir=tmp_path / "b", **quiet).fit(max_steps=cfg.train.max_steps + 2)
+    again = Trainer(enc_store, cfg, run_dir=tmp_path / "b", resume=True, **quiet).fit()
+    assert again.model_id == done.model_id
+
+
 def test_training_augments_uint8_clips_on_the_device_when_asked(enc_store, tiny_cfg, tmp_path):
     with pytest.raises(InputError, match="augment_on"):
         replace(tiny_cfg, train=replace(tiny_cfg.train, augment_on="gpu"))

@@ -4,7 +4,6 @@ the report's sections, and the whole evaluation on the session's trained store."
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -12,6 +11,7 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 from browser import CHROMIUM, DRIVER, open_chromium
+from store_data import copy_store
 
 from cmr_search.evals.config import EvalConfig
 from cmr_search.evals.plots import bland_altman_plot, efficiency_plot, map_plot
@@ -160,7 +160,7 @@ def test_cmr_eval_on_a_trained_store(trained_store, tmp_path):
     """The whole evaluation through the CLI: both models, every section, figures embedded."""
     root, model_id = trained_store
     store = tmp_path / "store"
-    shutil.copytree(root, store)  # the baseline is embedded into the store: keep the shared one as it is
+    copy_store(root, store)  # the baseline is embedded into the store: keep the shared one as it is
     out = tmp_path / "eval"
     done = subprocess.run([sys.executable, "-m", "cmr_search.cli", "eval", "--store", str(store), "--out", str(out),
                            "--fractions", "0.5,1", "--seeds", "1", "--map", "pca", "-k", "3", "--json"],

@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 from lancedb.index import BTree
-from store_data import MODEL, clustered, make_store, study_rows, view_rows
+from store_data import MODEL, clustered, copy_store, make_store, study_rows, view_rows
 
 from cmr_search.store import ClipStore
 from cmr_search.store.embedding_store import EmbeddingStore, StoreConfig, vec_id
@@ -138,10 +138,9 @@ def _replace_repeatedly(root: str, uid: str, rounds: int, out, drop: int = 1, ev
 def test_two_processes_replacing_studies_at_once_leave_each_whole(trained_store, tmp_path):
     """Two writers (two uvicorn workers) storing studies at once: no lost commit, no mixture."""
     import multiprocessing as mp
-    import shutil
 
     root = tmp_path / "store"
-    shutil.copytree(trained_store[0], root)
+    copy_store(trained_store[0], root)
     store = EmbeddingStore.open(root)
     uids = sorted(set(store.clip_store.clips.to_arrow()["study_uid"].to_pylist()))[:2]
     sizes = {u: len(_study_of(store, u)[0]) for u in uids}
@@ -178,10 +177,9 @@ def test_a_study_write_waits_for_another_process_s(trained_store, tmp_path):
     at once take turns instead of interleaving their clips, views and study rows."""
     import multiprocessing as mp
     import queue
-    import shutil
 
     root = tmp_path / "store"
-    shutil.copytree(trained_store[0], root)
+    copy_store(trained_store[0], root)
     store = EmbeddingStore.open(root)
     uid = min(store.clip_store.clips.to_arrow()["study_uid"].to_pylist())
     n = len(_study_of(store, uid)[0])

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from store_data import MODEL, study_rows
+from store_data import MODEL, copy_store, study_rows
 
 from cmr_search.core.exceptions import InputError
 from cmr_search.store import ClipStore
@@ -64,11 +64,10 @@ def test_an_interrupted_withdrawal_is_finished_on_open(emb_store):
 
 
 def test_withdraw_from_an_ingested_store_removes_clips_reports_and_labels(ingested, tmp_path):
-    import shutil
 
     src, _ = ingested
     root = tmp_path / "store"
-    shutil.copytree(src.root, root)
+    copy_store(src.root, root)
     store = EmbeddingStore.open(root)
     clips = store.clip_store
     uid = min(clips.study_uids())

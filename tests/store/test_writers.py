@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import shutil
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
+from store_data import copy_store
 
 from cmr_search.core.exceptions import StoreError, WithdrawnError
 from cmr_search.core.layout import StoreLayout
@@ -75,7 +75,7 @@ def store_copy(trained_store, tmp_path) -> tuple[Path, str, Path]:
     """A private copy of the test store and a second encoder (random init) none of its clips
     are embedded with yet: (root, trained model_id, the new encoder's folder)."""
     root = tmp_path / "store"
-    shutil.copytree(trained_store[0], root)
+    copy_store(trained_store[0], root)
     return root, trained_store[1], random_baseline(root, trained_store[1], seed=11)
 
 
