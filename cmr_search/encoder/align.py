@@ -48,7 +48,8 @@ class TextAligner:
         self.batches = ContrastiveBatches(corpus, studies, a.studies_per_batch, t.views_per_study, cfg.text.sentences,
                                           cfg.augment, cfg.preprocess, t.seed,
                                           length=(t.max_steps + a.max_steps) * ranks, ranks=ranks,
-                                          counterfactuals=cfg.text.counterfactuals, clips=False)
+                                          counterfactuals=cfg.text.counterfactuals, clips=False,
+                                          claim_targets=cfg.loss.match_weight > 0)
         self.ranks = ranks
 
     def step(self, batch: dict, loss_fn: ContrastiveLoss, amp) -> dict[str, torch.Tensor]:
@@ -69,6 +70,8 @@ class TextAligner:
                 sentences = self.model.encode_text(short).float()
                 hard = {"claims": sentences[:n], "rewrites": sentences[n:].view(n, k, -1),
                         "valid": batch["counterfactual_valid"].to(device)}
+                if "claim_targets" in batch:
+                    hard["match"] = (sentences, studies, batch["claim_targets"].to(device))
             # the temperature stays where the joint phase left it: the targets are fixed
             out = loss_fn(views, reports, batch["study_of_view"].to(device), self.model.scale().detach(), studies,
                           **hard)

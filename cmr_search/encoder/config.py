@@ -49,6 +49,9 @@ class LossConfig:
     flood: float = 0.05  # flooding level b (paper: 0.05); 0 turns it off
     study_weight: float = 1.0  # weight of the pooled-study term
     hard_weight: float = 1.0  # weight of the claim-vs-counterfactuals term (text.counterfactuals)
+    # weight of claim matching: every claim and rewrite against every study of the batch,
+    # with the findings parser's targets (encoder/loss.py); needs text.counterfactuals
+    match_weight: float = 0.0
 
 
 @dataclass

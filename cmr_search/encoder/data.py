@@ -194,7 +194,7 @@ class ContrastiveBatches(torch.utils.data.Dataset):
     def __init__(self, corpus: ClipCorpus, studies: list[Study], studies_per_batch: int, views_per_study: int,
                  sentences: int, augment: AugmentConfig, pre: PreprocessConfig, seed: int, length: int,
                  stratify_views: float = 0.0, report_variants: int = 0, device_augment: bool = False,
-                 ranks: int = 1, counterfactuals: int = 0, clips: bool = True):
+                 ranks: int = 1, counterfactuals: int = 0, clips: bool = True, claim_targets: bool = False):
         if not studies:
             raise StoreError("no training studies with a report; import reports with `cmr ingest --reports CSV`")
         self.corpus, self.studies = corpus, studies
@@ -209,10 +209,12 @@ class ContrastiveBatches(torch.utils.data.Dataset):
         self.device_augment = device_augment
         self.counterfactuals = counterfactuals
         self.clips = clips
+        self.claim_targets = claim_targets and counterfactuals > 0
         self._parser = None  # the findings parser, built on first use in each worker
+        self._said: dict[int, dict] = {}  # study index -> what its whole report says (summarise)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_parser": None}
+        return {**self.__dict__, "_parser": None, "_said": {}}
 
     def __len__(self) -> int:
         return self.length
@@ -307,7 +309,20 @@ class ContrastiveBatches(torch.utils.data.Dataset):
         if self.counterfactuals:
             sampled = texts or [self._variant(int(i), v) for i, v in zip(studies, variants)]
             batch["claims"], batch["counterfactuals"], batch["counterfactual_valid"] = self.counterfactual_texts(sampled, step)
+            if self.claim_targets:
+                batch["claim_targets"] = self.match_targets(batch["claims"] + batch["counterfactuals"], studies)
         return batch
+
+    def match_targets(self, texts: list[str], studies: np.ndarray) -> torch.Tensor:
+        """[len(texts), len(studies)] int8: 1 where a study's whole report bears a text out,
+        0 where it says otherwise, -1 where it is silent (``findings.parse.agreement``)."""
+        from cmr_search.findings.parse import agreement, summarise
+
+        missing = [int(i) for i in studies if int(i) not in self._said]
+        for i, mentions in zip(missing, self._parser.parse_many([self.studies[i].report for i in missing])):
+            self._said[i] = summarise(mentions)
+        claims = [summarise(m) for m in self._parser.parse_many(texts)]
+        return torch.tensor([[agreement(c, self._said[int(i)]) for i in studies] for c in claims], dtype=torch.int8)
 
 
 def eval_clips(corpus: ClipCorpus, study: Study, pre: PreprocessConfig) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ContrastiveLoss", "claim_loss", "gather_with_grad", "pair_infonce"]
+__all__ = ["ContrastiveLoss", "claim_loss", "gather_with_grad", "match_loss", "pair_infonce"]
 
 
 def pair_infonce(
@@ -65,6 +65,30 @@ def claim_loss(
     return loss, (neg.max(dim=1).values >= pos[:, 0]).float().mean().detach()
 
 
+def _multi_positive(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+    """Mean over rows that have a positive and a negative of: the mean over the row's
+    positives p of −log(exp(l_p) / Σ exp(l) over the row's known columns) (SupCon's form)."""
+    known, pos = targets >= 0, targets == 1
+    rows = pos.any(dim=1) & (known & ~pos).any(dim=1)
+    if not bool(rows.any()):
+        return None
+    logits, known, pos = logits[rows], known[rows], pos[rows]
+    denom = torch.logsumexp(logits.masked_fill(~known, float("-inf")), dim=1, keepdim=True)
+    per_row = ((denom - logits) * pos).sum(dim=1) / pos.sum(dim=1)
+    return per_row.mean()
+
+
+def match_loss(texts: torch.Tensor, studies: torch.Tensor, targets: torch.Tensor,
+               logit_scale: torch.Tensor) -> torch.Tensor:
+    """Claims and rewrites ``texts`` [M, D] against ``studies`` [S, D] with ``targets``
+    [M, S] (1 the study's report bears the text out, 0 it says otherwise, -1 unknown):
+    the mean of text→studies and studies→text multi-positive InfoNCE (``_multi_positive``);
+    zero when no row has both a positive and a negative."""
+    logits = logit_scale * texts @ studies.t()
+    sides = [x for x in (_multi_positive(logits, targets), _multi_positive(logits.t(), targets.t())) if x is not None]
+    return torch.stack(sides).mean() if sides else logits.sum() * 0.0
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` from every rank (gradients flow back to each rank's own part);
     returns ``x`` unchanged outside torch.distributed, so CPU tests run the same code."""
@@ -83,11 +107,12 @@ class ContrastiveLoss(nn.Module):
     """
 
     def __init__(self, lam: float = 0.75, flood: float = 0.05, study_weight: float = 1.0,
-                 hard_weight: float = 1.0):
+                 hard_weight: float = 1.0, match_weight: float = 0.0):
         super().__init__()
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"lambda must lie in [0, 1]; got {lam}")
         self.lam, self.flood, self.study_weight, self.hard_weight = lam, flood, study_weight, hard_weight
+        self.match_weight = match_weight
 
     def forward(
         self,
@@ -99,12 +124,14 @@ class ContrastiveLoss(nn.Module):
         claims: torch.Tensor | None = None,
         rewrites: torch.Tensor | None = None,
         valid: torch.Tensor | None = None,
+        match: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """``views`` [V, D] and ``reports`` [S, D] L2-normalised, ``study_of_view`` [V] in
         [0, S); ``studies`` [S, D] the pooled study embeddings (row s pairs with report s);
         ``claims`` [S, D], ``rewrites`` [S, K, D] and ``valid`` [S, K] each study's claim and
-        its counterfactuals (``claim_loss``). Returns named losses; ``loss`` is the one to
-        back-propagate."""
+        its counterfactuals (``claim_loss``); ``match`` (texts, studies, targets) the claim
+        matching of ``match_loss`` (this rank's own rows: its targets are local). Returns
+        named losses; ``loss`` is the one to back-propagate."""
         logits = logit_scale * views @ reports.t()
         pair, v2t, t2v = pair_infonce(logits, study_of_view, self.lam)
         out = {"pair": pair, "v2t": v2t, "t2v": t2v}
@@ -122,6 +149,9 @@ class ContrastiveLoss(nn.Module):
                 hard = hard + self.study_weight * hard_s
             out["hard"], out["hard_err"] = hard, err
             total = total + self.hard_weight * hard
+        if match is not None and self.match_weight > 0:
+            out["match"] = match_loss(*match, logit_scale)
+            total = total + self.match_weight * out["match"]
         out["raw"] = total
         out["loss"] = (total - self.flood).abs() + self.flood if self.flood > 0 else total
         return out

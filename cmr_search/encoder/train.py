@@ -42,8 +42,8 @@ from cmr_search.metrics.retrieval import retrieval_summary
 __all__ = ["ReportCache", "TrainResult", "Trainer", "any_rank", "embed_studies", "latest_checkpoint", "lr_at",
            "micro_step"]
 
-METRIC_FIELDS = ["step", "loss", "raw", "pair", "study", "v2t", "t2v", "hard", "hard_err", "lr", "temperature", "seconds",
-                 "val_R@1", "val_R@5", "val_R@10", "val_median_rank", "val_pool"]
+METRIC_FIELDS = ["step", "loss", "raw", "pair", "study", "v2t", "t2v", "hard", "hard_err", "match", "lr", "temperature",
+                 "seconds", "val_R@1", "val_R@5", "val_R@10", "val_median_rank", "val_pool"]
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -166,6 +166,9 @@ def micro_step(net, model: CmrClip, loss_fn: ContrastiveLoss, batch: dict, views
         k: v.to(device) for k, v in model.text.tokenize(claims + batch["counterfactuals"]).items()}
     with amp:
         views, encoded, studies, sentences = net(clips, text, views_per_study, short)
+        # claim matching's targets are this rank's: it scores the local texts and studies
+        match = None if "claim_targets" not in batch else (
+            sentences.float(), studies.float(), batch["claim_targets"].to(device))
         views, encoded, studies = (gather_with_grad(x.float()) for x in (views, encoded, studies))
         # clips are ordered by study, v per study, on every rank alike
         study_of_view = torch.arange(encoded.shape[0], device=device).repeat_interleave(views_per_study)
@@ -175,7 +178,7 @@ def micro_step(net, model: CmrClip, loss_fn: ContrastiveLoss, batch: dict, views
             hard = {"claims": gather_with_grad(sentences[:n].float()),
                     "rewrites": gather_with_grad(sentences[n:].float().view(n, k, -1)),
                     "valid": gather_with_grad(batch["counterfactual_valid"].to(device).float()).bool()}
-        out = loss_fn(views, encoded, study_of_view, model.scale(), studies, **hard)
+        out = loss_fn(views, encoded, study_of_view, model.scale(), studies, **hard, match=match)
     (out["loss"] / accum_steps).backward()
     return out
 
@@ -208,7 +211,8 @@ class Trainer:
         np.random.seed(t.seed)
         self.model = CmrClip(cfg).to(self.device)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, t), betas=(0.9, 0.98), eps=1e-6)
-        self.loss_fn = ContrastiveLoss(cfg.loss.lam, cfg.loss.flood, cfg.loss.study_weight, cfg.loss.hard_weight)
+        self.loss_fn = ContrastiveLoss(cfg.loss.lam, cfg.loss.flood, cfg.loss.study_weight, cfg.loss.hard_weight,
+                                       cfg.loss.match_weight)
         self.step, self.elapsed, self.val = 0, 0.0, {}
         self._val_studies = None  # validation studies' embeddings, cached while the video tower is locked
         if resume and self.ckpt_dir.exists():
@@ -297,7 +301,8 @@ class Trainer:
                                   length=t.max_steps * micro, stratify_views=t.stratify_views,
                                   report_variants=self.cfg.text.cached_variants if locked else 0,
                                   device_augment=self.augments_on_device, ranks=self.world,
-                                  counterfactuals=self.cfg.text.counterfactuals)
+                                  counterfactuals=self.cfg.text.counterfactuals,
+                                  claim_targets=self.cfg.loss.match_weight > 0)
         reports = ReportCache(data.variant_texts(), self.model) if locked else None
         indices = [s * micro + m * self.world + self.rank
                    for s in range(self.step, min(end_step, t.max_steps)) for m in range(t.accum_steps)]

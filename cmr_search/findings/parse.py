@@ -19,7 +19,7 @@ from negspacy.termsets import termset
 
 from cmr_search.findings.lexicon import FINDINGS, GRADE_WORDS, TERMS, expand
 
-__all__ = ["FindingParser", "Mention", "Statement", "ef_grade", "summarise"]
+__all__ = ["FindingParser", "Mention", "Statement", "agreement", "ef_grade", "summarise"]
 
 # imaging reports deny with these too; NegEx's clinical termset is written for notes
 _FOLLOWING = ["absent", "is absent", "are absent", "not seen", "is not seen", "not present",
@@ -194,3 +194,26 @@ def summarise(mentions: list[Mention]) -> dict[str, Statement]:
                               tuple(dict.fromkeys(m.text for m in chosen)),
                               conflicting=bool(present) and len(present) < len(ms))
     return out
+
+
+def agreement(claim: dict[str, Statement], report: dict[str, Statement]) -> int:
+    """Whether a report bears out a claim (both ``summarise``d): 1 when it says the same of
+    every finding the claim names (present or denied, and the grade where both give one), 0
+    when it says otherwise of any, -1 when it contradicts none but does not say (or says
+    both ways) something the claim names. A claim that names no finding is -1."""
+    if not claim:
+        return -1
+    known = True
+    for name, c in claim.items():
+        r = report.get(name)
+        if r is None or r.conflicting or c.conflicting:
+            known = False
+        elif r.present != c.present:
+            return 0
+        elif c.present and c.grade is not None:
+            if r.grade is None:
+                known = False
+            elif r.grade != c.grade:
+                return 0
+    return 1 if known else -1
+

@@ -110,3 +110,38 @@ def test_study_term_is_added_with_its_weight():
 def test_lambda_out_of_range_is_refused():
     with pytest.raises(ValueError, match="lambda"):
         ContrastiveLoss(lam=1.5)
+
+
+def test_match_loss_matches_hand_computation():
+    from cmr_search.encoder.loss import match_loss
+
+    texts = F.normalize(torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]]), dim=-1)
+    studies = F.normalize(torch.tensor([[1.0, 0.2], [0.1, 1.0]]), dim=-1)
+    # text 0 holds for study 0 only; text 1 holds for both (no negative: left out of its
+    # row); text 2 holds for study 1 and is unknown for study 0
+    targets = torch.tensor([[1, 0], [1, 1], [-1, 1]], dtype=torch.int8)
+    scale = torch.tensor(5.0)
+    lg = (scale * texts @ studies.t()).tolist()
+    rows = -math.log(math.exp(lg[0][0]) / (math.exp(lg[0][0]) + math.exp(lg[0][1])))
+    # study 0: texts 0, 1 positive, none negative -> left out; study 1: text 0 negative, texts 1, 2 positive
+    d = math.log(math.exp(lg[0][1]) + math.exp(lg[1][1]) + math.exp(lg[2][1]))
+    cols = ((d - lg[1][1]) + (d - lg[2][1])) / 2
+    got = match_loss(texts, studies, targets, scale)
+    assert got.item() == pytest.approx((rows + cols) / 2, rel=1e-5)
+    none = torch.ones(3, 2, dtype=torch.int8)  # nothing to contrast: zero, still differentiable
+    assert match_loss(texts.requires_grad_(), studies, none, scale).item() == 0.0
+
+
+def test_the_match_term_joins_the_loss_with_its_weight():
+    torch.manual_seed(0)
+    views, reports = F.normalize(torch.randn(4, 8), dim=-1), F.normalize(torch.randn(2, 8), dim=-1)
+    texts, studies = F.normalize(torch.randn(3, 8), dim=-1), F.normalize(torch.randn(2, 8), dim=-1)
+    targets = torch.tensor([[1, 0], [0, 1], [-1, 1]], dtype=torch.int8)
+    sov, scale = torch.tensor([0, 0, 1, 1]), torch.tensor(10.0)
+    base = ContrastiveLoss(flood=0.0)(views, reports, sov, scale, studies)
+    with_match = ContrastiveLoss(flood=0.0, match_weight=0.5)(views, reports, sov, scale, studies,
+                                                              match=(texts, studies, targets))
+    from cmr_search.encoder.loss import match_loss
+
+    expected = base["raw"] + 0.5 * match_loss(texts, studies, targets, scale)
+    assert with_match["raw"].item() == pytest.approx(expected.item(), rel=1e-6)

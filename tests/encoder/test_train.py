@@ -140,6 +140,22 @@ def test_counterfactual_batches_are_seeded_rewrites_of_the_sampled_reports(enc_s
             assert bool(valid[j, k]) == bool(rewrite) and rewrite != claim
 
 
+def test_claim_targets_say_which_studies_each_claim_and_rewrite_holds_for(enc_store, tiny_cfg):
+    corpus = ClipCorpus(enc_store)
+    data = ContrastiveBatches(corpus, corpus.with_reports(), 4, 2, 5, tiny_cfg.augment, tiny_cfg.preprocess, 0, 2,
+                              counterfactuals=2, claim_targets=True)
+    batch = data[1]
+    targets, valid = batch["claim_targets"], batch["counterfactual_valid"]
+    s = len(batch["claims"])
+    assert targets.shape == (3 * s, s) and torch.equal(targets, data[1]["claim_targets"])
+    own = torch.arange(s)
+    claimed = torch.tensor([bool(c) for c in batch["claims"]])
+    assert (targets[own, own][claimed] == 1).all()  # a claim from a study's report holds for it
+    rewrites = targets[s:].view(s, 2, s)[own, :, own]  # [s, 2]: each study's own rewrites
+    assert (rewrites[valid] != 1).all() and (rewrites[valid] == 0).any()  # rewrites say otherwise
+    assert not (targets[s:].view(s, 2, s)[~valid] >= 0).any()  # padding is known of no study
+
+
 def test_text_tower_training_with_counterfactuals_resumes_exactly(enc_store, tiny_cfg, tmp_path):
     cfg = replace(tiny_cfg, text=replace(tiny_cfg.text, frozen_layers=5, freeze_projection=False,
                                          counterfactuals=2))

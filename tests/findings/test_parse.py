@@ -144,3 +144,21 @@ def test_no_two_terms_share_a_pattern():
             for pattern in expand(template):
                 key = json.dumps(pattern, sort_keys=True)
                 assert owner.setdefault(key, i) == i, template
+
+
+@pytest.mark.parametrize("claim, report, expected", [
+    ("Severe LV dilatation.", "Severely dilated LV. No LV thrombus.", 1),
+    ("No LV thrombus.", "Severely dilated LV. No LV thrombus.", 1),
+    ("No LV thrombus.", "Apical LV thrombus is seen.", 0),
+    ("Mild LV dilatation.", "Severely dilated left ventricle.", 0),
+    ("The LV is dilated.", "Severely dilated left ventricle.", 1),  # no grade asked: any grade bears it out
+    ("Severe LV dilatation.", "The LV is dilated.", -1),  # the report gives no grade to compare
+    ("Small pericardial effusion.", "Normal LV size.", -1),  # the report is silent on it
+    ("Dilated LV with apical thrombus.", "Severely dilated LV. No LV thrombus.", 0),  # one finding contradicts
+    ("Dilated LV with apical thrombus.", "Dilated LV.", -1),  # one agrees, one unknown
+    ("Normal study.", "Dilated LV.", -1),  # names no finding
+])
+def test_agreement_of_a_claim_with_a_report(parser, claim, report, expected):
+    from cmr_search.findings.parse import agreement
+
+    assert agreement(summarise(parser.parse(claim)), summarise(parser.parse(report))) == expected
