@@ -11,6 +11,10 @@ Figures, held-out patients only (the same for every seed, ``split_seed`` 0):
   queries (at min(10, relevant studies)); the negated finding's share of a negated query's
   top 10 over its prevalence in the pool; the asked grade's share of a severity query's
   top 10; the same for a small set of paraphrased queries in words the suite does not use;
+  as the search embeds queries (their findings as contrasts, ``encoder/query.py``) and, as
+  ``tower_*``, with the text tower's plain embedding of the query;
+- the same suite figures with each query's vector replaced by a logistic regression fitted
+  on the training studies (``ceiling_*``): what the video tower allows any text tower;
 - zero-shot AUROC per binary label from the default prompt pair (`findings.FINDINGS`);
 - the encoder figures of benchmarks/encoder.py: own-report R@k, LVEF probe MAE, phenotype
   probe AUROC; and the training minutes.
@@ -102,13 +106,34 @@ def _gain(spec: dict, labels: dict, kind: str) -> np.ndarray:
     return np.logical_and.reduce([cols[c] == v for c, v in spec.items()]).astype(float)
 
 
+def paraphrase_figures(vectors: np.ndarray, studies: np.ndarray, table: dict) -> dict:
+    """The paraphrased queries' figures, by kind, for one vector per ``PARAPHRASES`` entry."""
+    top = np.argsort(-(vectors @ studies.T), axis=1)[:, :10]
+    by_kind: dict[str, list[float]] = {}
+    for (_, kind, spec), t in zip(PARAPHRASES, top):
+        if kind == "negated":
+            has = 1 - _gain(spec, table, "negated")
+            prev = has.mean()
+            value = has[t].mean() / prev if prev else np.nan
+        else:
+            gain = _gain(spec, table, kind)
+            rel = gain.sum()
+            value = gain[t].sum() / min(10, rel) if rel else np.nan
+        by_kind.setdefault(kind, []).append(value)
+    return {f"para_{k}": float(np.nanmean(v)) for k, v in by_kind.items()}
+
+
 def query_figures(model, corpus, test, labels: dict) -> dict:
-    """Phrase suite, paraphrases and zero-shot on the held-out studies."""
+    """Phrase suite and paraphrases as the search embeds them (``encoder.query``: findings
+    as contrasts), the same with the text tower's plain embeddings (``tower_``), and
+    zero-shot on the held-out studies."""
     from sklearn.metrics import roc_auc_score
 
+    from cmr_search.encoder.query import compose_queries
     from cmr_search.encoder.train import embed_studies
-    from cmr_search.evals.queries import phrase_queries, phrase_query_eval, severity_confusion
+    from cmr_search.evals.queries import phrase_queries
     from cmr_search.findings import FINDINGS
+    from cmr_search.findings.parse import FindingParser
 
     model.eval()
     _, studies = embed_studies(model, corpus, test, torch.device("cpu"))
@@ -116,45 +141,76 @@ def query_figures(model, corpus, test, labels: dict) -> dict:
     numeric = [c for c, v in labels[test[0].study_uid].items() if isinstance(v, (int, float)) and c != "study_uid"]
     table = {c: np.array([np.nan if labels[st.study_uid][c] is None else float(labels[st.study_uid][c])
                           for st in test]) for c in numeric}
+    parser = FindingParser()
     with torch.inference_mode():
-        encode = (lambda texts: model.text.encode(texts).float().numpy())
+        def tower(texts: list[str]) -> np.ndarray:
+            return model.text.encode(texts).float().numpy()
+
         queries = phrase_queries(table)
-        rows = phrase_query_eval(encode([q.text for q in queries]), s, queries, table)
-        sev = severity_confusion(encode([q.text for q in queries]), s, queries, table)
-        out = {}
-        for kind in ("positive", "combination"):
-            group = [r for r in rows if r["kind"] == kind and r["relevant"] > 0]
-            out[f"{kind}_P@10"] = float(np.mean([r["precision"] * r["k"] / min(r["k"], r["relevant"]) for r in group]))
-        neg = [r for r in rows if r["kind"] == "negated" and r["finding_prevalence"] > 0]
-        out["negated_rate_over_prevalence"] = float(np.mean([r["finding_rate"] / r["finding_prevalence"] for r in neg]))
-        out["severity_exact"] = float(np.mean([v["exact"] for v in sev.values()]))
-        # paraphrases
-        para = encode([t for t, _, _ in PARAPHRASES])
-        top = np.argsort(-(para @ s.T), axis=1)[:, :10]
-        by_kind: dict[str, list[float]] = {}
-        for (text, kind, spec), t in zip(PARAPHRASES, top):
-            if kind == "negated":
-                has = 1 - _gain(spec, table, "negated")
-                prev = has.mean()
-                value = has[t].mean() / prev if prev else np.nan
-            else:
-                gain = _gain(spec, table, kind)
-                rel = gain.sum()
-                value = gain[t].sum() / min(10, rel) if rel else np.nan
-            by_kind.setdefault(kind, []).append(value)
-        out |= {f"para_{k}": float(np.nanmean(v)) for k, v in by_kind.items()}
+        suite, para = [q.text for q in queries], [t for t, _, _ in PARAPHRASES]
+        out = suite_figures(compose_queries(suite, tower, parser), s, queries, table)
+        out |= paraphrase_figures(compose_queries(para, tower, parser), s, table)
+        plain = suite_figures(tower(suite), s, queries, table) | paraphrase_figures(tower(para), s, table)
+        out |= {f"tower_{k}": v for k, v in plain.items()}
         # zero-shot: similarity to the positive prompt minus that to the negative one
         auc = {}
         for name in PHENOTYPES:
             y = table[name]
             ok = ~np.isnan(y)
             if 0 < y[ok].sum() < ok.sum():
-                pos, neg = encode([FINDINGS[name].positive, FINDINGS[name].negative])
+                pos, neg = tower([FINDINGS[name].positive, FINDINGS[name].negative])
                 score = s @ pos - s @ neg
                 auc[name] = float(roc_auc_score(y[ok], score[ok]))
         out["zero_shot_AUROC"] = float(np.mean(list(auc.values())))
         out["zero_shot"] = auc
     return out
+
+
+def suite_figures(vectors: np.ndarray, studies: np.ndarray, queries, table: dict) -> dict:
+    """The phrase suite's goal figures for one vector per query."""
+    from cmr_search.evals.queries import phrase_query_eval, severity_confusion
+
+    rows = phrase_query_eval(vectors, studies, queries, table)
+    sev = severity_confusion(vectors, studies, queries, table)
+    out = {}
+    for kind in ("positive", "combination"):
+        group = [r for r in rows if r["kind"] == kind and r["relevant"] > 0]
+        out[f"{kind}_P@10"] = float(np.mean([r["precision"] * r["k"] / min(r["k"], r["relevant"]) for r in group]))
+    neg = [r for r in rows if r["kind"] == "negated" and r["finding_prevalence"] > 0]
+    out["negated_rate_over_prevalence"] = float(np.mean([r["finding_rate"] / r["finding_prevalence"] for r in neg]))
+    out["severity_exact"] = float(np.mean([v["exact"] for v in sev.values()]))
+    return out
+
+
+def probe_ceiling(model, corpus, train, test, labels: dict) -> dict:
+    """What any text tower could reach with this video tower: each suite query's vector
+    replaced by a logistic regression fitted to its relevance (exact grade, for severity) on
+    the training studies' embeddings, which are unit vectors, so ranking by w·x is ranking by
+    cosine with w. Supervised and fitted per query: an upper reference, not a zero-shot figure."""
+    from sklearn.linear_model import LogisticRegression
+
+    from cmr_search.encoder.train import embed_studies
+    from cmr_search.evals.queries import phrase_queries
+
+    model.eval()
+    _, xtr = embed_studies(model, corpus, train, torch.device("cpu"))
+    _, xte = embed_studies(model, corpus, test, torch.device("cpu"))
+
+    def table_of(studies):
+        cols = [c for c, v in labels[studies[0].study_uid].items() if isinstance(v, (int, float)) and c != "study_uid"]
+        return {c: np.array([np.nan if labels[st.study_uid][c] is None else float(labels[st.study_uid][c])
+                             for st in studies]) for c in cols}
+
+    ttr, tte = table_of(train), table_of(test)
+    queries = phrase_queries(tte)
+    vectors = []
+    for q in queries:
+        y = (np.asarray(q.relevance(ttr)) >= 1.0).astype(int)
+        if 0 < y.sum() < len(y):
+            vectors.append(LogisticRegression(C=1.0, max_iter=2000).fit(xtr.numpy(), y).coef_[0])
+        else:
+            vectors.append(np.zeros(xtr.shape[1]))
+    return {f"ceiling_{k}": v for k, v in suite_figures(np.array(vectors), xte.numpy(), queries, tte).items()}
 
 
 def run(store: Path, recipe: str, seed: int, steps: int | None, work: Path) -> dict:
@@ -169,6 +225,7 @@ def run(store: Path, recipe: str, seed: int, steps: int | None, work: Path) -> d
     trainer, result, labels, train, test = train_split(store, cfg, seed, 0, steps, work / f"{recipe}-{seed}")
     figures = evaluate(trainer.model, trainer.corpus, train, test, labels, trainer.device)
     figures |= query_figures(trainer.model, trainer.corpus, test, labels)
+    figures |= probe_ceiling(trainer.model, trainer.corpus, train, test, labels)
     figures["train_minutes"] = result.seconds / 60
     return {"recipe": recipe, "seed": seed, "steps": result.step, "held_out": len(test), **figures}
 
@@ -178,6 +235,10 @@ FIGURES = [("positive_P@10", True, 0.80), ("combination_P@10", True, 0.60),
            ("zero_shot_AUROC", True, 0.85), ("para_positive", True, None), ("para_negated", False, None),
            ("para_severity", True, None), ("para_combination", True, None), ("R@1", True, None),
            ("R@10", True, None), ("lvef_MAE", False, None), ("mean_AUROC", True, None),
+           ("tower_positive_P@10", True, None), ("tower_negated_rate_over_prevalence", False, None),
+           ("tower_para_negated", False, None),
+           ("ceiling_positive_P@10", True, None), ("ceiling_combination_P@10", True, None),
+           ("ceiling_negated_rate_over_prevalence", False, None), ("ceiling_severity_exact", True, None),
            ("train_minutes", False, 15.0)]
 
 

@@ -27,17 +27,12 @@ __all__ = ["TextAligner"]
 
 
 class TextAligner:
-    """The locked video tower's embeddings of the training studies (each view, and each
-    study pooled) and the text-only training step against them."""
+    """The locked video tower's embeddings of the training studies, ``views`` (per study,
+    [n_i, D] in the order of its ``row_ids``) and ``pooled`` [N, D], and the text-only
+    training step against them."""
 
-    def __init__(self, model: CmrClip, corpus: ClipCorpus, studies: list[Study], cfg: EncoderConfig,
-                 device: torch.device, ranks: int = 1):
-        from cmr_search.encoder.train import embed_studies  # train imports this module
-
-        was_training = model.training
-        model.eval()  # no dropout or stochastic depth in the targets
-        views, pooled = embed_studies(model, corpus, studies, device)
-        model.train(was_training)
+    def __init__(self, model: CmrClip, corpus: ClipCorpus, studies: list[Study], views: list[torch.Tensor],
+                 pooled: torch.Tensor, cfg: EncoderConfig, device: torch.device, ranks: int = 1):
         self.model = model
         self.views = torch.cat(views).to(device)
         self.pooled = pooled.to(device)

@@ -368,7 +368,11 @@ class Trainer:
 
     def _aligner(self, end_step: int) -> tuple[TextAligner, object]:
         """The alignment phase's cache of video embeddings and its batches from this step on."""
-        aligner = TextAligner(self.model, self.corpus, self.train_studies, self.cfg, self.device, self.world)
+        self.model.eval()  # no dropout or stochastic depth in the targets
+        views, pooled = embed_studies(self.model, self.corpus, self.train_studies, self.device)
+        self.model.train()
+        aligner = TextAligner(self.model, self.corpus, self.train_studies, views, pooled, self.cfg, self.device,
+                              self.world)
         indices = [s * self.world + self.rank for s in range(self.step, end_step)]
         loader = torch.utils.data.DataLoader(aligner.batches, batch_size=None, sampler=indices,
                                              num_workers=self.cfg.train.num_workers, persistent_workers=False)

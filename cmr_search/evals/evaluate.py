@@ -109,7 +109,14 @@ def evaluate_store(store_root: Path, cfg: EvalConfig | None = None, model_id: st
                              "phenotypes": phenotypes, "config": cfg.to_dict()}
     with stage("text-to-scan retrieval"):
         searcher = Searcher(Path(store_root), model_id, index_config, encode_text=TextQueryEncoder(store_root))
-        result.metrics["text_retrieval"] = _text_retrieval(searcher, store, main, labels, cfg)
+        # a whole report and a zero-shot prompt pair are embedded as the text tower reads
+        # them; queries as the search composes them from their findings (encoder/query.py)
+        tower = TextQueryEncoder(store_root, compose=False)
+
+        def raw_text(texts: list[str]) -> np.ndarray:
+            return tower(model_id, texts)
+
+        result.metrics["text_retrieval"] = _text_retrieval(searcher, raw_text, store, main, labels, cfg)
     with stage("scan-to-scan"):
         from cmr_search.evals.queries import scan_to_scan_eval
 
@@ -122,7 +129,7 @@ def evaluate_store(store_root: Path, cfg: EvalConfig | None = None, model_id: st
         from cmr_search.evals.zeroshot import zero_shot_labels
 
         result.metrics["zero_shot"] = {"model_id": model_id, **zero_shot_labels(
-            searcher.encode_text, main, labels, phenotypes, disease.get("contrastive"), cfg.level)}
+            raw_text, main, labels, phenotypes, disease.get("contrastive"), cfg.level)}
     with stage("registered heads"):
         result.metrics["registered_heads"] = _registered_heads(store_root)
     with stage("clusters and maps"):
@@ -131,7 +138,7 @@ def evaluate_store(store_root: Path, cfg: EvalConfig | None = None, model_id: st
     return result
 
 
-def _text_retrieval(searcher, store, bags, labels: dict, cfg: EvalConfig) -> dict:
+def _text_retrieval(searcher, raw_text, store, bags, labels: dict, cfg: EvalConfig) -> dict:
     from cmr_search.evals.queries import (
         negation_pairs,
         own_report_retrieval,
@@ -146,7 +153,7 @@ def _text_retrieval(searcher, store, bags, labels: dict, cfg: EvalConfig) -> dic
     reports = _reports(store, bags.study_uids)
     have = [i for i, r in enumerate(reports) if r]
     if have:
-        vectors = searcher.encode_text([reports[i] for i in have])
+        vectors = raw_text([reports[i] for i in have])
         out["own_report"] = own_report_retrieval(vectors, studies[have])
     queries = phrase_queries(labels.keys())
     if queries:
