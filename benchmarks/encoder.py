@@ -50,7 +50,7 @@ def evaluate(model, corpus, train, test, labels: dict, device) -> dict:
     from sklearn.metrics import roc_auc_score
     from sklearn.preprocessing import StandardScaler
 
-    from cmr_search.encoder.train import embed_studies
+    from cmr_search.encoder.align import embed_studies
     from cmr_search.metrics.retrieval import retrieval_summary
 
     model.eval()

@@ -129,8 +129,8 @@ def query_figures(model, corpus, test, labels: dict) -> dict:
     zero-shot on the held-out studies."""
     from sklearn.metrics import roc_auc_score
 
+    from cmr_search.encoder.align import embed_studies
     from cmr_search.encoder.query import compose_queries
-    from cmr_search.encoder.train import embed_studies
     from cmr_search.evals.queries import phrase_queries
     from cmr_search.findings import FINDINGS
     from cmr_search.findings.parse import FindingParser
@@ -189,7 +189,7 @@ def probe_ceiling(model, corpus, train, test, labels: dict) -> dict:
     cosine with w. Supervised and fitted per query: an upper reference, not a zero-shot figure."""
     from sklearn.linear_model import LogisticRegression
 
-    from cmr_search.encoder.train import embed_studies
+    from cmr_search.encoder.align import embed_studies
     from cmr_search.evals.queries import phrase_queries
 
     model.eval()

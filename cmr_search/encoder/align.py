@@ -19,11 +19,28 @@ from __future__ import annotations
 import torch
 
 from cmr_search.encoder.config import EncoderConfig
-from cmr_search.encoder.data import ClipCorpus, ContrastiveBatches, Study
+from cmr_search.encoder.data import ClipCorpus, ContrastiveBatches, Study, eval_clips
 from cmr_search.encoder.loss import ContrastiveLoss
 from cmr_search.encoder.model import CmrClip
 
-__all__ = ["TextAligner"]
+__all__ = ["TextAligner", "embed_studies"]
+
+
+@torch.inference_mode()
+def embed_studies(model: CmrClip, corpus: ClipCorpus, studies: list[Study], device: torch.device,
+                  batch: int = 32) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per study: view embeddings [n_i, D]; and the pooled study embeddings [N, D] (no augmentation)."""
+    views = []
+    for st in studies:
+        x = eval_clips(corpus, st, model.cfg.preprocess)
+        views.append(torch.cat([model.video(x[i : i + batch].to(device)).float() for i in range(0, len(x), batch)]))
+    n = max(v.shape[0] for v in views)
+    padded = torch.zeros(len(views), n, model.cfg.dim, device=device)
+    mask = torch.zeros(len(views), n, dtype=torch.bool, device=device)
+    for i, v in enumerate(views):
+        padded[i, : len(v)], mask[i, : len(v)] = v, True
+    studies_emb, _ = model.pool_study(padded, mask)
+    return [v.cpu() for v in views], studies_emb.float().cpu()
 
 
 class TextAligner:

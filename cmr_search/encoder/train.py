@@ -24,23 +24,20 @@ from safetensors.torch import load_file
 
 from cmr_search.core.exceptions import InputError
 from cmr_search.core.layout import StoreLayout
-from cmr_search.encoder.align import TextAligner
+from cmr_search.encoder.align import TextAligner, embed_studies
 from cmr_search.encoder.checkpoint import export_encoder, save_checkpoint
 from cmr_search.encoder.config import EncoderConfig, TrainConfig
 from cmr_search.encoder.data import (
     ClipCorpus,
     ContrastiveBatches,
-    Study,
     apply_augment,
-    eval_clips,
     patient_split,
 )
 from cmr_search.encoder.loss import ContrastiveLoss, gather_with_grad
 from cmr_search.encoder.model import CmrClip
 from cmr_search.metrics.retrieval import retrieval_summary
 
-__all__ = ["ReportCache", "TrainResult", "Trainer", "any_rank", "embed_studies", "latest_checkpoint", "lr_at",
-           "micro_step"]
+__all__ = ["ReportCache", "TrainResult", "Trainer", "any_rank", "latest_checkpoint", "lr_at", "micro_step"]
 
 METRIC_FIELDS = ["step", "loss", "raw", "pair", "study", "v2t", "t2v", "hard", "hard_err", "match", "lr", "temperature",
                  "seconds", "val_R@1", "val_R@5", "val_R@10", "val_median_rank", "val_pool"]
@@ -99,23 +96,6 @@ def latest_checkpoint(store_root: Path) -> Path:
         raise InputError(f"{store_root} has no trained encoder; run `cmr train-encoder --store {store_root}` "
                          "or pass --checkpoint")
     return layout.encoder(model_id)
-
-
-@torch.inference_mode()
-def embed_studies(model: CmrClip, corpus: ClipCorpus, studies: list[Study], device: torch.device,
-                  batch: int = 32) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Per study: view embeddings [n_i, D]; and the pooled study embeddings [N, D] (no augmentation)."""
-    views = []
-    for st in studies:
-        x = eval_clips(corpus, st, model.cfg.preprocess)
-        views.append(torch.cat([model.video(x[i : i + batch].to(device)).float() for i in range(0, len(x), batch)]))
-    n = max(v.shape[0] for v in views)
-    padded = torch.zeros(len(views), n, model.cfg.dim, device=device)
-    mask = torch.zeros(len(views), n, dtype=torch.bool, device=device)
-    for i, v in enumerate(views):
-        padded[i, : len(v)], mask[i, : len(v)] = v, True
-    studies_emb, _ = model.pool_study(padded, mask)
-    return [v.cpu() for v in views], studies_emb.float().cpu()
 
 
 class ReportCache:

@@ -106,14 +106,17 @@ def test_cli_train_then_embed(enc_store, tiny_cfg_file):
     assert out.returncode == 0, out.stderr
     found = json.loads(out.stdout)
     assert found["model_id"] == trained["model_id"] and len(found["hits"]) == 3
-    # the CLI ranks by the model's own text tower against the stored study embeddings
+    # the CLI ranks by the model's own text tower, the query composed from its findings
+    # (encoder/query.py), against the stored study embeddings
+    from cmr_search.encoder import load_text_encoder
+    from cmr_search.encoder.query import compose_queries
+    from cmr_search.findings.parse import FindingParser
     from cmr_search.store.embedding_store import EmbeddingStore
 
     store = EmbeddingStore.open(enc_store)
     rows = store.study_rows(trained["model_id"], ["study_uid", "vector"])
-    from cmr_search.encoder import load_text_encoder
-
-    q = load_text_encoder(enc_store / "encoders" / trained["model_id"]).encode([query])[0].numpy()
+    tower = load_text_encoder(enc_store / "encoders" / trained["model_id"])
+    q = compose_queries([query], lambda texts: tower.encode(texts).numpy(), FindingParser())[0]
     best = np.argsort(-(EmbeddingStore.vectors(rows) @ q))[:3]
     assert [h["study_uid"] for h in found["hits"]] == [rows["study_uid"][int(i)].as_py() for i in best]
     bad = subprocess.run([*cmr, "embed", "--store", str(enc_store), "--checkpoint", str(enc_store / "nope")],
