@@ -324,7 +324,7 @@ class Trainer:
             self.elapsed += time.monotonic() - started
             started = time.monotonic()
             row = {k: round(float(v.detach()), 5) for k, v in out.items()}
-            row |= {"step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
+            row |= {"step": self.step, "lr": max(g["lr"] for g in self.optimizer.param_groups),
                     "temperature": round(1.0 / float(self.model.scale().detach()), 5), "seconds": round(self.elapsed, 1)}
             if self.rank == 0 and (self.step % t.eval_every == 0 or self.step == end_step):
                 self.val = self.validate()
