@@ -32,13 +32,10 @@ class TextQueryEncoder:
     """The text towers of a store's encoders, each loaded on first use: ``(model_id, texts) ->
     [N, 512]`` unit float32 embeddings. What a ``Searcher`` takes as its ``encode_text``."""
 
-    def __init__(self, store_root: Path, compose: bool = True):
+    def __init__(self, store_root: Path):
         self.layout = StoreLayout(store_root)
         self._towers: dict[str, torch.nn.Module] = {}
         self._lock = threading.Lock()
-        # queries are embedded through their findings' contrasts (encoder/query.py); prompt
-        # pairs of zero-shot labels are contrasts already and are embedded as they are
-        self.compose = compose
         self._parser = None
 
     def tower(self, model_id: str) -> torch.nn.Module:
@@ -52,22 +49,22 @@ class TextQueryEncoder:
                 self._towers[model_id] = load_text_encoder(folder)
             return self._towers[model_id]
 
-    def __call__(self, model_id: str, texts: list[str]) -> np.ndarray:
+    def plain(self, model_id: str, texts: list[str]) -> np.ndarray:
+        """Texts embedded as the text tower reads them: zero-shot prompt pairs (a contrast
+        already) and whole reports."""
         tower = self.tower(model_id)
+        with torch.inference_mode():
+            return tower.encode(list(texts)).float().numpy()
 
-        def encode(batch: list[str]) -> np.ndarray:
-            with torch.inference_mode():
-                return tower.encode(list(batch)).float().numpy()
-
-        if not self.compose:
-            return encode(texts)
+    def __call__(self, model_id: str, texts: list[str]) -> np.ndarray:
+        """Queries embedded through their findings' contrasts (``encoder/query.py``)."""
         from cmr_search.encoder.query import compose_queries
         from cmr_search.findings.parse import FindingParser
 
         with self._lock:
             if self._parser is None:
                 self._parser = FindingParser()
-        return compose_queries(list(texts), encode, self._parser)
+        return compose_queries(list(texts), lambda batch: self.plain(model_id, batch), self._parser)
 
 
 class Embedder:

@@ -108,13 +108,13 @@ def evaluate_store(store_root: Path, cfg: EvalConfig | None = None, model_id: st
                              "patients": len(np.unique(main.patient_keys)), "views": int(main.mask.sum()),
                              "phenotypes": phenotypes, "config": cfg.to_dict()}
     with stage("text-to-scan retrieval"):
-        searcher = Searcher(Path(store_root), model_id, index_config, encode_text=TextQueryEncoder(store_root))
+        text_encoder = TextQueryEncoder(store_root)
+        searcher = Searcher(Path(store_root), model_id, index_config, encode_text=text_encoder)
+
         # a whole report and a zero-shot prompt pair are embedded as the text tower reads
         # them; queries as the search composes them from their findings (encoder/query.py)
-        tower = TextQueryEncoder(store_root, compose=False)
-
         def raw_text(texts: list[str]) -> np.ndarray:
-            return tower(model_id, texts)
+            return text_encoder.plain(model_id, texts)
 
         result.metrics["text_retrieval"] = _text_retrieval(searcher, raw_text, store, main, labels, cfg)
     with stage("scan-to-scan"):

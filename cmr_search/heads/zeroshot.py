@@ -145,7 +145,7 @@ def zero_shot(store_root: Path, label: str, positive: str | None = None, negativ
     if encode_text is None:
         from cmr_search.encoder.embed import TextQueryEncoder
 
-        encode_text = TextQueryEncoder(Path(store_root), compose=False)  # a prompt pair is its own contrast
+        encode_text = TextQueryEncoder(Path(store_root)).plain  # a prompt pair is its own contrast
     try:
         text = np.asarray(encode_text(model_id, [positive, negative]))
     except InputError as error:
