@@ -87,7 +87,10 @@ def parser_accuracy(n: int = 1000, seed: int = 31) -> dict:
                 negated_right += ok
         for finding, st in said.items():
             mild = finding == "reduced_lvef" and st.present and st.grade == 1
-            extra += finding not in dict(report.mentions) and finding not in report.omitted and not mild
+            # a finding the report does not state one by one ("Normal study" denies all)
+            # is spurious where the labels say otherwise
+            unstated = finding not in dict(report.mentions) and finding not in report.omitted
+            extra += unstated and not mild and st.present != bool(labels[finding])
         truth = {"lv_dilatation": int(labels["lv_dilatation_grade"]), "reduced_lvef": ef_grade(labels["lvef"])}
         for finding, g in truth.items():
             st = said.get(finding)

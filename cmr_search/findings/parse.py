@@ -27,6 +27,10 @@ _FOLLOWING = ["absent", "is absent", "are absent", "not seen", "is not seen", "n
               "excluded", "has resolved", "resolved", "not detected", "not evident"]
 _PRECEDING = ["there is no", "no definite", "no evidence for", "absent", "no significant",
               "no convincing", "no obvious", "no appreciable", "negative for", "nil"]
+# an uncertain finding is not a denied one: "thrombus cannot be excluded" keeps it possible
+_PSEUDO = ["not excluded", "cannot be excluded", "can not be excluded", "could not be excluded",
+           "not be excluded", "cannot be ruled out", "can not be ruled out", "not ruled out",
+           "cannot be entirely excluded", "cannot be completely excluded"]
 # "no thrombus and severe LV dilatation": a new clause after "and" is not denied ("or"
 # keeps the scope: "no thrombus or effusion")
 _TERMINATION = ["with", "while", "whereas", "otherwise", "besides", "and", "apart from", ";"]
@@ -86,11 +90,11 @@ class FindingParser:
         for head in (ef, [{"LOWER": "ejection"}, {"LOWER": "fraction"}],
                      [{"LOWER": {"IN": ["lv", "left"]}}, {"LOWER": "ventricular", "OP": "?"},
                       {"LOWER": "ejection"}, {"LOWER": "fraction"}]):
-            patterns.append({"label": _EF_LABEL, "pattern": [*head, filler, number, {"TEXT": "%"}]})
+            patterns.append({"label": _EF_LABEL, "pattern": [*head, filler, number, {"LOWER": {"IN": ["%", "percent"]}, "OP": "?"}]})
         ruler.add_patterns(patterns)
         terms = termset("en_clinical")
         terms.add_patterns({"following_negations": _FOLLOWING, "preceding_negations": _PRECEDING,
-                            "termination": _TERMINATION})
+                            "termination": _TERMINATION, "pseudo_negations": _PSEUDO})
         nlp.add_pipe("negex", config={"neg_termset": terms.get_patterns()})
         self.nlp = nlp
 

@@ -42,7 +42,7 @@ def _truth_grade(finding: str, labels: dict) -> int | None:
 
 def test_every_stated_finding_is_found_with_its_negation(parser, cohort_reports):
     parsed = parser.parse_many([r.text for _, r in cohort_reports])
-    stated = wrong = extra = 0
+    stated = wrong = extra = whole_study = 0
     for (labels, report), mentions in zip(cohort_reports, parsed):
         said = summarise(mentions)
         for finding, present in report.mentions:
@@ -51,11 +51,15 @@ def test_every_stated_finding_is_found_with_its_negation(parser, cohort_reports)
         for finding, st in said.items():
             # "mildly impaired" (LVEF 40-50) is impaired function below the label's cut-off
             mild_lvef = finding == "reduced_lvef" and st.present and st.grade == 1
-            if finding not in dict(report.mentions) and finding not in report.omitted and not mild_lvef:
+            if st.evidence == ("Normal study",):  # denies every finding: the labels must agree
+                whole_study += 1
+                assert not st.present and not labels.get(finding), (finding, report.text)
+            elif finding not in dict(report.mentions) and finding not in report.omitted and not mild_lvef:
                 extra += 1
     assert stated > 500
     assert wrong / stated <= 0.01, wrong
     assert extra / stated <= 0.02, extra
+    assert whole_study > 50
 
 
 def test_grades_match_the_labels(parser, cohort_reports):
@@ -100,6 +104,20 @@ PHRASES = [
     ("EF < 40%", {"reduced_lvef": (True, 2)}),
     ("LV not dilated", {"lv_dilatation": (False, None)}),
     ("normal LV", {"lv_dilatation": (False, None), "reduced_lvef": (False, None)}),
+    # paraphrases: uncertainty is not denial, another chamber's thrombus is not the LV's
+    ("Thrombus cannot be excluded.", {"lv_thrombus": (True, None)}),
+    ("Left atrial appendage thrombus, no LV thrombus.", {"lv_thrombus": (False, None)}),
+    ("Ejection fraction of 35 percent", {"reduced_lvef": (True, 2)}),
+    ("LV of normal size.", {"lv_dilatation": (False, None)}),
+    ("LV end-diastolic volume is increased.", {"lv_dilatation": (True, None)}),
+    ("Global hypokinesis.", {"reduced_lvef": (True, None)}),
+    ("RV hypokinesis.", {"rv_dysfunction": (True, None)}),
+    ("Normal RV.", {"rv_dilatation": (False, None), "rv_dysfunction": (False, None)}),
+    ("Normal RV size.", {"rv_dilatation": (False, None)}),
+    ("Hypertrophied septum.", {"hcm": (True, None)}),
+    ("Apical ballooning.", {"apical_akinesis": (True, None)}),
+    ("Dilated right heart.", {"rv_dilatation": (True, None), "ra_dilatation": (True, None)}),
+    ("Structurally normal heart.", {name: (False, None) for name in FINDINGS}),
 ]
 
 
@@ -108,6 +126,15 @@ def test_clinical_phrasings(parser, text, expected):
     said = {k: (v.present, v.grade) for k, v in summarise(parser.parse(text)).items()}
     for finding, value in expected.items():
         assert said.get(finding) == value, said
+
+
+@pytest.mark.parametrize("text", ["Thrombus in the left atrial appendage.", "LA appendage clot."])
+def test_a_thrombus_outside_the_lv_names_no_finding(parser, text):
+    assert parser.parse(text) == []
+
+
+def test_normal_rv_size_says_nothing_of_its_function(parser):
+    assert set(summarise(parser.parse("Normal RV size."))) == {"rv_dilatation"}
 
 
 def test_mentions_carry_spans_and_cues(parser):
@@ -156,7 +183,8 @@ def test_no_two_terms_share_a_pattern():
     ("Small pericardial effusion.", "Normal LV size.", -1),  # the report is silent on it
     ("Dilated LV with apical thrombus.", "Severely dilated LV. No LV thrombus.", 0),  # one finding contradicts
     ("Dilated LV with apical thrombus.", "Dilated LV.", -1),  # one agrees, one unknown
-    ("Normal study.", "Dilated LV.", -1),  # names no finding
+    ("Right ventricular outflow tract.", "Dilated LV.", -1),  # names no finding
+    ("Normal study.", "Dilated LV.", 0),  # denies every finding
 ])
 def test_agreement_of_a_claim_with_a_report(parser, claim, report, expected):
     from cmr_search.findings.parse import agreement
