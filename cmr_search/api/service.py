@@ -302,9 +302,10 @@ class SearchService:
         with self._lock:
             if self._embedder is None:
                 folder = self.layout.encoder(self.model_id)
-                if not (folder / "model.safetensors").exists():
-                    raise Conflict("no_encoder", f"model {self.model_id} has no vision encoder in {folder.name}; "
-                                   "uploads need the encoder the store was embedded with")
+                if not (folder / "config.json").exists():
+                    raise Conflict("no_encoder", f"model {self.model_id} is not registered in this store; uploads "
+                                   "need the encoder the store was embedded with (`cmr embed --checkpoint PATH` "
+                                   "registers it)")
                 self._embedder = Embedder(folder)
             return self._embedder
 

@@ -43,7 +43,7 @@ class ServeSettings(Settings):
     #: torch threads per process for the encoders; None = cores / workers (several workers
     #: each using every core made text queries 4x slower, measured)
     torch_threads: int | None = Field(None, ge=1)
-    #: encoder whose embeddings are searched (default: the store's latest)
+    #: encoder whose embeddings are searched (default: the store's default model)
     model_id: str | None = None
     #: most results one request may ask for
     max_k: int = Field(100, ge=1, le=10_000)

@@ -25,6 +25,7 @@ from cmr_search.cli.common import StoreOpt, err, print_ingest, run_ingest
 from cmr_search.cli.common import fail as _fail
 from cmr_search.cli.common import store_dir as _store_dir
 from cmr_search.cli.demo import demo
+from cmr_search.cli.encoders import encoders_app
 from cmr_search.cli.eval import eval_command
 from cmr_search.cli.heads import heads_app
 from cmr_search.cli.serve import keys_app, serve
@@ -152,11 +153,14 @@ def embed(
     allow_partial: Annotated[bool, typer.Option("--allow-partial", help="Accept a checkpoint that fills only part of the model.")] = False,
     trust_checkpoint: Annotated[bool, typer.Option("--trust-checkpoint", help="Unpickle a .ckpt that holds Python objects (only for files you trust).")] = False,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the vision tower (on a GPU: 2.4x faster after ~45 s of compiling).")] = False,
+    set_default: Annotated[bool, typer.Option("--set-default", help="Make this model the store's default (the first model embedded becomes it anyway).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
     """Embed every clip into the `views` table, pool each study into `studies`, update the indexes.
 
-    Resumable: clips already embedded with this checkpoint's model_id are skipped.
+    The checkpoint (a folder of any store, or the published .ckpt) is registered in this
+    store (`cmr encoders list`). Resumable: clips already embedded with this checkpoint's
+    model_id are skipped.
     """
     from cmr_search.encoder.embed import embed_store
     from cmr_search.encoder.train import latest_checkpoint
@@ -165,7 +169,7 @@ def embed(
     try:
         report = embed_store(root, checkpoint or latest_checkpoint(root), batch_size=batch_size, device=device,
                              allow_partial=allow_partial, trust_pickle=trust_checkpoint, compile=compile,
-                             index_config=IndexConfig.from_settings(Settings()))
+                             index_config=IndexConfig.from_settings(Settings()), set_default=set_default or None)
     except CmrError as error:
         _fail(error)
     if as_json:
@@ -173,6 +177,9 @@ def embed(
     else:
         err.print(f"model {report.model_id}: {report.clips_embedded} clips embedded, {report.clips_skipped} already done, "
                   f"{report.studies} studies pooled in {report.seconds:.1f} s")
+        if report.default_model != report.model_id:
+            err.print(f"the store's default model stays {report.default_model}; search this one with --model-id "
+                      f"{report.model_id}, or make it the default with `cmr encoders set-default {report.model_id}`")
 
 
 @app.command(rich_help_panel="3. Search")
@@ -182,7 +189,7 @@ def search(
     study: Annotated[str | None, typer.Option("--study", help="Scan-to-scan: the k nearest other studies to this study_uid.")] = None,
     k: Annotated[int, typer.Option("-k", "--k", min=1, max=1000, help="Studies to return.")] = 10,
     where: Annotated[str | None, typer.Option("--where", help="SQL filter, e.g. \"sex = 'F' AND age > 60\", \"view = 'SAX'\", \"lvef < 40\".")] = None,
-    model_id: Annotated[str | None, typer.Option("--model-id", help="Embeddings of this encoder (default: the store's latest).")] = None,
+    model_id: Annotated[str | None, typer.Option("--model-id", help="Embeddings of this encoder (default: the store's default model).")] = None,
     other_patients: Annotated[bool, typer.Option("--other-patients", help="With --study: leave out the patient's other studies too.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
@@ -273,6 +280,7 @@ def delete(
         err.print(f"withdrew {len(report.study_uids)} studies; rows deleted: {rows}")
 
 
+app.add_typer(encoders_app, name="encoders", rich_help_panel="2. Encoder")
 app.add_typer(heads_app, name="heads", rich_help_panel="4. Heads")
 app.command("eval", rich_help_panel="5. Evaluation")(eval_command)
 app.command("serve", rich_help_panel="6. Service")(serve)

@@ -27,7 +27,7 @@ def _fractions(text: str) -> tuple[float, ...]:
 def eval_command(
     store: StoreOpt = None,
     out: Annotated[Path | None, typer.Option("--out", help="Folder for report.html and metrics.json (default: STORE/eval).")] = None,
-    model_id: Annotated[str | None, typer.Option("--model-id", help="Embeddings of this encoder (default: the store's latest).")] = None,
+    model_id: Annotated[str | None, typer.Option("--model-id", help="Embeddings of this encoder (default: the store's default model).")] = None,
     labels: Annotated[Path | None, typer.Option("--labels", help="CSV/Parquet keyed by study_uid (default: the store's label table).")] = None,
     baseline: Annotated[str, typer.Option("--baseline", help="random: compare with the same encoder at random init (embedded into the store once); none: skip.")] = EvalConfig.baseline,
     fractions: Annotated[str, typer.Option("--fractions", help="Shares of the training labels for the data-efficiency curves.")] = "0.01,0.1,1",

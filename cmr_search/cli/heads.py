@@ -51,7 +51,7 @@ def train(
     dropout: Annotated[float, typer.Option("--dropout", min=0.0, max=0.9)] = HeadConfig.dropout,
     max_epochs: Annotated[int, typer.Option("--max-epochs", min=1)] = HeadConfig.max_epochs,
     patience: Annotated[int, typer.Option("--patience", min=1, help="Validations without a better loss before stopping.")] = HeadConfig.patience,
-    model_id: Annotated[str | None, typer.Option("--model-id", help="Embeddings of this encoder (default: the store's latest).")] = None,
+    model_id: Annotated[str | None, typer.Option("--model-id", help="Embeddings of this encoder (default: the store's default model).")] = None,
     name: Annotated[str | None, typer.Option("--name", help="Registry name (default: LABEL-KIND-MODEL).")] = None,
     replace: Annotated[bool, typer.Option("--replace", help="Overwrite a head of the same name.")] = False,
     as_json: JsonOpt = False,
@@ -154,7 +154,7 @@ def zero_shot(
     positive: Annotated[str | None, typer.Option("--positive", help="Prompt stating the finding (default: the lexicon's, e.g. 'apical LV thrombus').")] = None,
     negative: Annotated[str | None, typer.Option("--negative", help="Prompt denying it (default: the lexicon's, e.g. 'no LV thrombus').")] = None,
     labels: Annotated[Path | None, typer.Option("--labels", help="CSV/Parquet keyed by study_uid: the AUROC of the score with its DeLong 95% interval.")] = None,
-    model_id: Annotated[str | None, typer.Option("--model-id", help="Embeddings and text tower of this encoder (default: the store's latest).")] = None,
+    model_id: Annotated[str | None, typer.Option("--model-id", help="Embeddings and text tower of this encoder (default: the store's default model).")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Write the scores (study_uid,score[,label]) as CSV here instead of stdout.")] = None,
     as_json: JsonOpt = False,
 ) -> None:

@@ -70,6 +70,27 @@ class StoreLayout:
         """The file naming the store's newest trained encoder."""
         return self.encoders / "LATEST"
 
+    @property
+    def default(self) -> Path:
+        """The file naming the store's default model: what search, heads and the service use
+        when no model is named (set by the first ``cmr embed`` or ``cmr encoders set-default``)."""
+        return self.encoders / "DEFAULT"
+
+    def default_model_id(self) -> str | None:
+        """The ``model_id`` that ``DEFAULT`` names, or None where none was set."""
+        try:
+            return self.default.read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def set_default(self, model_id: str) -> None:
+        """Point ``DEFAULT`` at ``model_id`` (atomically)."""
+        write_atomic(self.default, model_id + "\n")
+
+    def encoder_card(self, model_id: str) -> Path:
+        """What the store knows of encoder ``model_id``: where it came from, its text tower."""
+        return self.encoder(model_id) / "card.json"
+
     def run(self, name: str) -> Path:
         """A training run's folder (checkpoint/ and metrics.csv)."""
         return self.encoders / "runs" / name

@@ -22,13 +22,18 @@ __all__ = [
     "LoadReport",
     "checkpoint_model_id",
     "export_encoder",
+    "has_text_tower",
     "load_checkpoint",
     "load_text_encoder",
     "load_video_encoder",
     "save_checkpoint",
+    "save_vision_checkpoint",
 ]
 
 FORMAT = "cmr-encoder/1"
+#: a vision tower alone (the published checkpoint registered in a store): video.safetensors
+#: + config.json, named by the ``model_id`` of the file it came from
+VISION_FORMAT = "cmr-vision/1"
 #: configuration of the published checkpoint: MViT-B 16x4 with the seed code's preprocessing
 PUBLISHED_CONFIG = "mvit_b_16x4_published"
 #: prefixes of the published Lightning state_dict that hold the vision tower
@@ -82,11 +87,42 @@ def _hash_files(*paths: Path) -> str:
 
 
 def checkpoint_model_id(path: Path) -> str:
-    """Content hash of a checkpoint (our folder: weights + config; a published file: its bytes)."""
+    """Content hash of a checkpoint (our folder: weights + config; a published file: its bytes;
+    a registered vision tower: the hash of the file it came from, which its config records)."""
     path = Path(path)
     if path.is_dir():
+        meta = _meta(path)
+        if meta.get("format") == VISION_FORMAT:
+            return meta["model_id"]
         return _hash_files(path / "model.safetensors", path / "config.json")
     return _hash_files(path)
+
+
+def _meta(folder: Path) -> dict:
+    try:
+        return json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):  # not a folder of ours
+        return {}
+
+
+def has_text_tower(folder: Path) -> bool:
+    """Whether an encoder folder holds a text tower (ours does; a registered vision tower not)."""
+    return _meta(folder).get("format") == FORMAT and (Path(folder) / "model.safetensors").exists()
+
+
+def save_vision_checkpoint(video: torch.nn.Module, cfg: EncoderConfig, out_dir: Path, model_id: str,
+                           source: str) -> None:
+    """Write a vision tower alone as ``out_dir/{video.safetensors, config.json}`` (the
+    caller publishes the folder): what a store keeps of a checkpoint that has no text tower."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in video.state_dict().items()}
+    save_file(state, out_dir / "video.safetensors", metadata={"format": VISION_FORMAT})
+    (out_dir / "config.json").write_text(json.dumps(
+        {"format": VISION_FORMAT, "model_id": model_id, "source": source, "config": cfg.to_dict()}, indent=2))
+    for f in out_dir.iterdir():
+        with open(f, "rb") as fp:
+            os.fsync(fp.fileno())
 
 
 def save_checkpoint(model: torch.nn.Module, cfg: EncoderConfig, out_dir: Path, step: int,
@@ -182,7 +218,10 @@ def load_video_encoder(path: Path, allow_partial: bool = False, trust_pickle: bo
     path = Path(path)
     if not path.exists():
         raise InputError(f"checkpoint {path} does not exist")
-    if path.is_dir():
+    if path.is_dir() and _meta(path).get("format") == VISION_FORMAT:
+        cfg = EncoderConfig.from_dict(_meta(path)["config"])
+        state, ignored = load_file(path / "video.safetensors"), 0
+    elif path.is_dir():
         cfg, full, _ = _read_ours(path)
         state = {k.removeprefix("video."): v for k, v in full.items() if k.startswith("video.")}
         ignored = len(full) - len(state)

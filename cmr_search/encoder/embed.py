@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from cmr_search.core.exceptions import InputError
 from cmr_search.core.layout import StoreLayout
-from cmr_search.encoder.checkpoint import load_checkpoint, load_text_encoder, load_video_encoder
+from cmr_search.encoder.checkpoint import has_text_tower, load_checkpoint, load_text_encoder, load_video_encoder
 from cmr_search.encoder.video import preprocess_batch
 
 __all__ = ["EmbedReport", "Embedder", "TextQueryEncoder", "embed_store", "embed_study", "encode_study"]
@@ -42,11 +42,16 @@ class TextQueryEncoder:
         """The text tower of encoder ``model_id`` in this store."""
         with self._lock:
             if model_id not in self._towers:
-                folder = self.layout.encoder(model_id)
-                if not (folder / "model.safetensors").exists():
-                    raise InputError(f"model {model_id} has no text tower in {folder}; text search needs "
-                                     "an encoder trained in this store (`cmr train-encoder`)")
-                self._towers[model_id] = load_text_encoder(folder)
+                from cmr_search.encoder.registry import EncoderRegistry
+
+                card = EncoderRegistry(self.layout.root).card(model_id)  # an unregistered model says how to fix it
+                if not card["text_tower"]:
+                    raise InputError(
+                        f"model {model_id} ({card['origin']}, from {card['source'] or 'this store'}) is a vision "
+                        "tower without a text tower, so it cannot embed a text query; search it by study "
+                        "(`cmr search --study UID`), or search text with a model that has one (`cmr encoders "
+                        "list` shows which do)")
+                self._towers[model_id] = load_text_encoder(self.layout.encoder(model_id))
             return self._towers[model_id]
 
     def plain(self, model_id: str, texts: list[str]) -> np.ndarray:
@@ -79,11 +84,12 @@ class Embedder:
                  compile_batch: int = 16):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         checkpoint = Path(checkpoint)
-        if checkpoint.is_dir():
+        if has_text_tower(checkpoint):  # our folder: the trained pooling too
             model, cfg, self.model_id, _ = load_checkpoint(checkpoint, text=False)
             self.video, self.pool, self.preprocess, self.dim = model.video, model, cfg.preprocess, cfg.dim
         else:
-            # config: which architecture a published .ckpt holds (default: MViT-B 16x4)
+            # a vision tower alone (registered, or the published .ckpt; config: which
+            # architecture a published .ckpt holds, default MViT-B 16x4)
             self.video = load_video_encoder(checkpoint, allow_partial=allow_partial, trust_pickle=trust_pickle,
                                             config=config)
             self.pool, self.preprocess, self.model_id = None, self.video.preprocess, self.video.model_id
@@ -151,6 +157,7 @@ class EmbedReport:
     clips_skipped: int  # already embedded with this model_id
     studies: int
     seconds: float
+    default_model: str | None = None  # the store's default model after this run
 
     def to_dict(self) -> dict:
         """JSON-able summary."""
@@ -159,9 +166,14 @@ class EmbedReport:
 
 def embed_store(store_root: Path, checkpoint: Path, batch_size: int = 32, commit_every: int = 512,
                 device: str | None = None, progress: bool = True, index_config=None,
-                before_commit: Callable[[str], None] | None = None, **load_options) -> EmbedReport:
+                before_commit: Callable[[str], None] | None = None, set_default: bool | None = None,
+                **load_options) -> EmbedReport:
     """Embed the clips not yet embedded with this checkpoint's model_id (so a killed run
     resumes where its last commit ended), then pool every study of the model again.
+
+    The checkpoint is registered in the store first (``EncoderRegistry``: a folder from
+    elsewhere or the published file is kept under ``STORE/encoders/<model_id>``). The model
+    becomes the store's default when ``set_default``, or (None) when the store has none yet.
 
     Each commit holds the store's write lock and keeps only rows derived from what is still
     stored as it was read (``EmbeddingStore.commit_views``, ``commit_studies``), so a study
@@ -177,9 +189,15 @@ def embed_store(store_root: Path, checkpoint: Path, batch_size: int = 32, commit
     from cmr_search.store.index import VectorIndex
     from cmr_search.store.withdrawal import finish_pending_withdrawals
 
+    from cmr_search.encoder.registry import EncoderRegistry
+
     started = time.monotonic()
     store = ClipStore.open(store_root)
-    embedder = Embedder(checkpoint, device=device, compile_batch=batch_size, **load_options)
+    registry = EncoderRegistry(store_root)
+    model_id = registry.register(checkpoint, **{k: v for k, v in load_options.items()
+                                               if k in ("allow_partial", "trust_pickle", "config")})
+    embedder = Embedder(registry.layout.encoder(model_id), device=device, compile_batch=batch_size,
+                        compile=load_options.get("compile", False))
     tables = EmbeddingStore(store, embedder.dim)
     finish_pending_withdrawals(tables)  # never embed (or index) a study a crash left half-withdrawn
     embedded = skipped = 0
@@ -201,7 +219,9 @@ def embed_store(store_root: Path, checkpoint: Path, batch_size: int = 32, commit
     n_studies = _pool_studies(tables, embedder, before_commit)
     for table in ("views", "studies"):  # the FAISS indexes reflect the new rows before we return
         VectorIndex.open(tables, table, embedder.model_id, index_config or IndexConfig())
-    return EmbedReport(embedder.model_id, embedded, skipped, n_studies, time.monotonic() - started)
+    if set_default or (set_default is None and registry.default is None):
+        registry.set_default(embedder.model_id)
+    return EmbedReport(embedder.model_id, embedded, skipped, n_studies, time.monotonic() - started, registry.default)
 
 
 def _embed_clips(tables, corpus, embedder: Embedder, todo: list[dict], batch_size: int, commit_every: int,

@@ -35,6 +35,7 @@ from cmr_search.encoder.data import (
 )
 from cmr_search.encoder.loss import ContrastiveLoss, gather_with_grad
 from cmr_search.encoder.model import CmrClip
+from cmr_search.encoder.registry import EncoderRegistry
 from cmr_search.metrics.retrieval import retrieval_summary
 
 __all__ = ["ReportCache", "TrainResult", "Trainer", "any_rank", "latest_checkpoint", "lr_at", "micro_step"]
@@ -381,5 +382,6 @@ class Trainer:
         if self.rank != 0:
             return None
         model_id, final = export_encoder(self.model, self.cfg, self.store_root, self.step, latest=True)
+        EncoderRegistry(self.store_root).note(model_id, "trained", source=f"run {self.run_dir.name}")
         self.log(f"encoder {model_id} after {self.step} steps ({self.elapsed / 60:.1f} min): {final}")
         return TrainResult(final, model_id, self.step, self.elapsed, self.val)

@@ -29,9 +29,13 @@ def random_baseline(store_root: Path, model_id: str, seed: int = 0) -> Path:
         raise InputError(f"no encoder {model_id} in {layout.encoders}; the random baseline copies a trained encoder's "
                          "architecture (train one with `cmr train-encoder`)")
     cfg = EncoderConfig.from_dict(json.loads(meta.read_text())["config"])
+    from cmr_search.encoder.registry import EncoderRegistry
+
     torch.manual_seed(seed)
     model = CmrClip(cfg).eval()
-    return export_encoder(model, cfg, store_root, step=0, latest=False)[1]
+    baseline_id, folder = export_encoder(model, cfg, store_root, step=0, latest=False)
+    EncoderRegistry(store_root).note(baseline_id, "baseline", source=f"random init, seed {seed}", baseline_of=model_id)
+    return folder
 
 
 def embed_random_baseline(store_root: Path, model_id: str, seed: int = 0, index_config=None,
@@ -41,4 +45,4 @@ def embed_random_baseline(store_root: Path, model_id: str, seed: int = 0, index_
     from cmr_search.encoder.embed import embed_store
 
     folder = random_baseline(store_root, model_id, seed)
-    return embed_store(store_root, folder, progress=progress, index_config=index_config).model_id
+    return embed_store(store_root, folder, progress=progress, index_config=index_config, set_default=False).model_id

@@ -76,7 +76,7 @@ def _reports(store, study_uids: list[str]) -> list[str | None]:
 
 def evaluate_store(store_root: Path, cfg: EvalConfig | None = None, model_id: str | None = None,
                    labels_path: Path | None = None, index_config=None, log=print) -> Evaluation:
-    """Evaluate the embeddings of ``model_id`` (default: the store's latest) against the
+    """Evaluate the embeddings of ``model_id`` (default: the store's default model) against the
     store's labels and reports, and against the random-init baseline (``cfg.baseline``)."""
     from cmr_search.encoder.embed import TextQueryEncoder
     from cmr_search.heads.data import load_bags

@@ -123,7 +123,7 @@ class ZeroShot:
 def zero_shot(store_root: Path, label: str, positive: str | None = None, negative: str | None = None,
               labels_path: Path | None = None, model_id: str | None = None, level: float = 0.95,
               encode_text: TextEncoder | None = None) -> ZeroShot:
-    """Score every embedded study of ``model_id`` (default: the store's latest) for ``label``
+    """Score every embedded study of ``model_id`` (default: the store's default model) for ``label``
     with that encoder's text tower (``encode_text``, default the store's
     ``TextQueryEncoder``); with ``labels_path`` (CSV/Parquet keyed by study_uid, as
     ``cmr heads train`` reads) also the AUROC against its 0/1 ``label`` column."""

@@ -53,18 +53,21 @@ class Hit:
 
 
 def default_model_id(store: EmbeddingStore) -> str:
-    """The model to search: the store's latest trained encoder when it has study embeddings,
-    else the only model that has them."""
+    """The model to search: the store's default (``cmr encoders set-default``; the first model
+    embedded) when it has study embeddings, else (a store from before defaults) its latest
+    trained encoder, else the only model that has them."""
     present = store.model_ids("studies")
     if not present:
         raise StoreError(f"{store.root} has no study embeddings; run `cmr embed --store {store.root}` first")
-    latest = StoreLayout(store.root).latest_model_id()
-    if latest in present:
-        return latest
+    layout = StoreLayout(store.root)
+    for model_id in (layout.default_model_id(), layout.latest_model_id()):
+        if model_id in present:
+            return model_id
     if len(present) == 1:
         return next(iter(present))
-    raise InputError(f"{store.root} holds embeddings of several models ({', '.join(sorted(present))}); "
-                     "name one with --model-id")
+    raise InputError(f"{store.root} holds embeddings of several models ({', '.join(sorted(present))}) and no "
+                     f"default among them; name one with --model-id, or set one with `cmr encoders set-default ID "
+                     f"--store {store.root}`")
 
 
 class Searcher:

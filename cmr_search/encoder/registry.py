@@ -1,0 +1,161 @@
+"""The encoders a store holds: ``STORE/encoders/<model_id>/`` with a card, and the store's
+default model.
+
+Every model whose embeddings are in the store is registered here, wherever it was trained:
+a checkpoint folder of ours from another store is copied in, the published ``cmr_c0.1``
+Lightning file is kept as its vision tower alone (``VISION_FORMAT``: it has no text tower).
+Folders are content-addressed by ``model_id``, so the same weights are never stored twice.
+The card (``card.json``, beside the weights, not part of the hash) says where a model came
+from and whether it has a text tower; ``DEFAULT`` names the model that search, heads and the
+service use when none is named: the first model embedded, or the user's choice. Evaluation
+baselines never become the default.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from cmr_search.core.exceptions import InputError
+from cmr_search.core.layout import StoreLayout, publish_folder, write_atomic
+from cmr_search.encoder.checkpoint import (
+    FORMAT,
+    PUBLISHED_CONFIG,
+    VISION_FORMAT,
+    checkpoint_model_id,
+    has_text_tower,
+    load_video_encoder,
+    save_vision_checkpoint,
+)
+from cmr_search.encoder.config import EncoderConfig, load_config
+
+__all__ = ["ORIGINS", "EncoderRegistry"]
+
+#: where a registered model came from
+ORIGINS = ("trained", "imported", "published", "baseline")
+
+
+class EncoderRegistry:
+    """The encoders of one store, their cards and the default model."""
+
+    def __init__(self, store_root: Path):
+        self.layout = StoreLayout(store_root)
+
+    # -- reading ------------------------------------------------------------------------------
+    def model_ids(self) -> list[str]:
+        """Registered models (a folder with a config), oldest first."""
+        if not self.layout.encoders.exists():
+            return []
+        found = [p for p in self.layout.encoders.iterdir()
+                 if p.is_dir() and not p.name.startswith(".") and p.name != "runs" and (p / "config.json").exists()]
+        return [p.name for p in sorted(found, key=lambda p: (self._card_at(p).get("registered_at", ""), p.name))]
+
+    def card(self, model_id: str) -> dict:
+        """What the store knows of one model; a folder without a card (a store from before
+        cards) gets one read from its config."""
+        folder = self.layout.encoder(model_id)
+        if not (folder / "config.json").exists():
+            have = ", ".join(self.model_ids()) or "none"
+            raise InputError(f"no encoder {model_id!r} is registered in {self.layout.root} (registered: {have}); "
+                             "`cmr embed --checkpoint PATH` registers the encoder it embeds with")
+        return self._card_at(folder)
+
+    def _card_at(self, folder: Path) -> dict:
+        try:
+            return json.loads((folder / "card.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return _card(folder, "trained", source="")
+
+    def config(self, model_id: str) -> EncoderConfig:
+        """A registered model's configuration."""
+        self.card(model_id)
+        meta = json.loads((self.layout.encoder(model_id) / "config.json").read_text())
+        return EncoderConfig.from_dict(meta["config"])
+
+    @property
+    def default(self) -> str | None:
+        """The store's default model, where one is set."""
+        return self.layout.default_model_id()
+
+    # -- writing ------------------------------------------------------------------------------
+    def set_default(self, model_id: str) -> None:
+        """Make ``model_id`` (registered) the store's default model."""
+        card = self.card(model_id)
+        if card["origin"] == "baseline":
+            raise InputError(f"{model_id} is the evaluation's random-init baseline; it cannot be the default model")
+        self.layout.set_default(model_id)
+
+    def register(self, checkpoint: Path, origin: str | None = None, *, allow_partial: bool = False,
+                 trust_pickle: bool = False, config: str | None = None) -> str:
+        """Make sure the model of ``checkpoint`` (a folder of ours anywhere, or a published
+        ``.ckpt``) is registered in this store; its ``model_id``. ``origin`` defaults to
+        "trained" for a folder already in this store, "imported" for another folder and
+        "published" for a Lightning file."""
+        checkpoint = Path(checkpoint)
+        if not checkpoint.exists():
+            raise InputError(f"checkpoint {checkpoint} does not exist")
+        model_id = checkpoint_model_id(checkpoint)
+        final = self.layout.encoder(model_id)
+        if (final / "config.json").exists():
+            if not (final / "card.json").exists():  # a store from before cards
+                self._write_card(final, _card(final, origin or "trained", checkpoint.name))
+            return model_id
+        tmp = self.layout.encoders / f".register-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            if checkpoint.is_dir():
+                if not (has_text_tower(checkpoint) or _format(checkpoint) == VISION_FORMAT):
+                    raise InputError(f"{checkpoint} is not an encoder folder (needs model.safetensors and config.json)")
+                tmp.mkdir(parents=True)
+                for name in ("model.safetensors", "video.safetensors", "config.json"):
+                    if (checkpoint / name).exists():
+                        shutil.copy2(checkpoint / name, tmp / name)
+                origin = origin or "imported"
+            else:
+                video = load_video_encoder(checkpoint, allow_partial=allow_partial, trust_pickle=trust_pickle,
+                                           config=config)
+                cfg = load_config(config or PUBLISHED_CONFIG)
+                save_vision_checkpoint(video, cfg, tmp, model_id, checkpoint.name)
+                origin = origin or "published"
+            self._write_card(tmp, _card(tmp, origin, checkpoint.name))
+            publish_folder(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return model_id
+
+    def note(self, model_id: str, origin: str, **extra) -> None:
+        """Record a model's origin (training writes "trained", the evaluation "baseline")."""
+        folder = self.layout.encoder(model_id)
+        card = self._card_at(folder) | {"origin": origin, **extra}
+        self._write_card(folder, card)
+
+    @staticmethod
+    def _write_card(folder: Path, card: dict) -> None:
+        if card["origin"] not in ORIGINS:
+            raise InputError(f"unknown encoder origin {card['origin']!r}; one of {', '.join(ORIGINS)}")
+        write_atomic(folder / "card.json", json.dumps(card, indent=2))
+
+
+def _format(folder: Path) -> str | None:
+    try:
+        return json.loads((Path(folder) / "config.json").read_text()).get("format")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _card(folder: Path, origin: str, source: str) -> dict:
+    """A card from what the folder holds: its config's name and step, its text tower."""
+    meta = json.loads((Path(folder) / "config.json").read_text())
+    cfg = meta.get("config", {})
+    return {
+        "model_id": checkpoint_model_id(folder) if meta.get("format") in (FORMAT, VISION_FORMAT) else Path(folder).name,
+        "origin": origin,
+        "source": source,  # the file or folder name it came from (no machine path)
+        "config": cfg.get("name", "custom"),
+        "step": meta.get("step"),
+        "text_tower": has_text_tower(folder),
+        "registered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
