@@ -1,5 +1,6 @@
-"""``cmr heads train|list|predict|evaluate|zero-shot``: heads on the stored embeddings, their
-registry, and zero-shot labels from a prompt pair."""
+"""``cmr heads train|list|predict|evaluate|export|import|zero-shot``: heads on the stored
+embeddings, their registry (portable between stores as one file), and zero-shot labels from
+a prompt pair."""
 
 from __future__ import annotations
 
@@ -145,6 +146,51 @@ def evaluate(
     for problem in result["label_problems"]:
         err.print(f"  [yellow]note[/] {problem}")
     err.print(f"{head} on {result['scope']} ({result['studies']} studies):\n" + _fmt(result["metrics"]))
+
+
+@heads_app.command("export")
+def export_head(
+    name: Annotated[str, typer.Argument(help="A registered head's name (`cmr heads list`).")],
+    out: Annotated[Path, typer.Option("--out", help="The head file to write (a folder: NAME.head.safetensors in it).")],
+    store: StoreOpt = None,
+) -> None:
+    """Write a head (weights and card, with its encoder's model_id) to one file for another store."""
+    from cmr_search.heads import HeadRegistry
+
+    try:
+        registry = HeadRegistry(store_dir(store, Settings()))
+        path = registry.export(name, out)
+        model_id = registry.card(name)["model_id"]
+    except CmrError as error:
+        fail(error)
+    err.print(f"head {name} written to {path}; it runs on embeddings of model {model_id} "
+              f"(embed the other store with that encoder, then `cmr heads import {path.name} --store OTHER`)")
+
+
+@heads_app.command("import")
+def import_head(
+    path: Annotated[Path, typer.Argument(help="A head file written by `cmr heads export`.")],
+    store: StoreOpt = None,
+    name: Annotated[str | None, typer.Option("--name", help="Register it under this name (default: its own).")] = None,
+    replace: Annotated[bool, typer.Option("--replace", help="Overwrite a head of the same name.")] = False,
+) -> None:
+    """Register a head exported from another store; it predicts once this store holds
+    embeddings of the head's encoder."""
+    from cmr_search.heads import HeadRegistry
+    from cmr_search.store.embedding_store import EmbeddingStore
+
+    root = store_dir(store, Settings())
+    try:
+        registry = HeadRegistry(root)
+        name = registry.import_file(path, name, replace)
+        model_id = registry.card(name)["model_id"]
+        have = EmbeddingStore.open(root).model_ids("studies") if (root / "lance").exists() else {}
+    except CmrError as error:
+        fail(error)
+    err.print(f"head {name} imported (model {model_id})")
+    if model_id not in have:
+        err.print(f"  [yellow]note[/] this store holds no embeddings of model {model_id} yet; embed it with that "
+                  f"encoder before predicting: `cmr embed --store {root} --checkpoint <its folder>/encoders/{model_id}`")
 
 
 @heads_app.command("zero-shot")

@@ -219,6 +219,10 @@ def load_labels(store: EmbeddingStore, bags: Bags, names: list[str], path: Path 
     missing = int((np.isnan(values).all(axis=1) & (rows >= 0)).sum())
     if missing:
         problems.append(f"{missing} studies have no value for {', '.join(names)}; they are not used")
+    if row_of and not (rows >= 0).any():
+        raise InputError(f"none of the {len(row_of)} studies of {source} has an embedding of model {bags.model_id} "
+                         "in this store: are they another store's studies? Score a head there: `cmr heads export` "
+                         "it, `cmr heads import` it into that store, and run `cmr heads evaluate --store THAT_STORE`")
     if not (~np.isnan(values)).any():
         raise InputError(f"no embedded study has a usable value of {', '.join(names)} in {source}")
     return LabelSet(list(names), values, infer_task(values, names, task), source, digest, problems)

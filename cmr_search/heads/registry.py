@@ -39,6 +39,7 @@ from cmr_search.store.withdrawal import finish_pending_withdrawals
 __all__ = ["CARD_FORMAT", "Head", "HeadRegistry", "evaluate_head", "open_store", "predict_head", "train_head"]
 
 CARD_FORMAT = "cmr-head/1"
+HEAD_FILE_FORMAT = "cmr-head-file/1"  # one exported head: weights + the card in the metadata
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 
 
@@ -113,10 +114,64 @@ class HeadRegistry:
                 "training_seconds": round(trained.seconds, 3), "epochs": trained.epochs,
                 "best_epoch": trained.best_epoch, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 **extra}
+        return self._publish(name, trained.model.state_dict(), card)
+
+    def export(self, name: str, out: Path) -> Path:
+        """One head as one safetensors file: its weights, and its card in the file's metadata
+        (``cmr heads import`` reads it in another store). Written by rename: never half a file."""
+        card = self.card(name)
+        out = Path(out)
+        if out.is_dir():
+            out = out / f"{name}.head.safetensors"
+        state = load_file(self.root / name / "model.safetensors")
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        try:
+            save_file(state, tmp, metadata={"format": HEAD_FILE_FORMAT, "card": json.dumps(card)})
+            os.replace(tmp, out)
+        except OSError as error:
+            tmp.unlink(missing_ok=True)
+            raise InputError(f"cannot write the head to {out}: {error.strerror}; choose another --out") from None
+        return out
+
+    def import_file(self, path: Path, name: str | None = None, replace: bool = False) -> str:
+        """Register the head of an exported file under ``name`` (default: its own); its name.
+        The card keeps the encoder's ``model_id``: the head runs on embeddings of that model."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        try:
+            with safe_open(str(path), "pt") as fp:
+                meta = fp.metadata() or {}
+                state = {k: fp.get_tensor(k) for k in fp.keys()}
+        except FileNotFoundError:
+            raise InputError(f"head file {path} does not exist") from None
+        except Exception as error:  # safetensors raises its own error types for a foreign file
+            raise InputError(f"{path} is not a head file written by `cmr heads export` ({error})") from None
+        if meta.get("format") != HEAD_FILE_FORMAT or "card" not in meta:
+            raise InputError(f"{path} is not a head file written by `cmr heads export` (format {meta.get('format')!r})")
+        card = json.loads(meta["card"])
+        if card.get("format") != CARD_FORMAT:
+            raise InputError(f"{path} holds a head of card format {card.get('format')!r}; this version reads {CARD_FORMAT}")
+        name = name or card["name"]
+        if not _NAME.match(name):
+            raise InputError(f"head name {name!r}: use letters, digits, '.', '_', '+' and '-' (up to 128)")
+        final = self.root / name
+        if final.exists() and not replace:
+            raise InputError(f"a head named {name} exists; pass --replace to overwrite it or choose another --name")
+        card = card | {"name": name, "imported_from": path.name,
+                       "imported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        cfg = HeadConfig.from_dict(card["config"])
+        build_head(cfg, card["task"], card["dim"], len(card["labels"])).load_state_dict(state)  # refuse a bad file now
+        self._publish(name, state, card)
+        return name
+
+    def _publish(self, name: str, state: dict, card: dict) -> Path:
+        """Weights and card into ``heads/name`` by one rename (an old head of that name replaced)."""
+        final = self.root / name
         tmp = self.root / f".{name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in trained.model.state_dict().items()}, tmp / "model.safetensors",
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors",
                   metadata={"format": CARD_FORMAT})
         (tmp / "card.json").write_text(json.dumps(_jsonable(card), indent=2))
         old = self.root / f".{name}.old-{os.getpid()}"
@@ -145,9 +200,25 @@ def open_store(store_root: Path) -> EmbeddingStore:
     return store
 
 
+def _require_embeddings(store: EmbeddingStore, head: Head) -> None:
+    """A head imported from another store runs only once this store holds its encoder's embeddings."""
+    have = store.model_ids("studies")
+    if head.model_id in have:
+        return
+    layout = StoreLayout(store.root)
+    where = (f"{layout.encoder(head.model_id)}" if (layout.encoder(head.model_id) / "config.json").exists()
+             else f"<the store the head was trained in>/encoders/{head.model_id}")
+    raise InputError(f"head {head.name} runs on embeddings of model {head.model_id}, which {store.root} does not hold"
+                     + (f" (it holds {', '.join(sorted(have))})" if have else "")
+                     + f"; embed this store with that encoder first: `cmr embed --store {store.root} --checkpoint {where}`")
+
+
 def predict_head(store_root: Path, name: str, study_uids: list[str]) -> list[dict]:
     """Predictions of registered head ``name`` for stored studies (see ``Head.predict``)."""
-    return HeadRegistry(store_root).load(name).predict(open_store(store_root), study_uids)
+    store = open_store(store_root)
+    head = HeadRegistry(store_root).load(name)
+    _require_embeddings(store, head)
+    return head.predict(store, study_uids)
 
 
 def train_head(store_root: Path, labels: list[str], cfg: HeadConfig | None = None, labels_path: Path | None = None,
@@ -174,6 +245,7 @@ def evaluate_head(store_root: Path, name: str, labels_path: Path | None = None) 
     external test set)."""
     store = open_store(store_root)
     head = HeadRegistry(store_root).load(name)
+    _require_embeddings(store, head)
     card = head.card
     bags = load_bags(store, head.model_id)
     label_set = load_labels(store, bags, card["labels"], labels_path, card["task"])
