@@ -13,10 +13,12 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-# Lance's native logger warns on routine events (a table created on first write); keep
-# stderr for what the user must read. Must be set before lancedb is imported.
-if not os.environ.get("LANCE_LOG"):
-    os.environ["LANCE_LOG"] = "error"
+# Lance's native loggers warn on routine events ("No existing dataset at /abs/path/labels.lance,
+# it will be created", on a store's first label import); keep stderr for what the user must
+# read, without machine paths. lancedb's logger reads LANCEDB_LOG, Lance's own LANCE_LOG;
+# both must be set before lancedb is imported.
+for _var in ("LANCE_LOG", "LANCEDB_LOG"):
+    os.environ.setdefault(_var, "error")
 
 import typer
 from rich.table import Table

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cmr_search.core.exceptions import InputError
 from cmr_search.core.progress import progress_bar
 from cmr_search.ingest.clips import PixelError, clip_frames, decode_stack, make_clip, read_frames
 from cmr_search.ingest.config import IngestConfig
@@ -299,9 +300,10 @@ def _commit(store: ClipStore, studies: list[list[dict]], report: IngestReport) -
             rows += study_rows
             for r in study_rows:
                 report.views[r["view"]] = report.views.get(r["view"], 0) + 1
-        inserted, updated = store.upsert_clips(rows)
+        inserted, updated, unchanged = store.upsert_clips(rows, skip_unchanged=True)
     report.clips_inserted += inserted
     report.clips_updated += updated
+    report.clips_unchanged += unchanged
 
 
 def ingest_into(paths: list[Path], root: Path, cfg: IngestConfig, configured_salt: SecretStr | str | None = None,
@@ -311,9 +313,20 @@ def ingest_into(paths: list[Path], root: Path, cfg: IngestConfig, configured_sal
     # lancedb only here: forked workers preload this module and must not inherit its runtime
     from cmr_search.store.clip_store import ClipStore
 
-    store = ClipStore.open(root, cfg.clip, create=True)
-    salt = patient_salt(store.layout, configured_salt)
-    return ingest(paths, store, cfg, salt, reports=reports, labels=labels, progress=progress)
+    root = Path(root)
+    made = [p for p in (root, *root.parents) if not p.exists()]  # what this call creates
+    for path in paths:  # a mistyped path fails before any store is made
+        if not Path(path).exists():
+            raise InputError(f"{path} does not exist; give a DICOM folder, a zip or a file")
+    try:
+        store = ClipStore.open(root, cfg.clip, create=True)
+        salt = patient_salt(store.layout, configured_salt)
+        report = ingest(paths, store, cfg, salt, reports=reports, labels=labels, progress=progress)
+    except BaseException:
+        if made:  # a store this call began and did not finish is not left behind half-made
+            shutil.rmtree(made[-1], ignore_errors=True)
+        raise
+    return report
 
 
 def _scan(pool, refs, cfg: IngestConfig, salt: bytes, scratch: Path, report: IngestReport, bar) -> tuple[list[StudyPlan], dict]:

@@ -22,7 +22,8 @@ class IngestReport:
     studies_found: int = 0
     studies_written: int = 0
     clips_inserted: int = 0
-    clips_updated: int = 0
+    clips_updated: int = 0  # stored before, now with other pixels or metadata
+    clips_unchanged: int = 0  # stored before exactly so: not written again
     views: dict[str, int] = field(default_factory=dict)
     skipped: list[dict] = field(default_factory=list)  # by design: localizers, LGE, flow, repeats
     rejected: list[dict] = field(default_factory=list)  # bad input

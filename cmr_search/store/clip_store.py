@@ -180,10 +180,13 @@ class ClipStore:
         """The Lance table of canonical clips."""
         return self._table("clips", CLIP_SCHEMA, CLIP_STORAGE_VERSION)
 
-    def upsert_clips(self, rows: list[dict]) -> tuple[int, int]:
-        """Insert or replace clips by ``clip_id`` in one commit; returns (inserted, updated)."""
+    def upsert_clips(self, rows: list[dict], skip_unchanged: bool = False) -> tuple[int, int, int]:
+        """Insert or replace clips by ``clip_id`` in one commit; returns (inserted, updated,
+        unchanged). With ``skip_unchanged``, a clip stored with the same pixels and metadata
+        is left as it is (its ``ingested_at`` too, so its embeddings stay current): ingesting
+        the same files again writes nothing."""
         if not rows:
-            return 0, 0
+            return 0, 0, 0
         now = datetime.now(UTC)
         for r in rows:
             r.setdefault("ingested_at", now)
@@ -193,9 +196,29 @@ class ClipStore:
             # nothing to match against: a plain append (the first merge into an empty table
             # costs half a second of join set-up, a tenth of a 16-study ingest)
             table.add(data)
-            return len(rows), 0
+            return len(rows), 0, 0
+        same = 0
+        if skip_unchanged:
+            keep = self._changed(data)
+            same = len(data) - int(keep.sum())
+            data = data.filter(pa.array(keep))
+            if not len(data):
+                return 0, 0, same
         result = table.merge_insert("clip_id").when_matched_update_all().when_not_matched_insert_all().execute(data)
-        return int(result.num_inserted_rows), int(result.num_updated_rows)
+        return int(result.num_inserted_rows), int(result.num_updated_rows), same
+
+    def _changed(self, data: pa.Table, chunk: int = 256) -> np.ndarray:
+        """Per row of ``data``: True unless the stored clip of that ``clip_id`` has the same
+        value in every column but ``ingested_at`` (the pixels compared byte for byte)."""
+        columns = [f.name for f in CLIP_SCHEMA if f.name != "ingested_at"]
+        ids = data["clip_id"].to_pylist()
+        stored: dict[str, dict] = {}
+        for i in range(0, len(ids), chunk):
+            where = "clip_id IN (" + ", ".join(f"'{sql_quote(c)}'" for c in ids[i : i + chunk]) + ")"
+            for row in self.clips.search().where(where).select(columns).limit(None).to_arrow().to_pylist():
+                stored[row["clip_id"]] = row
+        new = data.select(columns).to_pylist()
+        return np.array([stored.get(r["clip_id"]) != r for r in new], dtype=bool)
 
     def count_clips(self, where: str | None = None) -> int:
         """Number of clips (optionally matching a SQL filter)."""

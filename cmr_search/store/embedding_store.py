@@ -262,7 +262,7 @@ class EmbeddingStore:
         keep = ", ".join(f"'{sql_quote(r['clip_id'])}'" for r in clip_rows)
         model = f"'{sql_quote(study_row['model_id'])}'"
         try:
-            self.clip_store.upsert_clips(clip_rows)
+            self.clip_store.upsert_clips(clip_rows)  # a re-uploaded study is replaced whole
             self.upsert_views(view_rows)
             self.upsert_studies([study_row])
             if replaced:

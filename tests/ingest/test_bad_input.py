@@ -147,6 +147,14 @@ def test_cli_exit_codes_and_json(cohort, tmp_path):
     assert doc["exit_code"] == 0 and doc["clips_inserted"] > 0
     missing = subprocess.run([*cmd, "ingest", str(tmp_path / "nope"), "--store", str(tmp_path / "s")], capture_output=True, text=True, check=False)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+    # a failed ingest into a new store leaves no store behind
+    fresh = subprocess.run([*cmd, "ingest", str(tmp_path / "nope"), "--store", str(tmp_path / "new" / "s")],
+                           capture_output=True, text=True, check=False)
+    assert fresh.returncode == 2 and not (tmp_path / "new").exists()
+    # the first label import creates the label table without Lance's warning and its machine path
+    labelled = subprocess.run([*cmd, "ingest", str(study), "--store", str(tmp_path / "l"), "--workers", "1",
+                               "--labels", str(cohort / "labels.csv")], capture_output=True, text=True, check=False)
+    assert labelled.returncode == 0 and "WARN" not in labelled.stderr and str(tmp_path) not in labelled.stderr
     mismatch = subprocess.run([*cmd, "ingest", str(study), "--store", str(tmp_path / "s"), "--size", "224"], capture_output=True, text=True, check=False)
     assert mismatch.returncode == 2 and "use a new store" in mismatch.stderr.replace("\n", " ")
     bad_labels = tmp_path / "labels.csv"

@@ -111,13 +111,20 @@ def test_clip_shape_and_metadata(ingested):
     assert report.reports_imported == report.labels_imported == report.studies_written
 
 
-def test_reingest_is_idempotent(ingested, cohort, salt):
-    store, _first = ingested
-    before = store.count_clips()
+def test_reingest_of_the_same_files_writes_nothing(ingested, cohort, salt, tmp_path):
+    from store_data import copy_store
+
+    store = ClipStore.open(copy_store(ingested[0].root, tmp_path / "store"))
+    before, version = store.count_clips(), store.clips.version
+    stamps = store.clip_metadata(["clip_id", "ingested_at"]).to_pylist()
     again = ingest([cohort / "dicom"], store, IngestConfig(workers=1), salt, progress=False)
-    assert again.clips_inserted == 0
-    assert again.clips_updated == before
-    assert store.count_clips() == before
+    assert (again.clips_inserted, again.clips_updated, again.clips_unchanged) == (0, 0, before)
+    assert store.count_clips() == before and store.clips.version == version  # not even a commit
+    assert store.clip_metadata(["clip_id", "ingested_at"]).to_pylist() == stamps  # embeddings stay current
+    # what did change is written: here the site label of every clip
+    moved = ingest([cohort / "dicom"], store, IngestConfig(workers=1, site="B"), salt, progress=False)
+    assert (moved.clips_inserted, moved.clips_updated, moved.clips_unchanged) == (0, before, 0)
+    assert set(store.clip_metadata(["site"])["site"].to_pylist()) == {"B"}
     # the rewrite left replaced rows behind: compacted away at once
     assert store.clips.stats()["fragment_stats"]["num_fragments"] == 1
 
