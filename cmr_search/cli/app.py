@@ -31,7 +31,7 @@ from cmr_search.cli.encoders import encoders_app
 from cmr_search.cli.eval import eval_command
 from cmr_search.cli.heads import heads_app
 from cmr_search.cli.serve import keys_app, serve
-from cmr_search.core.exceptions import CmrError
+from cmr_search.core.exceptions import CmrError, InputError
 from cmr_search.core.layout import StoreLayout
 from cmr_search.core.settings import Settings
 from cmr_search.store.config import IndexConfig
@@ -189,6 +189,7 @@ def search(
     store: StoreOpt = None,
     text: Annotated[str | None, typer.Option("--text", help="Text-to-scan: a findings description.")] = None,
     study: Annotated[str | None, typer.Option("--study", help="Scan-to-scan: the k nearest other studies to this study_uid.")] = None,
+    queries: Annotated[Path | None, typer.Option("--queries", help="Text-to-scan for every line of this file ('-': stdin) with one model load; JSON lines out.")] = None,
     k: Annotated[int, typer.Option("-k", "--k", min=1, max=1000, help="Studies to return.")] = 10,
     where: Annotated[str | None, typer.Option("--where", help="SQL filter, e.g. \"sex = 'F' AND age > 60\", \"view = 'SAX'\", \"lvef < 40\".")] = None,
     model_id: Annotated[str | None, typer.Option("--model-id", help="Embeddings of this encoder (default: the store's default model).")] = None,
@@ -202,18 +203,26 @@ def search(
     """
     from cmr_search.store.search import Searcher
 
-    if (text is None) == (study is None):
-        err.print("[red]error:[/] give exactly one of --text or --study")
+    if sum(x is not None for x in (text, study, queries)) != 1:
+        err.print("[red]error:[/] give exactly one of --text, --study or --queries")
         raise typer.Exit(2)
     try:
         settings = Settings()
         root = _store_dir(store, settings)
         encode_text = None
-        if text is not None:
+        if study is None:
             from cmr_search.encoder.embed import TextQueryEncoder
 
             encode_text = TextQueryEncoder(root)
         searcher = Searcher(root, model_id, IndexConfig.from_settings(settings), encode_text=encode_text)
+        if queries is not None:
+            lines = _query_lines(queries)
+            for line in lines:  # one model, loaded once; a line per query as it is answered
+                hits = searcher.by_text(line, k, where)
+                print(json.dumps({"model_id": searcher.model_id, "query": {"text": line}, "where": where, "k": k,
+                                  "hits": [h.to_dict() for h in hits]}), flush=True)
+            err.print(f"{len(lines)} queries answered (model {searcher.model_id})")
+            return
         hits = (searcher.by_text(text, k, where) if text is not None
                 else searcher.by_study(study, k, where, exclude_same_patient=other_patients))
     except CmrError as error:
@@ -233,6 +242,19 @@ def search(
                       m.get("sex") or "", "" if m.get("age") is None else f"{m['age']:.0f}", m.get("site") or "",
                       m.get("study_date") or "")
     err.print(table)
+
+
+def _query_lines(path: Path) -> list[str]:
+    """The queries of a file, one per line; blank lines and ``#`` comments left out."""
+    try:
+        text = sys.stdin.read() if str(path) == "-" else Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"cannot read the queries in {path}: {error}; give a UTF-8 text file, one query per line") from None
+    lines = [line.strip() for line in text.splitlines()]
+    lines = [line for line in lines if line and not line.startswith("#")]
+    if not lines:
+        raise InputError(f"{path} holds no query (one per line; blank lines and # comments are skipped)")
+    return lines
 
 
 @app.command(rich_help_panel="3. Search")

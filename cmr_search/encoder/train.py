@@ -89,6 +89,15 @@ class TrainResult:
     val: dict  # last validation retrieval metrics
 
 
+def progress_text(loss: float, val: dict) -> str:
+    """The progress bar's words: the loss, and the validation R@5 with its pool and chance
+    (an R@5 of 1.00 in a pool of 4 is no news)."""
+    if not val or "pool" not in val:
+        return f"loss {loss:.3f}"
+    pool = val["pool"]
+    return f"loss {loss:.3f} val R@5 {val['R@5']:.2f} of {pool} studies (chance {min(5, pool) / pool:.2f})"
+
+
 def latest_checkpoint(store_root: Path) -> Path:
     """The store's most recently trained encoder (``STORE/encoders/LATEST``)."""
     layout = StoreLayout(store_root)
@@ -338,8 +347,7 @@ class Trainer:
             if self.step % t.checkpoint_every == 0:
                 self._checkpoint()
             if bar:
-                bar[0].update(bar[1], completed=self.step,
-                              description=f"loss {row['loss']:.3f} R@5 {self.val.get('R@5', float('nan')):.2f}")
+                bar[0].update(bar[1], completed=self.step, description=progress_text(row["loss"], self.val))
         if self.rank == 0:
             self._write_rows(metrics_path, window)
         if bar:

@@ -14,7 +14,7 @@ def test_help_lists_commands_in_pipeline_order():
     assert out.returncode == 0
     names = [line.strip("│ ").split()[0] for line in out.stdout.splitlines() if line.startswith("│ ") and "--" not in line]
     # commands in pipeline order, then the command groups (typer lists groups last)
-    assert names == ["synth", "ingest", "train-encoder", "embed", "search", "delete", "eval", "serve", "keys", "demo", "heads"]
+    assert names == ["synth", "ingest", "train-encoder", "embed", "encoders", "search", "delete", "eval", "serve", "keys", "demo", "heads"]
 
 
 def test_synth_writes_dicom_and_tables(tmp_path):
@@ -26,3 +26,27 @@ def test_synth_writes_dicom_and_tables(tmp_path):
     for name in ("reports.csv", "labels.csv", "truth.csv"):
         assert (tmp_path / "c" / name).stat().st_size > 0
     assert any((tmp_path / "c" / "dicom").rglob("*.dcm"))
+
+
+def test_a_file_of_queries_is_answered_in_one_call(trained_store, tmp_path):
+    import json
+    import os
+
+    root, model_id = trained_store
+    file = tmp_path / "queries.txt"
+    file.write_text("# paraphrased clinical queries\nseverely dilated left ventricle\n\nno LV thrombus\n")
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    out = subprocess.run([sys.executable, "-m", "cmr_search.cli", "search", "--store", str(root), "--queries", str(file),
+                          "-k", "3"], capture_output=True, text=True, env=env, check=False)
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [d["query"]["text"] for d in lines] == ["severely dilated left ventricle", "no LV thrombus"]
+    assert all(d["model_id"] == model_id and len(d["hits"]) == 3 for d in lines)
+    one = subprocess.run([sys.executable, "-m", "cmr_search.cli", "search", "--store", str(root), "--text",
+                          "no LV thrombus", "-k", "3", "--json"], capture_output=True, text=True, env=env, check=True)
+    assert json.loads(one.stdout)["hits"] == lines[1]["hits"]  # the same answer as one --text call
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing\n")
+    bad = subprocess.run([sys.executable, "-m", "cmr_search.cli", "search", "--store", str(root), "--queries", str(empty)],
+                         capture_output=True, text=True, env=env, check=False)
+    assert bad.returncode == 2 and "holds no query" in bad.stderr

@@ -343,3 +343,12 @@ def test_torchrun_ddp_on_two_cpu_ranks(enc_store, tiny_cfg_file, tmp_path):
     assert [int(r["step"]) for r in rows] == [1, 2]
     # two ranks x 4 studies: the gathered batch has 8 reports, so v->t starts near log(8), not log(4)
     assert float(rows[0]["v2t"]) > 1.7
+
+
+def test_the_progress_shows_the_validation_pool_and_chance():
+    from cmr_search.encoder.train import progress_text
+
+    assert progress_text(1.23456, {}) == "loss 1.235"
+    text = progress_text(0.5, {"R@1": 1.0, "R@5": 1.0, "pool": 4})
+    assert "R@5 1.00 of 4 studies (chance 1.00)" in text
+    assert "(chance 0.05)" in progress_text(0.5, {"R@5": 0.3, "pool": 100})
