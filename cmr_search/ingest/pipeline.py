@@ -351,6 +351,7 @@ def _scan(pool, refs, cfg: IngestConfig, salt: bytes, scratch: Path, report: Ing
     for plan in plans:
         report.skipped += [asdict(r) for r in plan.skipped]
         report.rejected += [asdict(r) for r in plan.rejected]
+        report.warnings += plan.notes
     report.phases["plan"] = round(time.perf_counter() - t0, 2)
     return [p for p in plans if p.clips], failures
 

@@ -11,11 +11,13 @@ import numpy as np
 from cmr_search.ingest.discover import FileRef
 from cmr_search.ingest.headers import FileHeader, FrameGeom, Rejection
 from cmr_search.ingest.views import (
+    LAX_VIEWS,
     apex_sign,
     decoy_reason,
     lax_view_from_geometry,
     looks_like_cine,
     plane_normal,
+    septal_angle,
     view_from_text,
 )
 
@@ -61,6 +63,7 @@ class StudyPlan:
     clips: list[ClipPlan] = field(default_factory=list)
     skipped: list[Rejection] = field(default_factory=list)  # by design
     rejected: list[Rejection] = field(default_factory=list)  # bad input
+    notes: list[str] = field(default_factory=list)  # kept, but worth a word (a second plane of one view)
 
 
 @dataclass
@@ -233,7 +236,10 @@ def plan_study(headers: list[FileHeader], min_frames: int = 8, allow_partial: bo
 
 def _classify_by_geometry(slices: list[_Slice]) -> None:
     """Name the views left unnamed: the SAX stack is the set of many parallel slices, and
-    long-axis planes are roughly perpendicular to it."""
+    long-axis planes are roughly perpendicular to it. A plane described as "LVOT" that
+    contains the LV long axis at the 3-chamber angle is the 3-chamber view (Philips names
+    its 3-chamber cine "LVOT"; the SCMR protocols call the 3-chamber view the LVOT view),
+    unless the study has a 3-chamber view of its own."""
     sax = [s for s in slices if s.view == "SAX" and s.normal is not None]
     unknown = [s for s in slices if s.view is None and s.normal is not None]
     if not sax:
@@ -251,13 +257,50 @@ def _classify_by_geometry(slices: list[_Slice]) -> None:
         for s in unknown:
             if s.view is None:
                 s.view, s.view_source = lax_view_from_geometry(s.normal, axis), "geometry"
+        _order_long_axis_planes([s for s in unknown if s.view in LAX_VIEWS], axis)
+        if not any(s.view == "3CH" for s in slices):
+            for s in slices:
+                if s.view == "LVOT" and s.normal is not None and lax_view_from_geometry(s.normal, axis) == "3CH":
+                    s.view, s.view_source = "3CH", "description+geometry"
     for s in slices:
         if s.view is None:
             s.view, s.view_source = "OTHER", "none"
 
 
+def _order_long_axis_planes(lax: list[_Slice], axis: np.ndarray) -> None:
+    """Three distinct long-axis planes of one study are its 2-, 3- and 4-chamber views in
+    the order of their rotation away from the septum: a study's planes relative to each
+    other say more than one plane against an anatomical prior (hearts sit at other angles
+    in other patients, and the prior's thresholds then misname a plane)."""
+    planes: list[list[_Slice]] = []
+    for s in lax:
+        for group in planes:
+            if abs(float(np.dot(group[0].normal, s.normal))) > PARALLEL_COS:
+                group.append(s)
+                break
+        else:
+            planes.append([s])
+    if len(planes) != 3:
+        return
+    angles = [septal_angle(group[0].normal, axis) for group in planes]
+    for view, i in zip(("2CH", "3CH", "4CH"), np.argsort(angles)):
+        for s in planes[i]:
+            s.view = view
+
+
+def _same_plane(a: _Slice, b: _Slice, mm: float = 10.0) -> bool:
+    """Two slices image the same plane: parallel, and within ``mm`` of each other."""
+    if a.normal is None or b.normal is None:
+        return True  # without geometry nothing says they differ
+    dot = float(np.dot(a.normal, b.normal))
+    return abs(dot) > PARALLEL_COS and abs(a.position - np.sign(dot) * b.position) <= mm
+
+
 def _keep_last_repeats(plan: StudyPlan, slices: list[_Slice]) -> None:
-    """Where a view (or a SAX slice position) was acquired in several series, keep the last."""
+    """Where a view (or a SAX slice position) was acquired again in the same plane, keep
+    the last acquisition. Two series given the same view in different planes are both kept
+    and reported: a view named by geometry, or a second plane the protocol added, is not a
+    repeat, and dropping it would lose a cine without a word."""
     def later(s: _Slice):
         return (s.series.series_time, s.series.series_number)
 
@@ -269,22 +312,24 @@ def _keep_last_repeats(plan: StudyPlan, slices: list[_Slice]) -> None:
             groups[(s.view,)].append(s)
     dropped: set[int] = set()
     for members in groups.values():
-        series = {m.series.series_uid for m in members}
-        if len(series) < 2:
+        if len({m.series.series_uid for m in members}) < 2:
             continue
-        keep = max(members, key=later).series.series_uid
+        keep = max(members, key=later)
         for m in members:
-            if m.series.series_uid != keep and id(m) not in dropped:
+            if m.series.series_uid == keep.series.series_uid or id(m) in dropped:
+                continue
+            where = f"series {m.series.series_number} '{m.series.series_description}'"
+            if m.view == "SAX" or _same_plane(m, keep):
                 dropped.add(id(m))
-                plan.skipped.append(
-                    Rejection(
-                        f"series {m.series.series_number} '{m.series.series_description}'",
-                        f"superseded by a later acquisition of the same {m.view} view",
-                        study_uid=plan.study_uid,
-                        series_uid=m.series.series_uid,
-                        by_design=True,
-                    )
-                )
+                plan.skipped.append(Rejection(
+                    where, f"superseded by a later acquisition of the same {m.view} view in the same plane "
+                    f"(series {keep.series.series_number})", study_uid=plan.study_uid,
+                    series_uid=m.series.series_uid, by_design=True))
+            else:
+                m.view_source += ", duplicate"
+                plan.notes.append(f"study {plan.study_uid}: series {m.series.series_number} and "
+                                  f"{keep.series.series_number} are both {m.view} views in different planes; "
+                                  "both kept (view_source says 'duplicate')")
     slices[:] = [s for s in slices if id(s) not in dropped]
 
 

@@ -8,23 +8,27 @@ import re
 import numpy as np
 
 __all__ = [
+    "LAX_VIEWS",
     "VIEWS",
     "apex_sign",
     "decoy_reason",
     "lax_view_from_geometry",
     "looks_like_cine",
     "plane_normal",
+    "septal_angle",
     "view_from_text",
 ]
 
 VIEWS = ("4CH", "3CH", "2CH", "SAX", "LVOT", "OTHER")
+LAX_VIEWS = ("2CH", "3CH", "4CH")  # the long-axis planes through the LV apex, by rotation from the septum
 
 # Letters-only boundaries: vendors glue words with "_" (CINE_segmented_SAX_b3), so \b is useless.
 _B, _E = r"(?<![a-z])", r"(?![a-z])"
 _VIEW_PATTERNS: list[tuple[str, re.Pattern]] = [
-    ("4CH", re.compile(rf"4\s*-?\s*ch|four.?ch|4.?chamber|{_B}hla{_E}|lax.?4")),
-    ("3CH", re.compile(r"3\s*-?\s*ch|three.?ch|3.?chamber|lax.?3")),
-    ("2CH", re.compile(rf"2\s*-?\s*ch|two.?ch|2.?chamber|{_B}vla{_E}|lax.?2")),
+    # "4CV": four-chamber view, as some sites write it
+    ("4CH", re.compile(rf"4\s*-?\s*c[hv]|four.?ch|4.?chamber|{_B}hla{_E}|lax.?4")),
+    ("3CH", re.compile(r"3\s*-?\s*c[hv]|three.?ch|3.?chamber|lax.?3")),
+    ("2CH", re.compile(rf"2\s*-?\s*c[hv]|two.?ch|2.?chamber|{_B}vla{_E}|lax.?2")),
     ("LVOT", re.compile(r"lvot")),
     ("SAX", re.compile(rf"sax|short.?ax|{_B}sa{_E}|{_B}sa\d")),
 ]
@@ -103,13 +107,20 @@ def lax_view_from_geometry(lax_normal: np.ndarray, sax_normal: np.ndarray) -> st
     axis = sax_normal / np.linalg.norm(sax_normal)
     if abs(float(np.dot(lax_normal, axis))) > np.sin(np.radians(35)):
         return "OTHER"
-    septum = SEPTUM_PRIOR - np.dot(SEPTUM_PRIOR, axis) * axis
-    septum /= np.linalg.norm(septum)
-    n = lax_normal - np.dot(lax_normal, axis) * axis
-    n /= np.linalg.norm(n)
-    angle = np.degrees(np.arccos(min(1.0, abs(float(np.dot(n, septum))))))
+    angle = septal_angle(lax_normal, axis)
     if angle < 27:
         return "2CH"
     if angle < 68:
         return "3CH"
     return "4CH"
+
+
+def septal_angle(lax_normal: np.ndarray, sax_normal: np.ndarray) -> float:
+    """Degrees (0-90) between a long-axis plane's normal and the septal direction, both
+    projected across the LV long axis: about 0 for the 2-chamber plane, 90 for the 4-chamber."""
+    axis = sax_normal / np.linalg.norm(sax_normal)
+    septum = SEPTUM_PRIOR - np.dot(SEPTUM_PRIOR, axis) * axis
+    septum /= np.linalg.norm(septum)
+    n = lax_normal - np.dot(lax_normal, axis) * axis
+    n /= np.linalg.norm(n)
+    return float(np.degrees(np.arccos(min(1.0, abs(float(np.dot(n, septum)))))))

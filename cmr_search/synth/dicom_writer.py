@@ -56,7 +56,7 @@ TRUTH_COLUMNS = ("study_uid", "series_uid", "series_description", "style", "kind
 class StudyIdentity:
     """Study-level identifiers and the dummy PHI written into every file."""
 
-    seed: int
+    seed: int | str  # the cohort seed, with another site's name: "0/external" (see study_identity)
     study_index: int
     study_uid: str
     frame_of_reference_uid: str
@@ -68,7 +68,7 @@ class StudyIdentity:
     referring_physician: str
 
 
-def uid(seed: int, *parts) -> str:
+def uid(seed: int | str, *parts) -> str:
     """Deterministic UID under 2.25 from the cohort seed and a path of parts.
 
     A name-based (SHA-1, version 5) UUID as a 2.25 OID. pydicom's generate_uid
@@ -78,22 +78,32 @@ def uid(seed: int, *parts) -> str:
     return f"2.25.{uuid.uuid5(_UID_NAMESPACE, name).int}"
 
 
-def study_identity(params: StudyParams, seed: int, study_date: str) -> StudyIdentity:
-    """UIDs and dummy PHI of one study; visits of one patient share the patient fields."""
+DEFAULT_INSTITUTION = "ZZSYNTH Heart Institute"
+
+
+def study_identity(params: StudyParams, seed: int, study_date: str, *,
+                   institution: str = DEFAULT_INSTITUTION, namespace: str = "") -> StudyIdentity:
+    """UIDs and dummy PHI of one study; visits of one patient share the patient fields.
+
+    `namespace` (another site's name; empty for the default cohort) goes into every UID
+    and the PatientID, so that a cohort of another site with the same seed never shares
+    a study, series or patient with the default one when both go into one store.
+    """
     i, p = params.study_index, params.patient_number
+    key: int | str = f"{seed}/{namespace}" if namespace else seed
     year = int(study_date[:4]) - int(params.age)
     day_of_year = (p * 97) % 365
     birth = np.datetime64(f"{year}-01-01") + np.timedelta64(day_of_year, "D")
     accession = f"ZZSYNTH-ACC-{i:04d}" if i < 10000 else f"ZZSYNTH{i:09d}"
     return StudyIdentity(
-        seed=seed, study_index=i,
-        study_uid=uid(seed, "study", i),
-        frame_of_reference_uid=uid(seed, "for", i),
+        seed=key, study_index=i,
+        study_uid=uid(key, "study", i),
+        frame_of_reference_uid=uid(key, "for", i),
         patient_name=f"ZZSYNTH^PATIENT{p:06d}",
-        patient_id=f"ZZSYNTH-PID-{p:06d}",
+        patient_id=f"ZZSYNTH-PID-{p:06d}" if not namespace else f"ZZSYNTH-PID-{namespace}-{p:06d}",
         birth_date=str(birth).replace("-", ""),
         accession=accession,
-        institution="ZZSYNTH Heart Institute",
+        institution=institution,
         referring_physician="ZZSYNTH^REFERRER",
     )
 

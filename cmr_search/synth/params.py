@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # site.py builds its profiles on this module's tables
+    from cmr_search.synth.site import SiteProfile
 
 # (archetype, prevalence). Shifts are applied on top of a sex-specific normal
 # heart with independent jitter, so the groups overlap as real cohorts do.
@@ -38,6 +42,8 @@ VENDOR_STYLES: tuple[tuple[str, float], ...] = (
 
 # Share of ischaemic studies with an apical thrombus (about 2.2% of the cohort).
 THROMBUS_RATE_ISCHAEMIC = 0.22
+# Slice thickness of every cine plane unless a site profile says otherwise.
+DEFAULT_SLICE_THICKNESS_MM = 8.0
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,9 @@ class StudyParams:
     subcutaneous_fat_mm: float
     texture_seed: int
     noise_seed: int
+    # set by the site profile (synth/site.py); the defaults are the default cohort's
+    slice_thickness_mm: float = DEFAULT_SLICE_THICKNESS_MM
+    myocardium_contrast: float = 1.0  # myocardium / blood signal, relative to the default
 
 
 def lv_axes(edv_ml: float, sphericity: float) -> tuple[float, float]:
@@ -148,9 +157,13 @@ _AGE_RANGE = {
 }
 
 
-def sample_patient(rng: np.random.Generator, patient_number: int) -> Patient:
-    """Draw the demographics and the disease archetype of a new patient."""
-    archetype = _pick(rng, ARCHETYPES)
+def sample_patient(rng: np.random.Generator, patient_number: int,
+                   archetypes: tuple[tuple[str, float], ...] = ARCHETYPES) -> Patient:
+    """Draw the demographics and the disease archetype of a new patient.
+
+    `archetypes`: (archetype, weight) pairs, a site's case mix (default: ARCHETYPES).
+    """
+    archetype = _pick(rng, archetypes)
     male_share = {"hcm": 0.6, "dcm": 0.65, "ischaemic_apical": 0.75, "athlete": 0.7}
     sex = "M" if rng.random() < male_share.get(archetype, 0.52) else "F"
     lo, hi = _AGE_RANGE.get(archetype, (20, 80))
@@ -262,27 +275,35 @@ def sample_study_params(
     study_index: int = 0,
     patient: Patient | None = None,
     visit_index: int = 0,
+    site: SiteProfile | None = None,
 ) -> StudyParams:
     """Draw every latent parameter of one study from its own generator.
 
     A repeat visit passes the earlier visits' `patient` so demographics and the
-    archetype carry over while the phenotype is re-drawn around them.
+    archetype carry over while the phenotype is re-drawn around them. `site`
+    (default: the internal profile) sets the vendor mix, the case mix of a new
+    patient and the acquisition ranges; the internal profile draws exactly what
+    this function drew before profiles existed.
     """
+    if site is None:
+        from cmr_search.synth.site import INTERNAL as site  # late: site.py imports this module
     if patient is None:
-        patient = sample_patient(rng, study_index)
+        patient = sample_patient(rng, study_index, site.archetypes)
     sex = patient.sex
     age = patient.age_first_visit + visit_index * float(rng.uniform(0.8, 3.5))
     weight = patient.bmi * (patient.height_cm / 100.0) ** 2 * float(rng.uniform(0.96, 1.04))
     bsa = bsa_mosteller(patient.height_cm, weight)
     ph = _phenotype(rng, patient.archetype, sex)
 
-    style = _pick(rng, VENDOR_STYLES)
+    style = _pick(rng, site.vendor_mix)
     hr = ph["hr"]
     if style == "kaggle":
         n_frames = 30
     else:
+        # the same draw for every site keeps the internal stream unchanged; a site with a
+        # fixed frame count (lo == hi) reconstructs that many phases whatever the rate
         temporal_res_ms = rng.uniform(22.0, 45.0)
-        n_frames = int(np.clip(round(60000.0 / hr / temporal_res_ms), 20, 40))
+        n_frames = int(np.clip(round(60000.0 / hr / temporal_res_ms), *site.frames))
     # systole takes a larger share of a shorter cycle
     es_fraction = float(np.clip(0.33 + 0.0025 * (hr - 60) + rng.normal(0, 0.015), 0.28, 0.48))
     es_frame = max(2, round(es_fraction * n_frames))
@@ -294,7 +315,7 @@ def sample_study_params(
     sax_slices = int(np.clip(round(cover / 9.0), 8, 12))
     sax_spacing = float(np.clip(cover / sax_slices, 7.5, 11.0))
 
-    spacing = float(rng.uniform(1.2, 2.0))
+    spacing = float(rng.uniform(*site.pixel_spacing_mm))
     rows, cols = _matrix(rng, spacing)
     return StudyParams(
         study_index=study_index,
@@ -326,8 +347,8 @@ def sample_study_params(
         ra_volume_target_ml=ph["ra_i"] * bsa,
         effusion_mm=ph["effusion"],
         epicardial_fat_mm=float(rng.uniform(1.8, 4.0)),
-        noise_sigma=float(rng.uniform(0.02, 0.08)),
-        bias_strength=float(rng.uniform(0.1, 0.45)),
+        noise_sigma=float(rng.uniform(*site.noise_sigma)),
+        bias_strength=float(rng.uniform(*site.bias_strength)),
         blur_px=float(rng.uniform(0.45, 0.75)),
         signal_gain=float(rng.uniform(700.0, 1500.0)),  # headroom for the coil bias
         pixel_spacing_mm=spacing,
@@ -348,4 +369,6 @@ def sample_study_params(
         subcutaneous_fat_mm=float(np.clip(4.0 + (patient.bmi - 18.0) * 1.1, 4.0, 35.0)),
         texture_seed=int(rng.integers(2**31 - 1)),
         noise_seed=int(rng.integers(2**31 - 1)),
+        slice_thickness_mm=site.slice_thickness_mm,
+        myocardium_contrast=site.myocardium_contrast,
     )

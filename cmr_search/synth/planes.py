@@ -15,9 +15,6 @@ import numpy as np
 from cmr_search.synth.params import StudyParams
 from cmr_search.synth.phantom import HeartFrame, Phantom, rotation, unit
 
-SAX_SLICE_THICKNESS_MM = 8.0
-LAX_SLICE_THICKNESS_MM = 8.0
-
 
 @dataclass(frozen=True)
 class Plane:
@@ -90,7 +87,7 @@ def lax_plane(ph: Phantom, params: StudyParams, view: str, jitter: int = 0) -> P
     center = ph.frame.to_patient(np.array([0.0, 0.0, z_mid]))
     center = center + (du + 3 * jitter) * row_dir + dv * col_dir + 0.5 * dn * normal
     return centered_plane(view, None, center, row_dir, col_dir, params.pixel_spacing_mm,
-                          params.rows, params.cols, LAX_SLICE_THICKNESS_MM)
+                          params.rows, params.cols, params.slice_thickness_mm)
 
 
 def sax_stack(ph: Phantom, params: StudyParams) -> list[Plane]:
@@ -107,7 +104,7 @@ def sax_stack(ph: Phantom, params: StudyParams) -> list[Plane]:
         depth = -(i + 0.5) * params.sax_spacing_mm + params.sax_start_mm
         planes.append(centered_plane("SAX", i, stack_origin + depth * normal, row_dir, col_dir,
                                      params.pixel_spacing_mm, params.rows, params.cols,
-                                     SAX_SLICE_THICKNESS_MM))
+                                     params.slice_thickness_mm))
     return planes
 
 

@@ -1,4 +1,4 @@
-"""Which series a study holds and how each is written, in five vendor styles.
+"""Which series a study holds and how each is written, in six vendor styles.
 
 A protocol is the scanner-side story of a study: the series list in acquisition
 order with their numbers, descriptions, image types, planes and frames, the
@@ -32,6 +32,9 @@ SCANNERS = {
     "philips": ("Philips Medical Systems", ("Ingenia", "Achieva", "Intera"), "5.6.1\\5.6.1.2"),
     "ukbiobank": ("SIEMENS", ("MAGNETOM Aera",), "syngo MR D13A"),
     "kaggle": ("SIEMENS", ("MAGNETOM Avanto", "MAGNETOM Aera"), "syngo MR B17"),
+    # only in other sites' cohorts (synth/site.py): the default vendor mix has no Canon
+    "canon": ("CANON_MEC", ("Vantage Galan 3T", "Vantage Centurian", "Vantage Titan 3T"),
+              "V10.0"),
 }
 CINE_IMAGE_TYPE = {
     "siemens": ("ORIGINAL", "PRIMARY", "M", "NORM", "DIS2D"),
@@ -39,6 +42,7 @@ CINE_IMAGE_TYPE = {
     "philips": ("ORIGINAL", "PRIMARY", "M_FFE", "M", "FFE"),
     "ukbiobank": ("ORIGINAL", "PRIMARY", "M", "NORM", "DIS2D"),
     "kaggle": ("ORIGINAL", "PRIMARY", "M", "ND"),
+    "canon": ("ORIGINAL", "PRIMARY", "OTHER"),
 }
 ENHANCED_IMAGE_TYPE = ("ORIGINAL", "PRIMARY", "M", "NONE")
 
@@ -98,27 +102,37 @@ def _lax_names(style: str, rng) -> dict[str, str]:
         return {v: f"{v} FIESTA BH" for v in ("4CH", "2CH", "3CH")}
     if style == "philips":
         return {"4CH": "bFFE 4CH", "2CH": "sBTFE_2ch", "3CH": "bFFE 3CH"}
+    if style == "canon":
+        return {v: f"CINE SSFP {v}" for v in ("4CH", "2CH", "3CH")}
     return {v: f"CINE_segmented_LAX_{v[0]}Ch" for v in ("4CH", "2CH", "3CH")}
 
 
 def _sax_names(style: str, n: int) -> tuple[str, list[str]]:
     """Description of a single SAX series, and of per-slice series."""
-    single = {"siemens": "cine_sax", "ge": "SAX FIESTA", "philips": "bFFE BH SA"}.get(
-        style, "CINE_segmented_SAX")
+    single = {"siemens": "cine_sax", "ge": "SAX FIESTA", "philips": "bFFE BH SA",
+              "canon": "CINE SSFP SA"}.get(style, "CINE_segmented_SAX")
     per_slice = {"siemens": [f"cine_sax_{i + 1}" for i in range(n)],
                  "ge": [f"SAX FIESTA {i + 1}" for i in range(n)],
-                 "philips": [f"bFFE BH SA {i + 1}" for i in range(n)]}.get(
+                 "philips": [f"bFFE BH SA {i + 1}" for i in range(n)],
+                 "canon": [f"CINE SSFP SA {i + 1}" for i in range(n)]}.get(
         style, [f"CINE_segmented_SAX_b{i + 1}" for i in range(n)])
     return single, per_slice
 
 
 def plan_protocol(params: StudyParams, ph: Phantom, rng: np.random.Generator,
-                  study_day: int) -> StudyProtocol:
-    """Draw the scanner, series list and file layout of one study."""
+                  study_day: int, field_strength_t: float | None = None) -> StudyProtocol:
+    """Draw the scanner, series list and file layout of one study.
+
+    `field_strength_t`: the site's field strength (tesla); None draws it per study as
+    the default cohort does (UK Biobank and Kaggle 1.5 T, other scanners 60 % 1.5 T).
+    """
     style = params.vendor_style
     manufacturer, models, software = SCANNERS[style]
     model = models[int(rng.integers(len(models)))]
-    field_t = 1.5 if style in ("ukbiobank", "kaggle") or rng.random() < 0.6 else 3.0
+    if field_strength_t is None:
+        field_t = 1.5 if style in ("ukbiobank", "kaggle") or rng.random() < 0.6 else 3.0
+    else:
+        field_t = float(field_strength_t)
     slope = float(np.round(rng.uniform(1.2, 3.2), 6)) if style == "philips" else 1.0
     frames_all = tuple(range(params.n_frames))
     kaggle = style == "kaggle"
@@ -130,8 +144,8 @@ def plan_protocol(params: StudyParams, ph: Phantom, rng: np.random.Generator,
                 and rng.random() < {"ge": 0.3, "kaggle": 0.7}.get(style, 0.0))
     private_phase = style == "philips" and not enhanced and rng.random() < 0.5
     implicit = implicit and not private_phase
-    single_sax = enhanced or rng.random() < {"siemens": 0.6, "ge": 0.85, "philips": 0.9}.get(
-        style, 0.0)
+    single_sax = enhanced or rng.random() < {"siemens": 0.6, "ge": 0.85, "philips": 0.9,
+                                             "canon": 0.7}.get(style, 0.0)
     multi_order = "phase_major" if rng.random() < 0.5 else "slice_major"
     rotated = rng.random() < 0.1
     base_ts = IMPLICIT_VR_LE if implicit else EXPLICIT_VR_LE
@@ -142,9 +156,10 @@ def plan_protocol(params: StudyParams, ph: Phantom, rng: np.random.Generator,
         series.append(kw)
 
     if not kaggle and rng.random() < 0.85:
-        desc = {"ge": "3-Plane Loc", "philips": "Survey scout"}.get(
+        # the default is evaluated (and draws) for every style
+        desc = {"ge": "3-Plane Loc", "philips": "Survey scout", "canon": "3-Plane Localizer"}.get(
             style, "localizer" if rng.random() < 0.7 else "AAHScout")
-        itype = (("ORIGINAL", "PRIMARY", "LOCALIZER") if style in ("ge", "philips")
+        itype = (("ORIGINAL", "PRIMARY", "LOCALIZER") if style in ("ge", "philips", "canon")
                  else CINE_IMAGE_TYPE[style])
         add(kind="localizer", view="", slice_index=None, planes=tuple(localizer_planes(ph)),
             frames=(0,), contrast="cine", description=desc, image_type=itype)
@@ -204,7 +219,7 @@ def plan_protocol(params: StudyParams, ph: Phantom, rng: np.random.Generator,
                 image_type=("ORIGINAL", "PRIMARY", "M", "RETRO", "DIS2D"))
         add(kind="flow", view="", slice_index=None, planes=(fp,), frames=frames_all,
             contrast="flow_phase", description=base + "_P", image_type=phase_type)
-    if style in ("siemens", "ge", "philips") and rng.random() < 0.6:
+    if style in ("siemens", "ge", "philips", "canon") and rng.random() < 0.6:
         psir = rng.random() < 0.5
         desc = ("LGE_PSIR_SAX" if psir else "DE_SAX") if style != "philips" else "LGE SA PSIR"
         itype = (("ORIGINAL", "PRIMARY", "M", "NORM", "PSIR") if psir

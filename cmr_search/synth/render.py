@@ -63,7 +63,7 @@ class Appearance:
     bias_phase: np.ndarray  # (3,)
     bias_gradient: np.ndarray  # (3,) per mm
     bias_strength: float
-    myocardium_scale: float  # jitter of the blood/myocardium contrast
+    myocardium_scale: float  # jitter of the blood/myocardium contrast, times the site's
     noise_bank: np.ndarray  # (2, H, W) standard normals; frames read shifted windows
     noise_seed: int
     noise_sigma: float
@@ -91,9 +91,11 @@ def study_appearance(params: StudyParams, max_rows: int = 256, max_cols: int = 2
     bank = noise_rng.standard_normal((2, max_rows + NOISE_PAD, max_cols + NOISE_PAD),
                                      dtype=np.float32)
     sigma = np.float32(params.noise_sigma)
+    # the site's myocardium contrast scales the per-study jitter (1.0 leaves it exact)
     return Appearance(texture_k, rng.uniform(0, 2 * np.pi, 12), bias_k,
                       rng.uniform(0, 2 * np.pi, 3), grad, params.bias_strength,
-                      float(rng.uniform(0.85, 1.15)), bank, params.noise_seed,
+                      float(rng.uniform(0.85, 1.15)) * params.myocardium_contrast, bank,
+                      params.noise_seed,
                       params.noise_sigma, bank[0] * sigma, (bank[1] * sigma) ** 2)
 
 
