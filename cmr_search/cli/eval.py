@@ -34,6 +34,7 @@ def eval_command(
     seeds: Annotated[int, typer.Option("--seeds", min=1, help="Replicates per share.")] = EvalConfig.seeds,
     k: Annotated[int, typer.Option("-k", "--k", min=1, max=1000, help="Results scored per query.")] = EvalConfig.k,
     map_method: Annotated[str, typer.Option("--map", help="2-D map: tsne (openTSNE) or pca.")] = EvalConfig.map_method,
+    external: Annotated[list[Path] | None, typer.Option("--external", help="Another site's store (repeatable): heads fitted here, scored there (the paper's internal-vs-external table).")] = None,
     reference: Annotated[Path | None, typer.Option("--reference", help="The seed paper's prediction folder (cmr_transformer layout): reproduce its statistics too.")] = None,
     predictions: Annotated[Path | None, typer.Option("--predictions", help="Instead of a store: a prediction file (W&B table JSON or CSV of study id, score, label).")] = None,
     baseline_predictions: Annotated[Path | None, typer.Option("--baseline-predictions", help="With --predictions: a second model's file for the paired DeLong test.")] = None,
@@ -67,7 +68,8 @@ def eval_command(
             from cmr_search.evals.evaluate import evaluate_store
 
             cfg = EvalConfig(k=k, fractions=_fractions(fractions), seeds=seeds, baseline=baseline, map_method=map_method)
-            result = evaluate_store(Path(root), cfg, model_id, labels, IndexConfig.from_settings(settings), log=err.print)
+            result = evaluate_store(Path(root), cfg, model_id, labels, IndexConfig.from_settings(settings), log=err.print,
+                                    externals=external)
             metrics, figures = result.metrics, result.figures
         if reference is not None:
             from cmr_search.evals.reference import reproduce_paper
@@ -96,5 +98,12 @@ def _headline(metrics: dict) -> None:
             m = lvef[name]
             err.print(f"LVEF {name}: MAE {m['mae']:.2f} (LoA {m['loa_low']:.1f} to {m['loa_high']:.1f})"
                       + (f", HFrEF AUROC {m['hfref']['auroc']:.3f}" if "hfref" in m else ""))
+    for name, site in metrics.get("external", {}).get("sites", {}).items():
+        lv, r, g = site.get("lvef", {}), site.get("retrieval", {}), site.get("gap", {})
+        parts = [f"LVEF MAE {lv['mae']:.2f}" if "mae" in lv else "",
+                 f"mean disease AUROC {site['mean_auroc']:.3f}" if site.get("mean_auroc") is not None else "",
+                 f"own-report R@10 {r['common_R@10']:.3f} (pools of {r['common_pool']})" if r else "",
+                 f"MAE ratio {g['lvef_mae_ratio']:.2f}" if "lvef_mae_ratio" in g else ""]
+        err.print(f"{'internal test' if name == 'internal' else 'external ' + name}: " + ", ".join(p for p in parts if p))
     if "predictions" in metrics:
         err.print(json.dumps(metrics["predictions"], default=str)[:2000])

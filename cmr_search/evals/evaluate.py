@@ -75,9 +75,11 @@ def _reports(store, study_uids: list[str]) -> list[str | None]:
 
 
 def evaluate_store(store_root: Path, cfg: EvalConfig | None = None, model_id: str | None = None,
-                   labels_path: Path | None = None, index_config=None, log=print) -> Evaluation:
+                   labels_path: Path | None = None, index_config=None, log=print,
+                   externals: list[Path] | None = None) -> Evaluation:
     """Evaluate the embeddings of ``model_id`` (default: the store's default model) against the
-    store's labels and reports, and against the random-init baseline (``cfg.baseline``)."""
+    store's labels and reports, and against the random-init baseline (``cfg.baseline``); with
+    ``externals``, the same model's heads on other sites' stores (``evals/external.py``)."""
     from cmr_search.encoder.embed import TextQueryEncoder
     from cmr_search.heads.data import load_bags
     from cmr_search.store.embedding_store import EmbeddingStore
@@ -130,6 +132,12 @@ def evaluate_store(store_root: Path, cfg: EvalConfig | None = None, model_id: st
 
         result.metrics["zero_shot"] = {"model_id": model_id, **zero_shot_labels(
             raw_text, main, labels, phenotypes, disease.get("contrastive"), cfg.level)}
+    if externals:
+        with stage("external validation"):
+            from cmr_search.evals.external import external_validation
+
+            result.metrics["external"] = external_validation(store_root, list(externals), model_id, cfg, text_encoder,
+                                                             index_config, log)
     with stage("registered heads"):
         result.metrics["registered_heads"] = _registered_heads(store_root)
     with stage("clusters and maps"):

@@ -22,6 +22,7 @@ SECTIONS = {
     "disease": "Disease labels",
     "zero-shot": "Zero-shot labels",
     "efficiency": "Data efficiency",
+    "external": "External validation",
     "registered-heads": "Registered heads",
     "clusters": "Clusters and maps",
     "reference": "The seed paper's statistics",
@@ -219,6 +220,37 @@ def _finite(values: list) -> list[float]:
     return [v for v in values if v is not None and not math.isnan(v)]
 
 
+def _external(m: dict) -> str:
+    """The paper's internal-vs-external table: one row per site, the gap to the internal test."""
+    ext = m.get("external")
+    if not ext:
+        return '<p class="skip">no external site (cmr eval --external OTHER_STORE)</p>'
+    rows, labels = [], []
+    for name, s in ext["sites"].items():
+        lv, h, r, g = s.get("lvef", {}), s.get("lvef", {}).get("hfref", {}), s.get("retrieval", {}), s.get("gap", {})
+        rows.append({"site": "internal test" if name == "internal" else name, "studies": lv.get("n"),
+                     "LVEF MAE": lv.get("mae"), "SD of |error|": lv.get("abs_error_sd"), "bias": lv.get("bias"),
+                     "LoA low": lv.get("loa_low"), "LoA high": lv.get("loa_high"), "HFrEF AUROC": h.get("auroc"),
+                     "lower": h.get("lower"), "upper": h.get("upper"), "mean disease AUROC": s.get("mean_auroc"),
+                     "own-report R@10": r.get("R@10"), "of": r.get("pool"),
+                     f"R@10 in pools of {r.get('common_pool')}": r.get("common_R@10"),
+                     "MAE ratio": g.get("lvef_mae_ratio"), "AUROC difference": g.get("mean_auroc_difference"),
+                     "R@10 difference": g.get("r10_difference_common_pool")})
+        for label, v in s.get("disease", {}).items():
+            labels.append({"site": rows[-1]["site"], "label": label, "AUROC": v.get("auroc"), "lower": v.get("lower"),
+                           "upper": v.get("upper"), "cases": v.get("positives"), "n": v.get("n")})
+    columns = [{"site": k, **v} for k, v in ext.get("columns", {}).items() if v["only_internal"] or v["only_external"]]
+    common = rows[0].keys() if rows else []
+    note = ('<p class="note">Heads fitted on the internal store\'s training split (the same split and seed as above), '
+            "scored on its test split and on every labelled study of each external store, embedded with the same "
+            "encoder. Gaps: external MAE / internal MAE; mean AUROC difference over the labels both sites have; "
+            "R@10 difference on pools of one size. Intervals are DeLong's.</p>")
+    return (_table(rows, [c for c in common if any(r.get(c) is not None for r in rows)]) + note
+            + "<h3>Per label</h3>" + _table(labels)
+            + ("<h3>Label columns of one site only (not compared)</h3>"
+               + _table(columns, ["site", "only_internal", "only_external"]) if columns else ""))
+
+
 def _registered(m: dict) -> str:
     rows = []
     for h in m.get("registered_heads", []):
@@ -281,7 +313,7 @@ def render_html(metrics: dict, figures: dict[str, bytes]) -> str:
     body = {
         "summary": _summary(metrics), "text-retrieval": _text_retrieval(metrics), "scan-to-scan": _scan(metrics),
         "lvef": _lvef(metrics, figures), "disease": _disease(metrics), "zero-shot": _zero_shot(metrics),
-        "efficiency": _efficiency(metrics, figures),
+        "efficiency": _efficiency(metrics, figures), "external": _external(metrics),
         "registered-heads": _registered(metrics), "clusters": _clusters(metrics, figures),
         "reference": _reference(metrics),
     }

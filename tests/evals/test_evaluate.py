@@ -230,3 +230,41 @@ def test_cmr_eval_scores_plain_prediction_files(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "cmr_search.cli", "eval", "--predictions", str(tmp_path / "missing.csv"),
                           "--out", str(tmp_path / "out2")], capture_output=True, text=True, check=False)
     assert bad.returncode == 2 and "missing.csv" in bad.stderr
+
+
+def test_cmr_eval_with_an_external_site(trained_store, ingested, tmp_path):
+    """Heads fitted on store A, scored on store B (embedded with A's encoder on the way):
+    the paper's internal-vs-external table, columns of one site only listed."""
+    import pyarrow.compute as pc
+
+    from cmr_search.encoder.registry import EncoderRegistry
+    from cmr_search.store import ClipStore
+
+    root, model_id = trained_store
+    site_a = copy_store(root, tmp_path / "site_a" / "store")
+    site_b = copy_store(ingested[0].root, tmp_path / "site_b" / "store")
+    clips = ClipStore.open(site_b)  # site B records no hcm, and a column of its own
+    labels = clips.db.open_table("labels").to_arrow().drop_columns(["hcm"])
+    labels = labels.append_column("troponin", pc.multiply(labels["lvef"], 0.1))
+    clips.db.drop_table("labels")
+    clips.db.create_table("labels", labels)
+    out = tmp_path / "eval"
+    done = subprocess.run([sys.executable, "-m", "cmr_search.cli", "eval", "--store", str(site_a), "--external",
+                           str(site_b), "--out", str(out), "--baseline", "none", "--fractions", "1", "--seeds", "1",
+                           "--map", "pca", "-k", "3", "--json"], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ext = json.loads(done.stdout)["external"]
+    assert ext["model_id"] == model_id and set(ext["sites"]) == {"internal", "site_b"}
+    internal, external = ext["sites"]["internal"], ext["sites"]["site_b"]
+    assert external["lvef"]["n"] == 10 and internal["lvef"]["n"] < 10  # every labelled study vs the test split
+    assert external["lvef"]["mae"] > 0 and "hcm" not in external.get("disease", {})
+    assert ext["columns"]["site_b"] == {"only_internal": ["hcm"], "only_external": ["troponin"]}
+    assert external["retrieval"]["pool"] == 10 and external["retrieval"]["common_pool"] == 10
+    assert external["gap"]["lvef_mae_ratio"] == pytest.approx(external["lvef"]["mae"] / internal["lvef"]["mae"])
+    # B was embedded with A's encoder, registered there, without becoming B's default
+    assert EncoderRegistry(site_b).card(model_id)["origin"] == "imported" and EncoderRegistry(site_b).default is None
+    page = (out / "report.html").read_text()
+    assert "External validation" in page and "site_b" in page and "troponin" in page
+    bad = subprocess.run([sys.executable, "-m", "cmr_search.cli", "eval", "--store", str(site_a), "--external",
+                          str(tmp_path / "nowhere"), "--baseline", "none"], capture_output=True, text=True, check=False)
+    assert bad.returncode == 2 and "is not a store" in bad.stderr
