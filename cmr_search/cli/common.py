@@ -63,5 +63,11 @@ def print_ingest(report) -> None:
         err.print(f"  [red]rejected[/] {item['where']}: {item['reason']}")
     if len(report.rejected) > 50:
         err.print(f"  ... {len(report.rejected) - 50} more rejections (see --json)")
+    cols = report.label_columns
+    if cols:
+        err.print(f"  labels: {len(cols['numeric'])} numeric columns kept as labels ({', '.join(cols['numeric']) or 'none'})")
+        if cols["text"]:
+            err.print(f"  [yellow]labels[/]: {', '.join(cols['text'])} kept as text, not usable as labels "
+                      "(code them as numbers, 0/1 for a finding, to train or evaluate on them)")
     for warning in report.warnings[:20]:
         err.print(f"  [yellow]warning[/] {warning}")

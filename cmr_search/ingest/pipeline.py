@@ -384,6 +384,8 @@ def _import_tables(store: ClipStore, report: IngestReport, reports: Path | None,
         result = store.import_reports(path) if name == "reports" else store.import_labels(path)
         setattr(report, f"{name}_imported", result.rows)
         report.warnings += [f"{name}: {p}" for p in result.problems]
+        if result.columns:
+            report.label_columns = result.columns
         unknown = store.table_study_uids(name) - known
         if unknown:
             report.warnings.append(f"{name}: {len(unknown)} rows for studies with no clips in the store (kept; ingest their DICOM to use them)")

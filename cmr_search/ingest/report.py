@@ -30,6 +30,9 @@ class IngestReport:
     reports_imported: int = 0
     labels_imported: int = 0
     warnings: list[str] = field(default_factory=list)
+    # the label file's columns: "numeric" ones are labels heads and the evaluation use,
+    # "text" ones are kept in the table but are no label until coded as numbers
+    label_columns: dict[str, list[str]] = field(default_factory=dict)
     seconds: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)  # seconds per stage: read, plan, write, tables
 

@@ -73,6 +73,7 @@ class ImportResult:
 
     rows: int = 0
     problems: list[str] = field(default_factory=list)  # rows not imported, with reasons
+    columns: dict[str, list[str]] = field(default_factory=dict)  # labels: "numeric" (usable as labels), "text" (kept only)
 
 
 def read_study_table(path: Path) -> pa.Table:
@@ -299,6 +300,10 @@ class ClipStore:
         """
         result = ImportResult()
         table = _dedupe_last(read_study_table(Path(path)), result)
+        numeric = [f.name for f in table.schema if f.name != "study_uid"
+                   and (pa.types.is_integer(f.type) or pa.types.is_floating(f.type) or pa.types.is_boolean(f.type))]
+        result.columns = {"numeric": numeric,
+                          "text": [n for n in table.column_names if n != "study_uid" and n not in numeric]}
         with self.write_lock():  # the old rows read here are rewritten below: no withdrawal in between
             table = self._without_withdrawn(table, result)
             result.rows = table.num_rows

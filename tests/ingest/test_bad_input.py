@@ -155,6 +155,9 @@ def test_cli_exit_codes_and_json(cohort, tmp_path):
     labelled = subprocess.run([*cmd, "ingest", str(study), "--store", str(tmp_path / "l"), "--workers", "1",
                                "--labels", str(cohort / "labels.csv")], capture_output=True, text=True, check=False)
     assert labelled.returncode == 0 and "WARN" not in labelled.stderr and str(tmp_path) not in labelled.stderr
+    # and says which of its columns are labels and which are kept as text only
+    said = " ".join(labelled.stderr.split())
+    assert "numeric columns kept as labels" in said and "lvef" in said and "sex kept as text" in said
     mismatch = subprocess.run([*cmd, "ingest", str(study), "--store", str(tmp_path / "s"), "--size", "224"], capture_output=True, text=True, check=False)
     assert mismatch.returncode == 2 and "use a new store" in mismatch.stderr.replace("\n", " ")
     bad_labels = tmp_path / "labels.csv"
