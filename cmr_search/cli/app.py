@@ -59,15 +59,19 @@ def synth(
     seed: Annotated[int, typer.Option("--seed", help="Random seed; the output is deterministic per seed.")] = 0,
     workers: Annotated[int | None, typer.Option("--workers", min=1, help="Processes (default: all cores).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
+    site: Annotated[str, typer.Option("--site", help="Site profile: internal (the default cohort) or external (another hospital: 3 T, other vendors, narrative reports), for external validation.")] = "internal",
 ) -> None:
     """Generate a synthetic cine CMR cohort as real DICOM, with reports and labels."""
     from cmr_search.synth import generate_cohort
+    from cmr_search.synth.site import SITES
 
-    summary = generate_cohort(studies, out, seed=seed, workers=workers, progress=True)
+    if site not in SITES:
+        raise typer.BadParameter(f"unknown site {site!r}; choose one of {', '.join(SITES)}", param_hint="--site")
+    summary = generate_cohort(studies, out, seed=seed, workers=workers, progress=True, site=site)
     if as_json:
         print(json.dumps(summary.to_dict() if hasattr(summary, "to_dict") else vars(summary), default=str))
     else:
-        err.print(f"wrote {studies} studies to {out} (seed {seed})")
+        err.print(f"wrote {studies} studies to {out} (seed {seed}, site {site})")
 
 
 @app.command(rich_help_panel="1. Data")

@@ -19,11 +19,12 @@ from cmr_search.synth.phantom import Phantom, Volumes, build_phantom
 from cmr_search.synth.planes import Plane, lax_plane, sax_stack
 from cmr_search.synth.render import render_plane, study_appearance
 from cmr_search.synth.reports import FINDINGS, Report, write_report
+from cmr_search.synth.site import EXTERNAL, INTERNAL, SITES, SiteProfile, site_profile
 
 __all__ = [
-    "ARCHETYPES", "BINARY_LABELS", "FINDINGS", "LABEL_COLUMNS", "THRESHOLDS",
-    "CohortSummary", "Patient", "Phantom", "Plane", "Report", "StudyParams", "Thresholds",
-    "Volumes", "build_phantom", "generate_cohort", "generate_study", "lax_plane",
-    "plan_visits", "render_plane", "sample_patient", "sample_study_params", "sax_stack",
-    "study_appearance", "study_labels", "write_report",
+    "ARCHETYPES", "BINARY_LABELS", "EXTERNAL", "FINDINGS", "INTERNAL", "LABEL_COLUMNS", "SITES",
+    "THRESHOLDS", "CohortSummary", "Patient", "Phantom", "Plane", "Report", "SiteProfile",
+    "StudyParams", "Thresholds", "Volumes", "build_phantom", "generate_cohort", "generate_study",
+    "lax_plane", "plan_visits", "render_plane", "sample_patient", "sample_study_params", "sax_stack",
+    "site_profile", "study_appearance", "study_labels", "write_report",
 ]

@@ -3,7 +3,9 @@
 Every study is a pure function of (seed, study index): its random streams are
 np.random.default_rng([seed, index, stream]), so the output does not depend on
 the number of workers or on the cohort size (a small cohort is a prefix of a
-larger one with the same seed, apart from folder-name padding).
+larger one with the same seed, apart from folder-name padding). A site profile
+(synth/site.py) says which hospital the cohort comes from; the default, "internal",
+is the cohort as it always was.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from cmr_search.synth.params import sample_patient, sample_study_params
 from cmr_search.synth.phantom import build_phantom
 from cmr_search.synth.protocol import SeriesPlan, plan_protocol
 from cmr_search.synth.render import LGE, flow_phase, render_plane, study_appearance
-from cmr_search.synth.reports import write_report
+from cmr_search.synth.site import INTERNAL, SiteProfile, site_profile
 from cmr_search.synth.tissues import contour_overlay
 
 REPEAT_VISIT_RATE = 0.10
@@ -67,6 +69,7 @@ class CohortSummary:
     study_uids: tuple[str, ...]
     prevalence: dict[str, float]  # binary label -> share of studies
     omitted_findings: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    site: str = "internal"  # name of the site profile the cohort was generated with
 
     def prevalence_table(self) -> str:
         """Label prevalences as an aligned text table."""
@@ -112,19 +115,22 @@ def render_series(plan: SeriesPlan, ph, params, app, gain: float, slope: float) 
 
 
 def generate_study(seed: int, index: int, patient_number: int, visit: int, dicom_dir: Path,
-                   folder: str) -> StudyResult:
-    """Sample, build, render and write one study; returns its table rows."""
+                   folder: str, site: SiteProfile = INTERNAL) -> StudyResult:
+    """Sample, build, render and write one study of `site`; returns its table rows."""
     patient = sample_patient(np.random.default_rng([seed, patient_number, _PATIENT]),
-                             patient_number)
+                             patient_number, site.archetypes)
     params = sample_study_params(np.random.default_rng([seed, index, _PARAMS]),
-                                 study_index=index, patient=patient, visit_index=visit)
+                                 study_index=index, patient=patient, visit_index=visit,
+                                 site=site)
     ph = build_phantom(params)
     labels = study_labels(params, ph.volumes)
-    report = write_report(labels, params, np.random.default_rng([seed, index, _REPORT]))
+    report = site.write_report(labels, params, np.random.default_rng([seed, index, _REPORT]))
     first_day = (patient_number * 7919 + seed * 31) % 3000
     day = first_day + round((params.age - patient.age_first_visit) * 365.25)
-    proto = plan_protocol(params, ph, np.random.default_rng([seed, index, _PROTOCOL]), day)
-    ident = study_identity(params, seed, proto.study_date)
+    proto = plan_protocol(params, ph, np.random.default_rng([seed, index, _PROTOCOL]), day,
+                          field_strength_t=site.field_strength_t)
+    ident = study_identity(params, seed, proto.study_date, institution=site.institution,
+                           namespace=site.namespace)
     app = study_appearance(params)
     truth, n_files = [], 0
     for plan in proto.series:
@@ -171,22 +177,27 @@ def generate_cohort(
     progress: bool = True,
     *,
     overwrite: bool = False,
+    site: str | SiteProfile = "internal",
 ) -> CohortSummary:
     """Write n_studies synthetic cine CMR studies as DICOM plus reports, labels and truth.
 
     Layout: out_dir/dicom/study_NNNN/<series folder>/IM_NNNN.dcm, reports.csv,
     labels.csv and truth.csv. Deterministic for a seed, whatever `workers` is
     (default: all CPUs). A progress bar goes to stderr when `progress` is set.
+    `site`: a profile name of site.SITES ("internal", "external") or a SiteProfile;
+    another site's cohort has its own UIDs and patients, whatever the seed.
     """
     if n_studies < 1:
         raise ValueError(f"n_studies must be at least 1, got {n_studies}")
+    profile = site_profile(site)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _clear_outputs(out_dir, overwrite)
     dicom_dir = out_dir / "dicom"
     width = max(4, len(str(n_studies - 1)))
     visits = plan_visits(seed, n_studies)
-    jobs = [(seed, i, p, v, dicom_dir, f"study_{i:0{width}d}") for i, (p, v) in enumerate(visits)]
+    jobs = [(seed, i, p, v, dicom_dir, f"study_{i:0{width}d}", profile)
+            for i, (p, v) in enumerate(visits)]
     workers = max(1, min(workers or multiprocessing.cpu_count(), n_studies))
     start = time.perf_counter()
     results = _run(jobs, workers, progress)
@@ -199,6 +210,7 @@ def generate_cohort(
         n_files=sum(r.n_files for r in results), seconds=time.perf_counter() - start,
         study_uids=tuple(r.study_uid for r in results), prevalence=prevalence,
         omitted_findings={r.study_uid: r.omitted for r in results if r.omitted},
+        site=profile.name,
     )
     if progress:
         print(summary.prevalence_table(), file=sys.stderr)
