@@ -32,9 +32,10 @@ GOALS = {"lvef_mae_ratio": ("<=", 1.5), "mean_auroc_difference": (">=", -0.05),
 
 def ingest_site(cohort: Path, root: Path, site: str, tables: bool = True) -> Path:
     """Ingest a generated cohort into a new store (with its reports and labels)."""
-    from cmr_search.ingest import IngestConfig, ingest_into
+    from cmr_search.ingest import IngestConfig
+    from cmr_search.ingest.pipeline import ingest_into
 
-    ingest_into([cohort / "dicom"], root, IngestConfig(workers=2, site=site), b"bench",
+    ingest_into([cohort / "dicom"], root, IngestConfig(workers=2, site=site), "bench",
                 reports=cohort / "reports.csv" if tables else None, labels=cohort / "labels.csv" if tables else None,
                 progress=True)
     return root

@@ -160,6 +160,9 @@ def _score(task: str, trained, bags, y: np.ndarray, cfg: EvalConfig) -> dict:
     labels = {}
     for j, name in enumerate(trained.labels):
         known = ~np.isnan(y[:, j])
+        if not np.isin(y[known, j], (0.0, 1.0)).all():  # a 0/1 label here, a grade or a count there
+            labels[name] = {"auroc": None, "n": int(known.sum()), "skipped": "values other than 0 and 1 at this site"}
+            continue
         t = y[known, j].astype(int)
         if 0 < t.sum() < len(t):
             auc, lo, hi = auroc_ci(t, pred[known, j], cfg.level)
