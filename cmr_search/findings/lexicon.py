@@ -28,6 +28,8 @@ class Term:
     # asserted, a general phrase names only some of its findings: "LV hypertrophy" is
     # concentric unless a report says asymmetric, while "no LV hypertrophy" denies both
     asserted: tuple[str, ...] | None = None
+    # says something of the whole study ("normal study"), not of one structure
+    whole_study: bool = False
 
 
 @dataclass(frozen=True)
@@ -232,7 +234,7 @@ TERMS: tuple[Term, ...] = (
     # a normal study denies every finding
     Term(("normal cardiac|cardiovascular|heart? mri|mr|cmr|study|scan|examination",
           "structurally normal heart", "normal heart", "no abnormality|abnormalities", "no cardiac abnormality|abnormalities"),
-         tuple(FINDINGS), normal=True),
+         tuple(FINDINGS), normal=True, whole_study=True),
     # pericardium
     Term(("GRADE? circumferential? pericardial effusion|fluid|collection",
           "GRADE? effusion in the pericardium|pericardial", "GRADE? circumferential? effusion",

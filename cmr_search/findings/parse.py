@@ -57,6 +57,7 @@ class Mention:
     text: str
     value: float | None = None  # a stated LVEF (percent)
     cue: tuple[int, int] | None = None  # character span of the grade word or LVEF number
+    whole_study: bool = False  # from a phrase about the whole study ("normal study"), which denies every finding
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,7 @@ class FindingParser:
                 graded = cue is not None and FINDINGS[name].graded
                 out.append(Mention(name, negated, GRADE_WORDS[cue.lower_] if graded else None,
                                    ent.start_char, ent.end_char, sent, ent.text, None,
-                                   (cue.idx, cue.idx + len(cue.text)) if graded else None))
+                                   (cue.idx, cue.idx + len(cue.text)) if graded else None, term.whole_study))
         return out
 
 
