@@ -87,13 +87,14 @@ class StoreLayout:
         """Point ``DEFAULT`` at ``model_id`` (atomically)."""
         write_atomic(self.default, model_id + "\n")
 
-    def encoder_card(self, model_id: str) -> Path:
-        """What the store knows of encoder ``model_id``: where it came from, its text tower."""
-        return self.encoder(model_id) / "card.json"
+    @property
+    def runs(self) -> Path:
+        """Every training run of the store."""
+        return self.encoders / "runs"
 
     def run(self, name: str) -> Path:
         """A training run's folder (checkpoint/ and metrics.csv)."""
-        return self.encoders / "runs" / name
+        return self.runs / name
 
     def latest_model_id(self) -> str | None:
         """The ``model_id`` that ``LATEST`` names, or None before the first trained encoder."""

@@ -50,7 +50,7 @@ class EncoderRegistry:
         if not self.layout.encoders.exists():
             return []
         found = [p for p in self.layout.encoders.iterdir()
-                 if p.is_dir() and not p.name.startswith(".") and p.name != "runs" and (p / "config.json").exists()]
+                 if p.is_dir() and not p.name.startswith(".") and p != self.layout.runs and (p / "config.json").exists()]
         return [p.name for p in sorted(found, key=lambda p: (self._card_at(p).get("registered_at", ""), p.name))]
 
     def card(self, model_id: str) -> dict:

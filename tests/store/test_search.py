@@ -130,7 +130,7 @@ def test_cli_search_and_delete(emb_store):
     out = _cmr("search", "--store", root, "--study", "1.2.826.0.1.42", "--where", "nope = 1")
     assert out.returncode == 2 and "cannot be used" in out.stderr
     out = _cmr("search", "--store", root)
-    assert out.returncode == 2 and "exactly one of --text or --study" in out.stderr
+    assert out.returncode == 2 and "exactly one of --text, --study or --queries" in out.stderr
     out = _cmr("search", "--store", root, "--study", "1.2.826.0.1.43", "--where", "view = 'SAX'")
     assert out.returncode == 0 and "SAX" in out.stderr
 
