@@ -43,9 +43,9 @@ def test_demo_runs_every_stage_then_reuses_them(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason=(
-    "issue 23, open: on 2026-12-07 the example query ranked the demo cohort's 2 matching studies "
-    "8th and 17th (severe dilatation is learned: 5 of the 9 grade-3 studies in the top 10; the "
-    "cohort has 3 thrombi in 200 studies, too few to learn from in 400 steps)"))
+    "issue 23, blocked on the CPU: on 2026-12-07 the example query put 1 of the demo cohort's 2 "
+    "matching studies in its top 10, every hit with a grade 2-3 dilatation (dilatation is learned; "
+    "the cohort has 3 thrombi in 200 studies, too few to learn from in 400 steps)"))
 def test_the_demo_example_query_returns_mostly_matching_studies(tmp_path):
     """The demo as a newcomer runs it (200 studies, its fixed training steps): the query it
     prints must return studies with both findings."""
