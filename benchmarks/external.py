@@ -45,8 +45,8 @@ def view_accuracy(store_root: Path, truth_csv: Path) -> dict:
     """Stored clips whose view matches the generator's truth, and the share of true cines kept."""
     from cmr_search.store import ClipStore
 
-    truth = {r["series_uid"]: r["view"] for r in csv.DictReader(open(truth_csv))
-             if r["kind"] == "cine" and r["superseded"] == "0"}
+    with open(truth_csv) as fp:
+        truth = {r["series_uid"]: r["view"] for r in csv.DictReader(fp) if r["kind"] == "cine" and r["superseded"] == "0"}
     clips = ClipStore.open(store_root).clip_metadata(["series_uid", "view"]).to_pylist()
     scored = [c for c in clips if c["series_uid"] in truth]
     right = sum(c["view"] == truth[c["series_uid"]] for c in scored)

@@ -78,10 +78,7 @@ class StoreLayout:
 
     def default_model_id(self) -> str | None:
         """The ``model_id`` that ``DEFAULT`` names, or None where none was set."""
-        try:
-            return self.default.read_text().strip() or None
-        except FileNotFoundError:
-            return None
+        return _pointer(self.default)
 
     def set_default(self, model_id: str) -> None:
         """Point ``DEFAULT`` at ``model_id`` (atomically)."""
@@ -98,10 +95,7 @@ class StoreLayout:
 
     def latest_model_id(self) -> str | None:
         """The ``model_id`` that ``LATEST`` names, or None before the first trained encoder."""
-        try:
-            return self.latest.read_text().strip() or None
-        except FileNotFoundError:
-            return None
+        return _pointer(self.latest)
 
     def set_latest(self, model_id: str) -> None:
         """Point ``LATEST`` at encoder ``model_id`` (atomically)."""
@@ -160,6 +154,14 @@ class StoreLayout:
     def tmp(self) -> Path:
         """Scratch of running ingests and uploads."""
         return self.root / "tmp"
+
+
+def _pointer(path: Path) -> str | None:
+    """The model_id a pointer file (LATEST, DEFAULT) names, or None where there is none."""
+    try:
+        return path.read_text().strip() or None
+    except FileNotFoundError:
+        return None
 
 
 def write_atomic(path: Path, text: str) -> None:

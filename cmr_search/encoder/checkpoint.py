@@ -20,6 +20,7 @@ from cmr_search.encoder.config import EncoderConfig, load_config
 __all__ = [
     "PUBLISHED_CONFIG",
     "LoadReport",
+    "checkpoint_meta",
     "checkpoint_model_id",
     "export_encoder",
     "has_text_tower",
@@ -91,14 +92,15 @@ def checkpoint_model_id(path: Path) -> str:
     a registered vision tower: the hash of the file it came from, which its config records)."""
     path = Path(path)
     if path.is_dir():
-        meta = _meta(path)
+        meta = checkpoint_meta(path)
         if meta.get("format") == VISION_FORMAT:
             return meta["model_id"]
         return _hash_files(path / "model.safetensors", path / "config.json")
     return _hash_files(path)
 
 
-def _meta(folder: Path) -> dict:
+def checkpoint_meta(folder: Path) -> dict:
+    """A checkpoint folder's config.json ({} for anything else: a file, a foreign folder)."""
     try:
         return json.loads((Path(folder) / "config.json").read_text())
     except (OSError, json.JSONDecodeError):  # not a folder of ours
@@ -107,7 +109,7 @@ def _meta(folder: Path) -> dict:
 
 def has_text_tower(folder: Path) -> bool:
     """Whether an encoder folder holds a text tower (ours does; a registered vision tower not)."""
-    return _meta(folder).get("format") == FORMAT and (Path(folder) / "model.safetensors").exists()
+    return checkpoint_meta(folder).get("format") == FORMAT and (Path(folder) / "model.safetensors").exists()
 
 
 def save_vision_checkpoint(video: torch.nn.Module, cfg: EncoderConfig, out_dir: Path, model_id: str,
@@ -218,8 +220,8 @@ def load_video_encoder(path: Path, allow_partial: bool = False, trust_pickle: bo
     path = Path(path)
     if not path.exists():
         raise InputError(f"checkpoint {path} does not exist")
-    if path.is_dir() and _meta(path).get("format") == VISION_FORMAT:
-        cfg = EncoderConfig.from_dict(_meta(path)["config"])
+    if path.is_dir() and checkpoint_meta(path).get("format") == VISION_FORMAT:
+        cfg = EncoderConfig.from_dict(checkpoint_meta(path)["config"])
         state, ignored = load_file(path / "video.safetensors"), 0
     elif path.is_dir():
         cfg, full, _ = _read_ours(path)

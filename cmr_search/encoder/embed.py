@@ -17,7 +17,12 @@ import torch.nn.functional as F
 
 from cmr_search.core.exceptions import InputError
 from cmr_search.core.layout import StoreLayout
-from cmr_search.encoder.checkpoint import has_text_tower, load_checkpoint, load_text_encoder, load_video_encoder
+from cmr_search.encoder.checkpoint import (
+    has_text_tower,
+    load_checkpoint,
+    load_text_encoder,
+    load_video_encoder,
+)
 from cmr_search.encoder.video import preprocess_batch
 
 __all__ = ["EmbedReport", "Embedder", "TextQueryEncoder", "embed_store", "embed_study", "encode_study"]
@@ -183,13 +188,12 @@ def embed_store(store_root: Path, checkpoint: Path, batch_size: int = 32, commit
     import time
 
     from cmr_search.encoder.data import ClipCorpus
+    from cmr_search.encoder.registry import EncoderRegistry
     from cmr_search.store.clip_store import ClipStore
     from cmr_search.store.config import IndexConfig
     from cmr_search.store.embedding_store import EmbeddingStore
     from cmr_search.store.index import VectorIndex
     from cmr_search.store.withdrawal import finish_pending_withdrawals
-
-    from cmr_search.encoder.registry import EncoderRegistry
 
     started = time.monotonic()
     store = ClipStore.open(store_root)

@@ -22,9 +22,9 @@ from pathlib import Path
 from cmr_search.core.exceptions import InputError
 from cmr_search.core.layout import StoreLayout, publish_folder, write_atomic
 from cmr_search.encoder.checkpoint import (
-    FORMAT,
     PUBLISHED_CONFIG,
     VISION_FORMAT,
+    checkpoint_meta,
     checkpoint_model_id,
     has_text_tower,
     load_video_encoder,
@@ -67,13 +67,12 @@ class EncoderRegistry:
         try:
             return json.loads((folder / "card.json").read_text())
         except (FileNotFoundError, json.JSONDecodeError):
-            return _card(folder, "trained", source="")
+            return _card(folder, "trained", "", folder.name)  # a store from before cards: the folder is the model_id
 
     def config(self, model_id: str) -> EncoderConfig:
         """A registered model's configuration."""
         self.card(model_id)
-        meta = json.loads((self.layout.encoder(model_id) / "config.json").read_text())
-        return EncoderConfig.from_dict(meta["config"])
+        return EncoderConfig.from_dict(checkpoint_meta(self.layout.encoder(model_id))["config"])
 
     @property
     def default(self) -> str | None:
@@ -101,13 +100,13 @@ class EncoderRegistry:
         final = self.layout.encoder(model_id)
         if (final / "config.json").exists():
             if not (final / "card.json").exists():  # a store from before cards
-                self._write_card(final, _card(final, origin or "trained", checkpoint.name))
+                self._write_card(final, _card(final, origin or "trained", checkpoint.name, model_id))
             return model_id
         tmp = self.layout.encoders / f".register-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             if checkpoint.is_dir():
-                if not (has_text_tower(checkpoint) or _format(checkpoint) == VISION_FORMAT):
+                if not (has_text_tower(checkpoint) or checkpoint_meta(checkpoint).get("format") == VISION_FORMAT):
                     raise InputError(f"{checkpoint} is not an encoder folder (needs model.safetensors and config.json)")
                 tmp.mkdir(parents=True)
                 for name in ("model.safetensors", "video.safetensors", "config.json"):
@@ -120,7 +119,7 @@ class EncoderRegistry:
                 cfg = load_config(config or PUBLISHED_CONFIG)
                 save_vision_checkpoint(video, cfg, tmp, model_id, checkpoint.name)
                 origin = origin or "published"
-            self._write_card(tmp, _card(tmp, origin, checkpoint.name))
+            self._write_card(tmp, _card(tmp, origin, checkpoint.name, model_id))
             publish_folder(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -139,22 +138,14 @@ class EncoderRegistry:
         write_atomic(folder / "card.json", json.dumps(card, indent=2))
 
 
-def _format(folder: Path) -> str | None:
-    try:
-        return json.loads((Path(folder) / "config.json").read_text()).get("format")
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _card(folder: Path, origin: str, source: str) -> dict:
+def _card(folder: Path, origin: str, source: str, model_id: str) -> dict:
     """A card from what the folder holds: its config's name and step, its text tower."""
-    meta = json.loads((Path(folder) / "config.json").read_text())
-    cfg = meta.get("config", {})
+    meta = checkpoint_meta(folder)
     return {
-        "model_id": checkpoint_model_id(folder) if meta.get("format") in (FORMAT, VISION_FORMAT) else Path(folder).name,
+        "model_id": model_id,
         "origin": origin,
         "source": source,  # the file or folder name it came from (no machine path)
-        "config": cfg.get("name", "custom"),
+        "config": meta.get("config", {}).get("name", "custom"),
         "step": meta.get("step"),
         "text_tower": has_text_tower(folder),
         "registered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -13,7 +13,8 @@ from cmr_search.heads.config import HeadConfig
 from cmr_search.heads.data import Bags, LabelSet, patient_split
 from cmr_search.heads.train import fit_head, predict_outputs, to_label_units
 
-__all__ = ["HeldOut", "align_bags", "fit_held_out", "label_efficiency", "numeric_columns", "phenotype_columns"]
+__all__ = ["HeldOut", "align_bags", "aligned_columns", "fit_held_out", "head_tasks", "label_efficiency", "numeric_columns",
+           "phenotype_columns"]
 
 
 @dataclass
@@ -35,6 +36,28 @@ def numeric_columns(table) -> dict[str, np.ndarray]:
     float64, nulls as NaN."""
     return {name: np.array(table[name].to_pylist(), dtype=np.float64) for name in table.column_names
             if name != "study_uid" and (pa.types.is_integer(table[name].type) or pa.types.is_floating(table[name].type))}
+
+
+def aligned_columns(table, study_uids: list[str]) -> dict[str, np.ndarray]:
+    """Every numeric column of a label table aligned with ``study_uids`` (NaN where a study
+    has no row; the last row of a study wins, as at import)."""
+    row = {u: i for i, u in enumerate(table["study_uid"].to_pylist())}
+    take = np.array([row.get(u, -1) for u in study_uids])
+    return {name: np.where(take >= 0, values[np.maximum(take, 0)], np.nan)
+            for name, values in numeric_columns(table).items()}
+
+
+def head_tasks(store, bags: Bags, lvef: bool, phenotypes: list[str], labels_path=None) -> dict[str, LabelSet]:
+    """The evaluation's head tasks for these bags: "lvef" (regression) where asked, "disease"
+    (one multi-label head over the phenotypes) where there are any."""
+    from cmr_search.heads.data import load_labels
+
+    tasks = {}
+    if lvef:
+        tasks["lvef"] = load_labels(store, bags, ["lvef"], labels_path, "regression")
+    if phenotypes:
+        tasks["disease"] = load_labels(store, bags, phenotypes, labels_path, "multilabel")
+    return tasks
 
 
 def phenotype_columns(table) -> list[str]:

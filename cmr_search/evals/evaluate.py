@@ -52,14 +52,11 @@ class _Stages:
 def _label_values(store, bags, labels_path: Path | None):
     """Every numeric label column aligned with ``bags`` (NaN where a study has no value)
     -> (the label table, {name: column})."""
-    from cmr_search.evals.efficiency import numeric_columns
+    from cmr_search.evals.efficiency import aligned_columns
     from cmr_search.heads.data import label_table
 
     table, _, _ = label_table(store, labels_path)
-    row = {u: i for i, u in enumerate(table["study_uid"].to_pylist())}  # the last row of a study wins
-    take = np.array([row.get(u, -1) for u in bags.study_uids])
-    out = {name: np.where(take >= 0, values[np.maximum(take, 0)], np.nan)
-           for name, values in numeric_columns(table).items()}
+    out = aligned_columns(table, bags.study_uids)
     if not out:
         raise InputError("the label table has no numeric columns to evaluate against")
     return table, out
@@ -176,20 +173,15 @@ def _heads(bags: dict, store, labels: dict, phenotypes: list[str], labels_path, 
            result: Evaluation) -> dict:
     """LVEF and disease heads for every model, fraction and seed; statistics on the full-label
     fits. Returns the disease heads' full-label fits by model (the zero-shot section's reference)."""
-    from cmr_search.evals.efficiency import label_efficiency
+    from cmr_search.evals.efficiency import head_tasks, label_efficiency
     from cmr_search.evals.plots import efficiency_plot
     from cmr_search.heads.config import HeadConfig
-    from cmr_search.heads.data import load_labels
     from cmr_search.metrics.prediction import classification_metrics
 
     head_cfg = HeadConfig(kind=cfg.head_kind, test_fraction=cfg.test_fraction, val_fraction=cfg.val_fraction,
                           split_seed=cfg.split_seed)
     main = bags["contrastive"]
-    tasks = {}
-    if "lvef" in labels:
-        tasks["lvef"] = load_labels(store, main, ["lvef"], labels_path, "regression")
-    if phenotypes:
-        tasks["disease"] = load_labels(store, main, phenotypes, labels_path, "multilabel")
+    tasks = head_tasks(store, main, "lvef" in labels, phenotypes, labels_path)
     if not tasks:
         result.metrics["heads"] = {"skipped": "no lvef column and no 0/1 phenotype column in the labels"}
         return {}

@@ -36,15 +36,17 @@ def external_validation(internal_root: Path, externals: list[Path], model_id: st
     """The internal-vs-external table as a dict: per site LVEF (MAE, SD of the absolute error,
     Bland-Altman, HFrEF AUROC with its DeLong interval), per-label AUROCs, own-report
     retrieval, and the gaps (external / internal MAE, AUROC and R@10 differences)."""
+    from cmr_search.evals.efficiency import aligned_columns, head_tasks, phenotype_columns
     from cmr_search.heads.config import HeadConfig
-    from cmr_search.heads.data import load_bags, patient_split
+    from cmr_search.heads.data import label_table, load_bags, patient_split
     from cmr_search.heads.train import fit_head
     from cmr_search.store.embedding_store import EmbeddingStore
 
     internal = EmbeddingStore.open(Path(internal_root))
     bags = load_bags(internal, model_id)
-    table, values = _numeric_labels(internal, bags)
-    phenotypes = _phenotypes(table)
+    table, _, _ = label_table(internal, None)
+    values = aligned_columns(table, bags.study_uids)
+    phenotypes = phenotype_columns(table)
     sites = {}
     for root in externals:
         if Path(root).resolve() == Path(internal_root).resolve():
@@ -52,7 +54,9 @@ def external_validation(internal_root: Path, externals: list[Path], model_id: st
         sites[site_name(root)] = _external_store(Path(root), model_id, Path(internal_root), index_config, log)
     head_cfg = HeadConfig(kind=cfg.head_kind, test_fraction=cfg.test_fraction, val_fraction=cfg.val_fraction,
                           split_seed=cfg.split_seed)
-    tasks = _tasks(internal, bags, values, phenotypes)
+    tasks = head_tasks(internal, bags, "lvef" in values, phenotypes)
+    if not tasks:
+        raise InputError("external validation needs an lvef column or 0/1 phenotype columns in the store's labels")
     fitted, test_rows = {}, {}
     for task, label_set in tasks.items():
         fitted[task] = fit_head(bags, label_set, replace(head_cfg, task=label_set.task))
@@ -64,7 +68,7 @@ def external_validation(internal_root: Path, externals: list[Path], model_id: st
     for task, rows in test_rows.items():
         out["sites"]["internal"] |= _score(task, fitted[task], bags.subset(rows), tasks[task].values[rows], cfg)
     for name, (store, ext_bags, ext_table) in sites.items():
-        ext_values = _aligned(ext_table, ext_bags)
+        ext_values = aligned_columns(ext_table, ext_bags.study_uids)
         only_internal = sorted(set(values) - set(ext_values))
         only_external = sorted(set(ext_values) - set(values))
         out["columns"][name] = {"only_internal": only_internal, "only_external": only_external}
@@ -103,40 +107,6 @@ def _external_store(root: Path, model_id: str, internal_root: Path, index_config
     bags = load_bags(store, model_id)
     table, _, _ = label_table(store, None)
     return store, bags, table
-
-
-def _numeric_labels(store, bags):
-    from cmr_search.heads.data import label_table
-
-    table, _, _ = label_table(store, None)
-    return table, _aligned(table, bags)
-
-
-def _aligned(table, bags) -> dict[str, np.ndarray]:
-    from cmr_search.evals.efficiency import numeric_columns
-
-    row = {u: i for i, u in enumerate(table["study_uid"].to_pylist())}
-    take = np.array([row.get(u, -1) for u in bags.study_uids])
-    return {name: np.where(take >= 0, v[np.maximum(take, 0)], np.nan) for name, v in numeric_columns(table).items()}
-
-
-def _phenotypes(table) -> list[str]:
-    from cmr_search.evals.efficiency import phenotype_columns
-
-    return phenotype_columns(table)
-
-
-def _tasks(store, bags, values: dict, phenotypes: list[str]) -> dict:
-    from cmr_search.heads.data import load_labels
-
-    tasks = {}
-    if "lvef" in values:
-        tasks["lvef"] = load_labels(store, bags, ["lvef"], None, "regression")
-    if phenotypes:
-        tasks["disease"] = load_labels(store, bags, phenotypes, None, "multilabel")
-    if not tasks:
-        raise InputError("external validation needs an lvef column or 0/1 phenotype columns in the store's labels")
-    return tasks
 
 
 def _score(task: str, trained, bags, y: np.ndarray, cfg: EvalConfig) -> dict:

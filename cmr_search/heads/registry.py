@@ -136,16 +136,16 @@ class HeadRegistry:
     def import_file(self, path: Path, name: str | None = None, replace: bool = False) -> str:
         """Register the head of an exported file under ``name`` (default: its own); its name.
         The card keeps the encoder's ``model_id``: the head runs on embeddings of that model."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         path = Path(path)
         try:
             with safe_open(str(path), "pt") as fp:
                 meta = fp.metadata() or {}
-                state = {k: fp.get_tensor(k) for k in fp.keys()}
+                state = {k: fp.get_tensor(k) for k in fp.keys()}  # noqa: SIM118 (a safe_open, not a dict)
         except FileNotFoundError:
             raise InputError(f"head file {path} does not exist") from None
-        except Exception as error:  # safetensors raises its own error types for a foreign file
+        except (SafetensorError, OSError) as error:  # a foreign or truncated file
             raise InputError(f"{path} is not a head file written by `cmr heads export` ({error})") from None
         if meta.get("format") != HEAD_FILE_FORMAT or "card" not in meta:
             raise InputError(f"{path} is not a head file written by `cmr heads export` (format {meta.get('format')!r})")

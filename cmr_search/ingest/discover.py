@@ -10,7 +10,7 @@ from pathlib import Path
 
 from cmr_search.core.exceptions import InputError
 
-__all__ = ["FileRef", "discover", "open_bytes"]
+__all__ = ["FileRef", "discover", "open_bytes", "require_paths"]
 
 # Files that are never DICOM instances; skipping them keeps the report about real problems.
 _IGNORED_NAMES = {"DICOMDIR", ".DS_Store", "Thumbs.db", "LOCKFILE", "VERSION"}
@@ -52,6 +52,13 @@ def _zip_members(path: Path) -> list[FileRef]:
         ]
 
 
+def require_paths(paths: list[Path]) -> None:
+    """Raise InputError for a path that does not exist: a typing mistake, not a bad file."""
+    for root in paths:
+        if not Path(root).exists():
+            raise InputError(f"{root} does not exist; give a DICOM folder, a zip or a file")
+
+
 def discover(paths: list[Path], skipped: list[tuple[str, str]] | None = None) -> list[FileRef]:
     """List every candidate file under ``paths`` (folders recursively, zips by member).
 
@@ -59,11 +66,10 @@ def discover(paths: list[Path], skipped: list[tuple[str, str]] | None = None) ->
     to ``skipped`` as (path, reason), so the ingest report names it. Raises InputError for a
     path that does not exist, since that is a typing mistake rather than a bad file.
     """
+    require_paths(paths)
     refs: list[FileRef] = []
     for root in paths:
         root = Path(root)
-        if not root.exists():
-            raise InputError(f"{root} does not exist; give a DICOM folder, a zip or a file")
         if root.is_file():
             refs.extend(_zip_members(root) if zipfile.is_zipfile(root) else [FileRef(str(root))])
             continue

@@ -26,11 +26,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cmr_search.core.exceptions import InputError
 from cmr_search.core.progress import progress_bar
 from cmr_search.ingest.clips import PixelError, clip_frames, decode_stack, make_clip, read_frames
 from cmr_search.ingest.config import IngestConfig
-from cmr_search.ingest.discover import FileRef, discover
+from cmr_search.ingest.discover import FileRef, discover, require_paths
 from cmr_search.ingest.headers import FileHeader, Rejection, read_header
 from cmr_search.ingest.report import IngestReport, save_report
 from cmr_search.ingest.series import (
@@ -315,9 +314,7 @@ def ingest_into(paths: list[Path], root: Path, cfg: IngestConfig, configured_sal
 
     root = Path(root)
     made = [p for p in (root, *root.parents) if not p.exists()]  # what this call creates
-    for path in paths:  # a mistyped path fails before any store is made
-        if not Path(path).exists():
-            raise InputError(f"{path} does not exist; give a DICOM folder, a zip or a file")
+    require_paths(paths)  # a mistyped path fails before any store is made
     try:
         store = ClipStore.open(root, cfg.clip, create=True)
         salt = patient_salt(store.layout, configured_salt)

@@ -18,7 +18,8 @@ from cmr_search.store import ClipStore
 
 def _study_with_every_lax_view(cohort: Path) -> tuple[Path, dict[str, Path], dict]:
     """A study folder whose 2CH, 3CH and 4CH series each have their own folder."""
-    rows = list(csv.DictReader(open(cohort / "truth.csv")))
+    with open(cohort / "truth.csv") as fp:
+        rows = list(csv.DictReader(fp))
     by_study = defaultdict(list)
     for r in rows:
         if r["kind"] == "cine" and r["superseded"] == "0":
@@ -89,7 +90,7 @@ def test_an_lvot_view_beside_a_three_chamber_view_stays_lvot(cohort, tmp_path, s
 
 
 def test_without_descriptions_every_cine_is_kept_with_its_view(cohort, tmp_path, salt):
-    study, lax, truth = _study_with_every_lax_view(cohort)
+    study, _lax, truth = _study_with_every_lax_view(cohort)
     named, _ = _ingest(_copy_whole(study, tmp_path / "named"), salt)
     series = sorted(p for p in study.iterdir() if p.is_dir())
     blank, report = _ingest(_copy_blank(study, series, tmp_path / "blank"), salt)
