@@ -224,9 +224,14 @@ class SearchService:
     def heads(self) -> list[schemas.HeadInfo]:
         """Every registered head; ``applicable`` when trained on this model's embeddings."""
         return [schemas.HeadInfo(name=c["name"], task=c["task"], kind=c["kind"], labels=c["labels"],
-                                 model_id=c["model_id"], applicable=c["model_id"] == self.model_id,
+                                 model_id=c["model_id"], applicable=self._same_vectors(c["model_id"]),
                                  metrics=c.get("metrics", {}), created_at=c.get("created_at"))
                 for c in self.registry.cards()]
+
+    def _same_vectors(self, model_id: str) -> bool:
+        """Whether a head fitted on ``model_id``'s embeddings reads this model's: the same
+        model, or a text-aligned model and the video model whose vectors it shares."""
+        return self.layout.vectors_model_id(model_id) == self.layout.vectors_model_id(self.model_id)
 
     def _loaded_heads(self) -> list[Head]:
         out = []
@@ -240,7 +245,7 @@ class SearchService:
                 cached = self._heads.get(name)
                 if cached is None or cached[0] != mtime:
                     cached = self._heads[name] = (mtime, self.registry.load(name))
-            if cached[1].model_id == self.model_id:
+            if self._same_vectors(cached[1].model_id):
                 out.append(cached[1])
         return out
 

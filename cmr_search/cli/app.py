@@ -27,7 +27,7 @@ from cmr_search.cli.common import StoreOpt, err, print_ingest, run_ingest
 from cmr_search.cli.common import fail as _fail
 from cmr_search.cli.common import store_dir as _store_dir
 from cmr_search.cli.demo import demo
-from cmr_search.cli.encoders import encoders_app
+from cmr_search.cli.encoders import encoders_app, train_text
 from cmr_search.cli.eval import eval_command
 from cmr_search.cli.heads import heads_app
 from cmr_search.cli.serve import keys_app, serve
@@ -160,6 +160,7 @@ def embed(
     trust_checkpoint: Annotated[bool, typer.Option("--trust-checkpoint", help="Unpickle a .ckpt that holds Python objects (only for files you trust).")] = False,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the vision tower (on a GPU: 2.4x faster after ~45 s of compiling).")] = False,
     set_default: Annotated[bool, typer.Option("--set-default", help="Make this model the store's default (the first model embedded becomes it anyway).")] = False,
+    config: Annotated[str | None, typer.Option("--config", help="Architecture of a published .ckpt: a named config or JSON path (default: mvit_b_16x4_published).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
     """Embed every clip into the `views` table, pool each study into `studies`, update the indexes.
@@ -174,7 +175,7 @@ def embed(
     root = _store_dir(store, Settings())
     try:
         report = embed_store(root, checkpoint or latest_checkpoint(root), batch_size=batch_size, device=device,
-                             allow_partial=allow_partial, trust_pickle=trust_checkpoint, compile=compile,
+                             allow_partial=allow_partial, trust_pickle=trust_checkpoint, compile=compile, config=config,
                              index_config=IndexConfig.from_settings(Settings()), set_default=set_default or None)
     except CmrError as error:
         _fail(error)
@@ -308,6 +309,7 @@ def delete(
         err.print(f"withdrew {len(report.study_uids)} studies; rows deleted: {rows}")
 
 
+app.command("train-text", rich_help_panel="2. Encoder")(train_text)
 app.add_typer(encoders_app, name="encoders", rich_help_panel="2. Encoder")
 app.add_typer(heads_app, name="heads", rich_help_panel="4. Heads")
 app.command("eval", rich_help_panel="5. Evaluation")(eval_command)

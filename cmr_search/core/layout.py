@@ -84,6 +84,17 @@ class StoreLayout:
         """Point ``DEFAULT`` at ``model_id`` (atomically)."""
         write_atomic(self.default, model_id + "\n")
 
+    def vectors_of(self, model_id: str) -> Path:
+        """The file in a text-aligned model's folder naming the model whose ``views`` and
+        ``studies`` rows it searches (``cmr train-text``: a new text tower over another
+        model's stored embeddings, which are never copied)."""
+        return self.encoder(model_id) / "VECTORS"
+
+    def vectors_model_id(self, model_id: str) -> str:
+        """The ``model_id`` under which ``model_id``'s embeddings are stored: its own, or for
+        a text-aligned model the video model's it points at."""
+        return _pointer(self.vectors_of(model_id)) or model_id
+
     @property
     def runs(self) -> Path:
         """Every training run of the store."""
@@ -157,7 +168,7 @@ class StoreLayout:
 
 
 def _pointer(path: Path) -> str | None:
-    """The model_id a pointer file (LATEST, DEFAULT) names, or None where there is none."""
+    """The model_id a pointer file (LATEST, DEFAULT, VECTORS) names, or None where there is none."""
     try:
         return path.read_text().strip() or None
     except FileNotFoundError:

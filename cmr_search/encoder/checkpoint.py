@@ -29,12 +29,16 @@ __all__ = [
     "load_video_encoder",
     "save_checkpoint",
     "save_vision_checkpoint",
+    "video_folder",
 ]
 
 FORMAT = "cmr-encoder/1"
 #: a vision tower alone (the published checkpoint registered in a store): video.safetensors
 #: + config.json, named by the ``model_id`` of the file it came from
 VISION_FORMAT = "cmr-vision/1"
+#: a text tower aligned to another model's stored embeddings (``cmr train-text``):
+#: model.safetensors (``text.*`` and ``logit_scale``) + config.json naming ``video_model``
+TEXT_FORMAT = "cmr-text/1"
 #: configuration of the published checkpoint: MViT-B 16x4 with the seed code's preprocessing
 PUBLISHED_CONFIG = "mvit_b_16x4_published"
 #: prefixes of the published Lightning state_dict that hold the vision tower
@@ -108,8 +112,24 @@ def checkpoint_meta(folder: Path) -> dict:
 
 
 def has_text_tower(folder: Path) -> bool:
-    """Whether an encoder folder holds a text tower (ours does; a registered vision tower not)."""
-    return checkpoint_meta(folder).get("format") == FORMAT and (Path(folder) / "model.safetensors").exists()
+    """Whether an encoder folder holds a text tower (ours and a text-aligned model's do; a
+    registered vision tower not)."""
+    return (checkpoint_meta(folder).get("format") in (FORMAT, TEXT_FORMAT)
+            and (Path(folder) / "model.safetensors").exists())
+
+
+def video_folder(folder: Path) -> Path:
+    """The folder whose vision tower embeds for an encoder folder: itself, or for a
+    text-aligned model the video model's folder beside it in the same store."""
+    folder = Path(folder)
+    meta = checkpoint_meta(folder)
+    if meta.get("format") != TEXT_FORMAT:
+        return folder
+    video = folder.parent / meta["video_model"]
+    if not (video / "config.json").exists():
+        raise InputError(f"{folder} is a text tower aligned to model {meta['video_model']}, whose folder is not beside "
+                         f"it ({video}); copy that model's folder too, or embed with the video model itself")
+    return video
 
 
 def save_vision_checkpoint(video: torch.nn.Module, cfg: EncoderConfig, out_dir: Path, model_id: str,
@@ -127,17 +147,19 @@ def save_vision_checkpoint(video: torch.nn.Module, cfg: EncoderConfig, out_dir: 
             os.fsync(fp.fileno())
 
 
-def save_checkpoint(model: torch.nn.Module, cfg: EncoderConfig, out_dir: Path, step: int,
-                    train_state: dict | None = None) -> str:
+def save_checkpoint(model: torch.nn.Module, cfg, out_dir: Path, step: int,
+                    train_state: dict | None = None, meta: dict | None = None) -> str:
     """Write ``out_dir/{model.safetensors, config.json[, train_state.pt]}`` atomically (a
-    temporary folder renamed into place) and return the checkpoint's ``model_id``."""
+    temporary folder renamed into place) and return the checkpoint's ``model_id``. ``meta``:
+    config.json's entries instead of ours (a text-aligned model's ``TEXT_FORMAT``)."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, tmp / "model.safetensors", metadata={"format": FORMAT})
-    (tmp / "config.json").write_text(json.dumps({"format": FORMAT, "step": step, "config": cfg.to_dict()}, indent=2))
+    meta = {"format": FORMAT, "step": step, "config": cfg.to_dict()} if meta is None else meta
+    save_file(state, tmp / "model.safetensors", metadata={"format": meta["format"]})
+    (tmp / "config.json").write_text(json.dumps(meta, indent=2))
     if train_state is not None:
         torch.save(train_state, tmp / "train_state.pt")
     for f in tmp.iterdir():  # the rename below must not publish data still in the page cache
@@ -157,7 +179,7 @@ def _read_ours(path: Path) -> tuple[EncoderConfig, dict, int]:
     if not meta_path.exists() or not (path / "model.safetensors").exists():
         raise InputError(f"{path} is not an encoder checkpoint (needs model.safetensors and config.json)")
     meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in (FORMAT, TEXT_FORMAT):
         raise InputError(f"{path}: checkpoint format {meta.get('format')!r}, this cmr reads {FORMAT}")
     return EncoderConfig.from_dict(meta["config"]), load_file(path / "model.safetensors"), int(meta.get("step", 0))
 
@@ -220,6 +242,7 @@ def load_video_encoder(path: Path, allow_partial: bool = False, trust_pickle: bo
     path = Path(path)
     if not path.exists():
         raise InputError(f"checkpoint {path} does not exist")
+    path = video_folder(path)  # a text-aligned model embeds with its video model
     if path.is_dir() and checkpoint_meta(path).get("format") == VISION_FORMAT:
         cfg = EncoderConfig.from_dict(checkpoint_meta(path)["config"])
         state, ignored = load_file(path / "video.safetensors"), 0
@@ -258,7 +281,7 @@ def load_text_encoder(path: Path | None = None) -> torch.nn.Module:
 
     if path is not None and (Path(path) / "model.safetensors").exists() and (Path(path) / "config.json").exists():
         meta = json.loads((Path(path) / "config.json").read_text())
-        if meta.get("format") == FORMAT:
+        if meta.get("format") in (FORMAT, TEXT_FORMAT):
             cfg, full, _ = _read_ours(Path(path))
             module = TextEncoder(cfg.text, cfg.dim)
             module.load_state_dict({k.removeprefix("text."): v for k, v in full.items() if k.startswith("text.")})

@@ -22,12 +22,16 @@ __all__ = [
     "EncoderConfig",
     "LossConfig",
     "PoolingConfig",
+    "TextAlignConfig",
     "TrainConfig",
     "list_configs",
     "load_config",
+    "load_text_align_config",
 ]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+#: recipes of ``cmr train-text`` (``TextAlignConfig``)
+TEXT_CONFIG_DIR = CONFIG_DIR / "text"
 AUGMENT_ON = ("auto", "loader", "device")
 
 
@@ -182,3 +186,64 @@ def load_config(name_or_path: str | Path) -> EncoderConfig:
     data = json.loads(path.read_text())
     data.setdefault("name", path.stem)
     return EncoderConfig.from_dict(data)
+
+
+@dataclass
+class TextAlignConfig:
+    """A recipe of ``cmr train-text`` (``encoder/train_text.py``): which text tower, how much
+    of it trains, the loss, and the optimisation against a locked model's stored embeddings.
+    Its sections mean what they mean in ``EncoderConfig``; the video side is whatever model
+    is aligned to, read from the store."""
+
+    name: str = "custom"
+    text: TextConfig = field(default_factory=TextConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    studies_per_batch: int = 32  # reports per step; the other studies' stored vectors are their negatives
+    views_per_study: int = 2  # stored view embeddings paired with each report per step
+    stratify_views: float = 1.0  # fraction of steps drawing one view type (TrainConfig.stratify_views)
+    lr: float = 1e-4  # peak learning rate of the trainable BERT layers
+    proj_lr: float = 1e-3  # ... of the projection (new, so it starts from scratch) and the temperature
+    weight_decay: float = 0.05
+    warmup_steps: int = 20
+    max_steps: int = 400
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 1.0
+    checkpoint_every: int = 50
+    eval_every: int = 50
+    val_fraction: float = 0.15  # patients held out (the same split as a joint run of the same seed)
+    seed: int = 0
+    split_seed: int | None = None
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able dict (what a text-aligned model's config records)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TextAlignConfig:
+        """Build from a dict; unknown keys are an error."""
+        parts = {"text": TextConfig, "loss": LossConfig}
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise InputError(f"unknown text alignment config keys: {', '.join(sorted(unknown))}")
+        kwargs = {}
+        for key, value in data.items():
+            if key in parts:
+                bad = set(value) - {f.name for f in fields(parts[key])}
+                if bad:
+                    raise InputError(f"unknown keys in text alignment config section '{key}': {', '.join(sorted(bad))}")
+                value = parts[key](**value)
+            kwargs[key] = value
+        return cls(**kwargs)
+
+
+def load_text_align_config(name_or_path: str | Path) -> TextAlignConfig:
+    """A packaged ``cmr train-text`` recipe by name (``minilm_cpu``) or a JSON file by path."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = TEXT_CONFIG_DIR / f"{name_or_path}.json"
+    if not path.exists():
+        have = ", ".join(sorted(p.stem for p in TEXT_CONFIG_DIR.glob("*.json")))
+        raise InputError(f"no text alignment config '{name_or_path}'; packaged ones: {have}")
+    data = json.loads(path.read_text())
+    data.setdefault("name", path.stem)
+    return TextAlignConfig.from_dict(data)

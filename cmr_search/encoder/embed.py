@@ -22,6 +22,7 @@ from cmr_search.encoder.checkpoint import (
     load_checkpoint,
     load_text_encoder,
     load_video_encoder,
+    video_folder,
 )
 from cmr_search.encoder.video import preprocess_batch
 
@@ -54,8 +55,9 @@ class TextQueryEncoder:
                     raise InputError(
                         f"model {model_id} ({card['origin']}, from {card['source'] or 'this store'}) is a vision "
                         "tower without a text tower, so it cannot embed a text query; search it by study "
-                        "(`cmr search --study UID`), or search text with a model that has one (`cmr encoders "
-                        "list` shows which do)")
+                        "(`cmr search --study UID`), align a text tower to its stored embeddings (`cmr "
+                        f"train-text --store {self.layout.root} --model-id {model_id}`, minutes on a CPU), or "
+                        "search text with a model that has one (`cmr encoders list` shows which do)")
                 self._towers[model_id] = load_text_encoder(self.layout.encoder(model_id))
             return self._towers[model_id]
 
@@ -88,7 +90,8 @@ class Embedder:
                  trust_pickle: bool = False, config: str | None = None, compile: bool = False,
                  compile_batch: int = 16):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        checkpoint = Path(checkpoint)
+        # a text-aligned model's views and studies are its video model's
+        checkpoint = video_folder(Path(checkpoint))
         if has_text_tower(checkpoint):  # our folder: the trained pooling too
             model, cfg, self.model_id, _ = load_checkpoint(checkpoint, text=False)
             self.video, self.pool, self.preprocess, self.dim = model.video, model, cfg.preprocess, cfg.dim
@@ -224,8 +227,8 @@ def embed_store(store_root: Path, checkpoint: Path, batch_size: int = 32, commit
     for table in ("views", "studies"):  # the FAISS indexes reflect the new rows before we return
         VectorIndex.open(tables, table, embedder.model_id, index_config or IndexConfig())
     if set_default or (set_default is None and registry.default is None):
-        registry.set_default(embedder.model_id)
-    return EmbedReport(embedder.model_id, embedded, skipped, n_studies, time.monotonic() - started, registry.default)
+        registry.set_default(model_id)  # a text-aligned model, not the video model it embeds with
+    return EmbedReport(model_id, embedded, skipped, n_studies, time.monotonic() - started, registry.default)
 
 
 def _embed_clips(tables, corpus, embedder: Embedder, todo: list[dict], batch_size: int, commit_every: int,

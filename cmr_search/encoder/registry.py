@@ -23,19 +23,21 @@ from cmr_search.core.exceptions import InputError
 from cmr_search.core.layout import StoreLayout, publish_folder, write_atomic
 from cmr_search.encoder.checkpoint import (
     PUBLISHED_CONFIG,
+    TEXT_FORMAT,
     VISION_FORMAT,
     checkpoint_meta,
     checkpoint_model_id,
     has_text_tower,
     load_video_encoder,
     save_vision_checkpoint,
+    video_folder,
 )
 from cmr_search.encoder.config import EncoderConfig, load_config
 
 __all__ = ["ORIGINS", "EncoderRegistry"]
 
 #: where a registered model came from
-ORIGINS = ("trained", "imported", "published", "baseline")
+ORIGINS = ("trained", "imported", "published", "baseline", "aligned")
 
 
 class EncoderRegistry:
@@ -108,8 +110,12 @@ class EncoderRegistry:
             if checkpoint.is_dir():
                 if not (has_text_tower(checkpoint) or checkpoint_meta(checkpoint).get("format") == VISION_FORMAT):
                     raise InputError(f"{checkpoint} is not an encoder folder (needs model.safetensors and config.json)")
+                if checkpoint_meta(checkpoint).get("format") == TEXT_FORMAT:
+                    # a text-aligned model needs its video model in the store: that one embeds
+                    self.register(video_folder(checkpoint))
                 tmp.mkdir(parents=True)
-                for name in ("model.safetensors", "video.safetensors", "config.json"):
+                pointer = self.layout.vectors_of(model_id).name  # a text-aligned model's video model
+                for name in ("model.safetensors", "video.safetensors", "config.json", pointer):
                     if (checkpoint / name).exists():
                         shutil.copy2(checkpoint / name, tmp / name)
                 origin = origin or "imported"
@@ -148,5 +154,7 @@ def _card(folder: Path, origin: str, source: str, model_id: str) -> dict:
         "config": meta.get("config", {}).get("name", "custom"),
         "step": meta.get("step"),
         "text_tower": has_text_tower(folder),
+        # a text-aligned model: the video model whose tower and stored embeddings it uses
+        "video_model": meta.get("video_model"),
         "registered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

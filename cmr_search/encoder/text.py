@@ -123,6 +123,41 @@ class TextEncoder(nn.Module):
         mean = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
         return F.normalize(self.text_proj(mean), dim=-1)
 
+    @torch.no_grad()
+    def trunk(self, texts: list[str]) -> list[torch.Tensor]:
+        """Each text's hidden states [L_i, hidden] after the frozen embeddings and layers
+        (``frozen_layers``), in evaluation mode, padding dropped: what ``top`` takes. The
+        frozen part never changes, so ``cmr train-text`` computes this once per text and
+        trains only the layers above it. A text's states depend on the batch it was in
+        only through floating-point rounding; callers batch a text the same way every run."""
+        was_training = self.bert.training
+        self.bert.eval()
+        try:
+            device = next(self.parameters()).device
+            tokens = {k: v.to(device) for k, v in self.tokenize(list(texts)).items()}
+            mask = tokens["attention_mask"]
+            hidden = self.bert.embeddings(input_ids=tokens["input_ids"], token_type_ids=tokens.get("token_type_ids"))
+            for layer in self.bert.encoder.layer[: self.cfg.frozen_layers]:
+                hidden = _layer(layer, hidden, mask)
+        finally:
+            self.bert.train(was_training)
+        return [hidden[i, :n].clone() for i, n in enumerate(mask.sum(1).tolist())]
+
+    def top(self, states: list[torch.Tensor]) -> torch.Tensor:
+        """Hidden states from ``trunk`` -> L2-normalised [N, dim] through the trainable
+        layers, mean pooling and the projection: the forward of ``forward`` above the
+        frozen layers."""
+        n = max(len(s) for s in states)
+        hidden = states[0].new_zeros(len(states), n, states[0].shape[-1])
+        mask = torch.zeros(len(states), n, dtype=torch.long, device=hidden.device)
+        for i, s in enumerate(states):
+            hidden[i, : len(s)], mask[i, : len(s)] = s, 1
+        for layer in self.bert.encoder.layer[self.cfg.frozen_layers :]:
+            hidden = _layer(layer, hidden, mask)
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        mean = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+        return F.normalize(self.text_proj(mean), dim=-1)
+
     @torch.inference_mode()
     def encode(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
         """Embed texts (evaluation mode, batched) -> float32 [N, dim] on the CPU."""
@@ -137,3 +172,12 @@ class TextEncoder(nn.Module):
             out.append(self(**tokens).float().cpu())
         self.train(was_training)
         return torch.cat(out) if out else torch.empty(0, self.text_proj.out_features)
+
+
+def _layer(layer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One BERT layer over [N, L, H] with padding masked out of the attention (an additive
+    mask, which every attention implementation of transformers takes; equal to the model's
+    own forward to float precision, tests/encoder/test_text_train.py)."""
+    additive = (1.0 - mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+    out = layer(hidden, attention_mask=additive)
+    return out[0] if isinstance(out, tuple) else out

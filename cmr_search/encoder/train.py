@@ -38,7 +38,8 @@ from cmr_search.encoder.model import CmrClip
 from cmr_search.encoder.registry import EncoderRegistry
 from cmr_search.metrics.retrieval import retrieval_summary
 
-__all__ = ["ReportCache", "TrainResult", "Trainer", "any_rank", "latest_checkpoint", "lr_at", "micro_step"]
+__all__ = ["ReportCache", "TrainResult", "Trainer", "any_rank", "latest_checkpoint", "lr_at", "micro_step",
+           "trim_metric_rows", "write_metric_rows"]
 
 METRIC_FIELDS = ["step", "loss", "raw", "pair", "study", "v2t", "t2v", "hard", "hard_err", "match", "lr", "temperature",
                  "seconds", "val_R@1", "val_R@5", "val_R@10", "val_median_rank", "val_pool"]
@@ -51,6 +52,24 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     span = max(1, cfg.max_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def write_metric_rows(path: Path, rows: list[dict], fields: list[str], mode: str = "a") -> None:
+    """Append a run's metric rows to its ``metrics.csv`` (``mode="w"``: rewrite it)."""
+    new = mode == "w" or not path.exists()
+    with path.open(mode, newline="") as fp:
+        writer = csv.DictWriter(fp, fieldnames=fields)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def trim_metric_rows(path: Path, step: int, fields: list[str]) -> None:
+    """Drop the rows logged after ``step``: a kill loses them with the steps since the last
+    checkpoint, and the resumed run logs those steps again, each once."""
+    if path.exists():
+        rows = [r for r in csv.DictReader(path.open()) if int(r["step"]) <= step]
+        write_metric_rows(path, rows, fields, mode="w")
 
 
 def param_groups(model: CmrClip, cfg: TrainConfig) -> list[dict]:
@@ -235,31 +254,14 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.elapsed, self.val = int(state["step"]), float(state["elapsed"]), state.get("val", {})
         if self.rank == 0:  # rows the killed run flushed after its last checkpoint come again
-            self._trim_metrics()
+            trim_metric_rows(self.run_dir / "metrics.csv", self.step, METRIC_FIELDS)
         self.log(f"resumed {self.run_dir.name} at step {self.step}")
 
     def _checkpoint(self) -> None:
         if self.rank == 0:
             state = {"optimizer": self.optimizer.state_dict(), "step": self.step, "elapsed": self.elapsed, "val": self.val}
             save_checkpoint(self.model, self.cfg, self.ckpt_dir, self.step, train_state=state)
-            self._trim_metrics()
-
-    def _trim_metrics(self) -> None:
-        # rows logged after the last checkpoint are lost with a kill; drop them so a resumed
-        # run's log has each step once
-        path = self.run_dir / "metrics.csv"
-        if path.exists():
-            rows = [r for r in csv.DictReader(path.open()) if int(r["step"]) <= self.step]
-            self._write_rows(path, rows, mode="w")
-
-    @staticmethod
-    def _write_rows(path: Path, rows: list[dict], mode: str = "a") -> None:
-        new = mode == "w" or not path.exists()
-        with path.open(mode, newline="") as fp:
-            writer = csv.DictWriter(fp, fieldnames=METRIC_FIELDS)
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
+            trim_metric_rows(self.run_dir / "metrics.csv", self.step, METRIC_FIELDS)
 
     def validate(self) -> dict:
         """Text-to-study retrieval on the validation studies: each report queries all of them."""
@@ -342,14 +344,14 @@ class Trainer:
                 started = time.monotonic()  # validation time is not training time
             window.append({k: row.get(k, "") for k in METRIC_FIELDS})
             if self.rank == 0 and (self.step % 10 == 0 or self.val and "val_R@1" in row):
-                self._write_rows(metrics_path, window)
+                write_metric_rows(metrics_path, window, METRIC_FIELDS)
                 window = []
             if self.step % t.checkpoint_every == 0:
                 self._checkpoint()
             if bar:
                 bar[0].update(bar[1], completed=self.step, description=progress_text(row["loss"], self.val))
         if self.rank == 0:
-            self._write_rows(metrics_path, window)
+            write_metric_rows(metrics_path, window, METRIC_FIELDS)
         if bar:
             bar[0].stop()
         self._checkpoint()

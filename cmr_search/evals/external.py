@@ -98,7 +98,7 @@ def _external_store(root: Path, model_id: str, internal_root: Path, index_config
         raise InputError(f"--external {root} is not a store (no store.json); ingest that site first with "
                          f"`cmr ingest DICOM --store {root}`")
     store = EmbeddingStore.open(root)
-    if model_id not in store.model_ids("studies"):
+    if store.vectors_of(model_id) not in store.model_ids("studies"):
         if log:
             log(f"embedding {site_name(root)} with model {model_id} (registered there; its default model stays)")
         embed_store(root, StoreLayout(internal_root).encoder(model_id), progress=log is not None,

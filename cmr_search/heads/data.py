@@ -72,7 +72,7 @@ def load_bags(store: EmbeddingStore, model_id: str, study_uids: list[str] | None
     studies = store.rows("studies", model_id, ["study_uid", "patient_key", "vector"], where)
     if not studies.num_rows:  # only then is it worth a scan to say which models the store has
         have = store.model_ids("studies")
-        if model_id not in have:
+        if store.vectors_of(model_id) not in have:
             raise InputError(f"the store has no study embeddings of model {model_id}"
                              + (f" (it has {', '.join(have)})" if have else "") + "; run `cmr embed` with that encoder")
     if study_uids is not None:

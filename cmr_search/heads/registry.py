@@ -203,7 +203,7 @@ def open_store(store_root: Path) -> EmbeddingStore:
 def _require_embeddings(store: EmbeddingStore, head: Head) -> None:
     """A head imported from another store runs only once this store holds its encoder's embeddings."""
     have = store.model_ids("studies")
-    if head.model_id in have:
+    if store.vectors_of(head.model_id) in have:
         return
     layout = StoreLayout(store.root)
     where = (f"{layout.encoder(head.model_id)}" if (layout.encoder(head.model_id) / "config.json").exists()

@@ -155,7 +155,14 @@ class EmbeddingStore:
         """Rows in a table, optionally of one model."""
         if not self.has(name):
             return 0
-        return self.table(name).count_rows(f"model_id = '{sql_quote(model_id)}'" if model_id else None)
+        return self.table(name).count_rows(f"model_id = '{sql_quote(self.vectors_of(model_id))}'" if model_id else None)
+
+    def vectors_of(self, model_id: str) -> str:
+        """The ``model_id`` whose rows hold ``model_id``'s embeddings: its own, or for a
+        text-aligned model (``cmr train-text``) the video model's. Every read by model goes
+        through it, so such a model searches, takes heads and is evaluated on the vectors it
+        shares, with no copy of them."""
+        return self.layout.vectors_model_id(model_id)
 
     def model_ids(self, name: str = "studies") -> dict[str, int]:
         """model_id -> row count in the table."""
@@ -294,7 +301,7 @@ class EmbeddingStore:
         """One row by its key (``clip_id`` or ``study_uid``) and model, or None."""
         if not self.has(name):
             return None
-        where = f"{EMBEDDING_TABLES[name]} = '{sql_quote(key)}' AND model_id = '{sql_quote(model_id)}'"
+        where = f"{EMBEDDING_TABLES[name]} = '{sql_quote(key)}' AND model_id = '{sql_quote(self.vectors_of(model_id))}'"
         rows = self.table(name).search().where(where).limit(1).to_list()
         return rows[0] if rows else None
 
@@ -310,7 +317,7 @@ class EmbeddingStore:
         """All rows of one model (optionally only some columns, or those matching ``where``)."""
         if not self.has(name):
             return self.schema(name).empty_table() if columns is None else self.schema(name).empty_table().select(columns)
-        clause = f"model_id = '{sql_quote(model_id)}'" + (f" AND ({where})" if where else "")
+        clause = f"model_id = '{sql_quote(self.vectors_of(model_id))}'" + (f" AND ({where})" if where else "")
         q = self.table(name).search().where(clause).limit(None)
         return (q.select(columns) if columns else q).to_arrow()
 

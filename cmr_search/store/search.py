@@ -61,7 +61,7 @@ def default_model_id(store: EmbeddingStore) -> str:
         raise StoreError(f"{store.root} has no study embeddings; run `cmr embed --store {store.root}` first")
     layout = StoreLayout(store.root)
     for model_id in (layout.default_model_id(), layout.latest_model_id()):
-        if model_id in present:
+        if model_id and store.vectors_of(model_id) in present:
             return model_id
     if len(present) == 1:
         return next(iter(present))

@@ -91,9 +91,10 @@ class VectorIndex:
     def __init__(self, store: EmbeddingStore, table: str, model_id: str, config: IndexConfig = IndexConfig()):
         if table not in EMBEDDING_TABLES:
             raise StoreError(f"no embedding table {table!r}")
-        self.store, self.table, self.model_id, self.config = store, table, model_id, config
+        # a text-aligned model searches its video model's rows, through that model's index
+        self.store, self.table, self.model_id, self.config = store, table, store.vectors_of(model_id), config
         layout = StoreLayout(store.root)
-        self.folder = layout.index(table, model_id)
+        self.folder = layout.index(table, self.model_id)
         self.files = IndexFiles(self.folder)
         self.dim = store.dim
         self._lock = _RWLock()
