@@ -127,28 +127,35 @@ def paraphrase_figures(vectors: np.ndarray, studies: np.ndarray, table: dict) ->
 
 
 def query_figures(model, corpus, test, labels: dict) -> dict:
+    """``text_figures`` of a model: its text tower on its embeddings of the held-out studies."""
+    from cmr_search.encoder.align import embed_studies
+
+    model.eval()
+    _, studies = embed_studies(model, corpus, test, torch.device("cpu"))
+
+    def tower(texts: list[str]) -> np.ndarray:
+        return model.text.encode(texts).float().numpy()
+
+    return text_figures(tower, studies.numpy(), test, labels)
+
+
+def text_figures(tower, s: np.ndarray, test, labels: dict) -> dict:
     """Phrase suite and paraphrases as the search embeds them (``encoder.query``: findings
     as contrasts), the same with the text tower's plain embeddings (``tower_``), and
-    zero-shot on the held-out studies."""
+    zero-shot, for a text tower (``texts -> [N, D]``) and the held-out studies' embeddings
+    ``s`` [N, D] (in the order of ``test``)."""
     from sklearn.metrics import roc_auc_score
 
-    from cmr_search.encoder.align import embed_studies
     from cmr_search.encoder.query import compose_queries
     from cmr_search.evals.queries import phrase_queries
     from cmr_search.findings import FINDINGS
     from cmr_search.findings.parse import FindingParser
 
-    model.eval()
-    _, studies = embed_studies(model, corpus, test, torch.device("cpu"))
-    s = studies.numpy()
     numeric = [c for c, v in labels[test[0].study_uid].items() if isinstance(v, (int, float)) and c != "study_uid"]
     table = {c: np.array([np.nan if labels[st.study_uid][c] is None else float(labels[st.study_uid][c])
                           for st in test]) for c in numeric}
     parser = FindingParser()
     with torch.inference_mode():
-        def tower(texts: list[str]) -> np.ndarray:
-            return model.text.encode(texts).float().numpy()
-
         queries = phrase_queries(table)
         suite, para = [q.text for q in queries], [t for t, _, _ in PARAPHRASES]
         out = suite_figures(compose_queries(suite, tower, parser), s, queries, table)

@@ -104,11 +104,14 @@ def train_text(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run from its last checkpoint.")] = False,
     seed: Annotated[int | None, typer.Option("--seed", help="Override the recipe's seed.")] = None,
     run_name: Annotated[str | None, typer.Option("--run-name", help="Run folder under STORE/encoders/runs.")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="cpu, cuda (default: cuda if present).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Align a text tower to a model's stored view and study embeddings (its video tower
-    locked, no clip read): text search, zero-shot labels and the evaluation for a model
-    without a text tower (the published checkpoint), or a text side in this site's words.
+    """Align a text tower to a model's stored embeddings (minutes; no clip is read).
+
+    Its video tower stays locked: text search, zero-shot labels and the evaluation for a
+    model without a text tower (the published checkpoint), or a text side in this site's
+    words.
 
     The result is a model of its own (STORE/encoders/<model_id>) that searches the video
     model's stored vectors; it becomes the default where the video model was.
@@ -127,7 +130,7 @@ def train_text(
         if seed is not None:
             cfg = replace(cfg, seed=seed)
         run_dir = StoreLayout(root).run(run_name) if run_name else None
-        trainer = TextTrainer(root, cfg, model_id, run_dir=run_dir, resume=resume, log=err.print)
+        trainer = TextTrainer(root, cfg, model_id, run_dir=run_dir, resume=resume, log=err.print, device=device)
         result = trainer.fit(max_steps=max_steps, max_minutes=max_minutes)
     except CmrError as error:
         fail(error)

@@ -108,6 +108,10 @@ class Targets:
     studies: torch.Tensor
     row_of: dict[int, int]
 
+    def to(self, device: torch.device) -> Targets:
+        """The same targets on ``device``."""
+        return Targets(self.studies_list, self.views.to(device), self.studies.to(device), self.row_of)
+
 
 def _targets(store_root: Path, video_model: str, studies: list[Study], log) -> Targets:
     """The stored embeddings of ``studies`` by ``video_model``; studies it has not embedded
@@ -156,7 +160,8 @@ class TextTrainer:
     """One ``cmr train-text`` run: a text tower against the stored embeddings of one model."""
 
     def __init__(self, store_root: Path, cfg: TextAlignConfig, model_id: str | None = None,
-                 run_dir: Path | None = None, resume: bool = False, progress: bool = True, log=print):
+                 run_dir: Path | None = None, resume: bool = False, progress: bool = True, log=print,
+                 device: str | None = None):
         self.store_root, self.cfg, self.log, self.progress = Path(store_root), cfg, log, progress
         layout = StoreLayout(self.store_root)
         registry = EncoderRegistry(self.store_root)
@@ -174,9 +179,11 @@ class TextTrainer:
         if self.ckpt_dir.exists() and not resume:
             raise InputError(f"{self.run_dir} already holds a run; pass --resume to continue it or --run-name "
                              "for a new one")
-        self.device = torch.device("cpu")
+        # float32 on any device: the text tower is small, and a step is the same sum on every run
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch.manual_seed(cfg.seed)
         self.model = AlignedText(cfg, self.dim, _initial_temperature(layout.encoder(self.video_model), cfg))
+        self.model.to(self.device)
         self.optimizer = torch.optim.AdamW(self._param_groups(), betas=(0.9, 0.98), eps=1e-6)
         lc = cfg.loss
         self.loss_fn = ContrastiveLoss(lc.lam, lc.flood, lc.study_weight, lc.hard_weight, lc.match_weight)
@@ -186,8 +193,8 @@ class TextTrainer:
         corpus = ClipCorpus(self.store_root)
         train, val = patient_split(corpus.with_reports(), cfg.val_fraction,
                                    cfg.seed if cfg.split_seed is None else cfg.split_seed)
-        self.train = _targets(self.store_root, self.video_model, train, log)
-        self.held_out = _targets(self.store_root, self.video_model, val, None) if val else None
+        self.train = _targets(self.store_root, self.video_model, train, log).to(self.device)
+        self.held_out = _targets(self.store_root, self.video_model, val, None).to(self.device) if val else None
         self.batches = ContrastiveBatches(
             corpus, self.train.studies_list, cfg.studies_per_batch, cfg.views_per_study, cfg.text.sentences,
             AugmentConfig(), video_cfg.preprocess, cfg.seed, length=cfg.max_steps,
@@ -210,19 +217,19 @@ class TextTrainer:
     def step_once(self, batch: dict) -> dict[str, torch.Tensor]:
         """Forward and backward of one batch: its reports and claims through the trainable
         layers from their cached states, against the stored vectors of its views and studies."""
-        text = self.model.text
-        views = self.train.views[torch.tensor([self.train.row_of[r] for r in batch["rows"].tolist()])]
-        studies = self.train.studies[batch["studies"]]
+        text, device = self.model.text, self.device
+        views = self.train.views[torch.tensor([self.train.row_of[r] for r in batch["rows"].tolist()], device=device)]
+        studies = self.train.studies[batch["studies"].to(device)]
         reports = text.top([self.cache.report(i) for i in batch["report_ids"].tolist()])
         hard = {}
         if "claims" in batch:
             n, k = batch["counterfactual_valid"].shape
             sentences = text.top([self.cache.sentence(t) for t in batch["claims"] + batch["counterfactuals"]])
             hard = {"claims": sentences[:n], "rewrites": sentences[n:].view(n, k, -1),
-                    "valid": batch["counterfactual_valid"]}
+                    "valid": batch["counterfactual_valid"].to(device)}
             if "claim_targets" in batch:
-                hard["match"] = (sentences, studies, batch["claim_targets"])
-        out = self.loss_fn(views, reports, batch["study_of_view"], self.model.scale(), studies, **hard)
+                hard["match"] = (sentences, studies, batch["claim_targets"].to(device))
+        out = self.loss_fn(views, reports, batch["study_of_view"].to(device), self.model.scale(), studies, **hard)
         out["loss"].backward()
         return out
 
@@ -232,8 +239,7 @@ class TextTrainer:
         if self.held_out is None:
             return {}
         reports = self.model.text.encode([s.report for s in self.held_out.studies_list]).float()
-        self.model.train()
-        sim = (reports @ self.held_out.studies.t()).numpy()
+        sim = (reports @ self.held_out.studies.cpu().t()).numpy()
         return retrieval_summary(sim, np.arange(len(sim)))
 
     # -- the loop ---------------------------------------------------------------------------
@@ -311,8 +317,8 @@ class TextTrainer:
         if json.loads(json.dumps(recipe)) != json.loads(json.dumps(self.cfg.to_dict())):
             raise InputError(f"{self.run_dir} was trained with another recipe; resume it with the same --config "
                              "and --text-model")
-        self.model.load_state_dict(load_file(self.ckpt_dir / "model.safetensors"))
-        state = torch.load(self.ckpt_dir / "train_state.pt", map_location="cpu", weights_only=True)
+        self.model.load_state_dict(load_file(self.ckpt_dir / "model.safetensors", device=str(self.device)))
+        state = torch.load(self.ckpt_dir / "train_state.pt", map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.elapsed, self.val = int(state["step"]), float(state["elapsed"]), state.get("val", {})
         trim_metric_rows(self.run_dir / "metrics.csv", self.step, METRIC_FIELDS)

@@ -166,3 +166,12 @@ def test_the_published_layout_goes_from_embed_to_text_search(site_b, tiny_cfg, t
     listed = json.loads(subprocess.run([*CMR, "encoders", "list", "--store", str(site_b), "--json"],
                                        capture_output=True, text=True, env=env, check=True).stdout)
     assert {r["model_id"]: r["video_model"] for r in listed} == {video: None, text_model: video}
+    # the evaluation runs on it as on a jointly trained model: text retrieval, zero-shot, heads
+    done = subprocess.run([*CMR, "eval", "--store", str(site_b), "--out", str(tmp_path / "eval"), "--fractions", "1",
+                           "--seeds", "1", "--map", "pca", "-k", "3", "--json"],
+                          capture_output=True, text=True, env=env, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads(done.stdout)
+    assert metrics["run"]["models"]["contrastive"] == text_model
+    assert metrics["text_retrieval"]["own_report"]["pool"] == 10
+    assert metrics["zero_shot"]["model_id"] == text_model and metrics["zero_shot"]["labels"]
