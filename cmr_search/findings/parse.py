@@ -72,9 +72,16 @@ class Statement:
 
 
 class FindingParser:
-    """The NegEx pipeline over the finding lexicon; build once, use for many texts."""
+    """The NegEx pipeline over the finding lexicon; build once, use for many texts.
 
-    def __init__(self) -> None:
+    What it read of a text is kept (up to ``memo_size`` texts, then forgotten at once):
+    training draws the same report sentences, claims and rewrites again and again, and the
+    spaCy pass was most of a ``cmr train-text`` step (measured). A text's reading depends on
+    the text alone, so the memo changes no result."""
+
+    def __init__(self, memo_size: int = 50_000) -> None:
+        self.memo_size = memo_size
+        self._memo: dict[str, tuple[tuple[Mention, ...], tuple[tuple[int, int], ...]]] = {}
         nlp = spacy.blank("en")
         nlp.add_pipe("sentencizer")
         ruler = nlp.add_pipe("entity_ruler", config={"phrase_matcher_attr": "LOWER"})
@@ -113,8 +120,18 @@ class FindingParser:
 
     def read_many(self, texts: list[str]) -> list[tuple[list[Mention], list[tuple[int, int]]]]:
         """Each text's mentions and sentence spans from one spaCy pass (a rewrite needs both)."""
-        return [(self._mentions(doc), [(s.start_char, s.end_char) for s in doc.sents])
-                for doc in self.nlp.pipe(texts)]
+        todo = [t for t in dict.fromkeys(texts) if t not in self._memo]
+        if len(self._memo) + len(todo) > self.memo_size:
+            self._memo = {}
+        memo = self._memo  # this call's own reference: another thread may start a new memo
+        for text, doc in zip(todo, self.nlp.pipe(todo)):
+            memo[text] = (tuple(self._mentions(doc)), tuple((s.start_char, s.end_char) for s in doc.sents))
+        return [(list(m), list(s)) for m, s in ((memo.get(t) or self._read(t)) for t in texts)]
+
+    def _read(self, text: str) -> tuple[tuple[Mention, ...], tuple[tuple[int, int], ...]]:
+        # only for a text another thread's new memo dropped between this call's two steps
+        doc = self.nlp(text)
+        return tuple(self._mentions(doc)), tuple((s.start_char, s.end_char) for s in doc.sents)
 
     def _mentions(self, doc) -> list[Mention]:
         sentence_of = {}

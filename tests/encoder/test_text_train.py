@@ -109,6 +109,21 @@ def test_training_lowers_the_loss_and_registers_a_model_on_the_video_models_vect
     assert not torch.allclose(torch.tensor(encode(video, ["dilated LV"])), torch.tensor(encode(text_model, ["dilated LV"])))
 
 
+def test_an_aligned_model_moves_to_another_store_with_its_video_model(embedded, site_b, tmp_path):
+    root, video = embedded
+    text_model = TextTrainer(root, tiny_text_cfg(max_steps=2), video, run_dir=tmp_path / "text", progress=False,
+                             log=quiet).fit().model_id
+    report = embed_store(site_b, root / "encoders" / text_model, progress=False)
+    registry = EncoderRegistry(site_b)
+    # the video model came along (it embeds), the rows are its, the aligned model is the default
+    assert set(registry.model_ids()) == {video, text_model} and report.model_id == text_model
+    assert registry.card(text_model)["video_model"] == video and registry.default == text_model
+    assert set(EmbeddingStore.open(site_b).model_ids("studies")) == {video}
+    assert (site_b / "encoders" / text_model / "VECTORS").read_text().strip() == video
+    hits = Searcher(site_b, None, IndexConfig(), encode_text=TextQueryEncoder(site_b)).by_text("dilated LV", 3)
+    assert len(hits) == 3
+
+
 def test_resume_is_exact(embedded, tmp_path):
     root, video = embedded
     cfg = tiny_text_cfg()

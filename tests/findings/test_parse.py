@@ -190,3 +190,15 @@ def test_agreement_of_a_claim_with_a_report(parser, claim, report, expected):
     from cmr_search.findings.parse import agreement
 
     assert agreement(summarise(parser.parse(claim)), summarise(parser.parse(report))) == expected
+
+
+def test_the_memo_of_readings_changes_no_result_and_stays_bounded():
+    texts = ["No LV thrombus.", "Severe LV dilatation. EF 25%.", "No LV thrombus.", "Normal study."]
+    fresh = [FindingParser(memo_size=0).read_many([t])[0] for t in texts]
+    memo = FindingParser(memo_size=3)
+    assert memo.read_many(texts) == fresh and len(memo._memo) == 3
+    first = memo.read_many(texts[:1])[0]
+    first[0].clear()  # a caller's list is its own: the memo keeps what was read
+    assert memo.read_many(texts) == fresh
+    memo.read_many(["Mild pericardial effusion."])  # a fourth text starts a new memo
+    assert len(memo._memo) == 1
