@@ -38,8 +38,19 @@ from cmr_search.encoder.model import CmrClip
 from cmr_search.encoder.registry import EncoderRegistry
 from cmr_search.metrics.retrieval import retrieval_summary
 
-__all__ = ["ReportCache", "TrainResult", "Trainer", "any_rank", "latest_checkpoint", "lr_at", "micro_step",
-           "trim_metric_rows", "write_metric_rows"]
+__all__ = [
+    "ReportCache",
+    "TrainResult",
+    "Trainer",
+    "any_rank",
+    "latest_checkpoint",
+    "lr_at",
+    "metric_row",
+    "micro_step",
+    "step_optimizer",
+    "trim_metric_rows",
+    "write_metric_rows",
+]
 
 METRIC_FIELDS = ["step", "loss", "raw", "pair", "study", "v2t", "t2v", "hard", "hard_err", "match", "lr", "temperature",
                  "seconds", "val_R@1", "val_R@5", "val_R@10", "val_median_rank", "val_pool"]
@@ -52,6 +63,22 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     span = max(1, cfg.max_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def step_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float) -> None:
+    """Clip the gradient norm, take the optimizer step, clear the gradients."""
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def metric_row(out: dict[str, torch.Tensor], step: int, optimizer: torch.optim.Optimizer, scale: torch.Tensor,
+               elapsed: float) -> dict:
+    """A step's row of ``metrics.csv``: its named losses, the peak learning rate, the
+    temperature (1 / ``scale``) and the training seconds so far."""
+    row = {k: round(float(v.detach()), 5) for k, v in out.items()}
+    return row | {"step": step, "lr": max(g["lr"] for g in optimizer.param_groups),
+                  "temperature": round(1.0 / float(scale.detach()), 5), "seconds": round(elapsed, 1)}
 
 
 def write_metric_rows(path: Path, rows: list[dict], fields: list[str], mode: str = "a") -> None:
@@ -329,15 +356,11 @@ class Trainer:
                 for group in self.optimizer.param_groups:
                     group["lr"] = a.lr * scale if group["text"] else 0.0
                 out = aligner.step(next(align_it), self.loss_fn, amp)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            step_optimizer(self.model, self.optimizer, t.grad_clip)
             self.step += 1
             self.elapsed += time.monotonic() - started
             started = time.monotonic()
-            row = {k: round(float(v.detach()), 5) for k, v in out.items()}
-            row |= {"step": self.step, "lr": max(g["lr"] for g in self.optimizer.param_groups),
-                    "temperature": round(1.0 / float(self.model.scale().detach()), 5), "seconds": round(self.elapsed, 1)}
+            row = metric_row(out, self.step, self.optimizer, self.model.scale(), self.elapsed)
             if self.rank == 0 and (self.step % t.eval_every == 0 or self.step == end_step):
                 self.val = self.validate()
                 row |= {f"val_{k}": v for k, v in self.val.items()}

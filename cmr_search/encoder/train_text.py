@@ -43,18 +43,18 @@ from cmr_search.encoder.loss import ContrastiveLoss
 from cmr_search.encoder.registry import EncoderRegistry
 from cmr_search.encoder.text import TextEncoder
 from cmr_search.encoder.train import (
+    METRIC_FIELDS,
     TrainResult,
     lr_at,
+    metric_row,
     progress_text,
+    step_optimizer,
     trim_metric_rows,
     write_metric_rows,
 )
 from cmr_search.metrics.retrieval import retrieval_summary
 
 __all__ = ["AlignedText", "TextTrainer", "TrunkCache"]
-
-METRIC_FIELDS = ["step", "loss", "raw", "pair", "study", "v2t", "t2v", "hard", "hard_err", "match", "lr",
-                 "temperature", "seconds", "val_R@1", "val_R@5", "val_R@10", "val_median_rank", "val_pool"]
 
 
 class AlignedText(nn.Module):
@@ -261,16 +261,11 @@ class TextTrainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = group["base_lr"] * scale
             out = self.step_once(batch)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            step_optimizer(self.model, self.optimizer, cfg.grad_clip)
             self.step += 1
             self.elapsed += time.monotonic() - started
             started = time.monotonic()
-            row = {k: round(float(v.detach()), 5) for k, v in out.items()}
-            row |= {"step": self.step, "lr": max(g["lr"] for g in self.optimizer.param_groups),
-                    "temperature": round(1.0 / float(self.model.scale().detach()), 5),
-                    "seconds": round(self.elapsed, 1)}
+            row = metric_row(out, self.step, self.optimizer, self.model.scale(), self.elapsed)
             if self.step % cfg.eval_every == 0 or self.step == end_step:
                 self.val = self.validate()
                 row |= {f"val_{k}": v for k, v in self.val.items()}
