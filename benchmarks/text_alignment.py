@@ -54,7 +54,7 @@ def joint(store: Path, seed: int, steps: int | None, work: Path) -> dict:
     if done.exists():
         return json.loads(done.read_text())
     cfg = load_config("mvit_xs_cpu")
-    trainer, result, _, _, test = train_split(store, cfg, seed, 0, steps or cfg.train.max_steps, work / "joint-run")
+    _, result, _, _, test = train_split(store, cfg, seed, 0, steps or cfg.train.max_steps, work / "joint-run")
     t0 = time.perf_counter()
     embed_store(store, result.checkpoint, progress=True)
     out = {"model_id": result.model_id, "steps": result.step, "train_seconds": result.seconds,
@@ -92,13 +92,15 @@ def align(store: Path, model_id: str, seed: int, minutes: float, work: Path) -> 
     trainer = TextTrainer(store, cfg, model_id, run_dir=run_dir, progress=True, log=print)
     setup = time.perf_counter() - t0
     result = trainer.fit(max_minutes=minutes - setup / 60)
-    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    with open(run_dir / "metrics.csv", newline="") as fp:
+        rows = list(csv.DictReader(fp))
     seconds = np.diff([0.0] + [float(r["seconds"]) for r in rows])
     return {"model_id": result.model_id, "steps": result.step, "setup_seconds": setup,
             "wall_seconds": time.perf_counter() - t0, "train_seconds": result.seconds,
             "step_seconds": result.seconds / result.step,
             "warm_step_seconds": float(np.median(seconds[len(seconds) // 2 :])),
             "cached_texts": len(trainer.cache.sentences) + sum(len(v) for v in trainer.cache.reports.values()),
+            "cache_mb": trainer.cache.bytes / 1e6,
             "held_out": [s.study_uid for s in trainer.held_out.studies_list]}
 
 

@@ -213,6 +213,9 @@ class TextAlignConfig:
     val_fraction: float = 0.15  # patients held out (the same split as a joint run of the same seed)
     seed: int = 0
     split_seed: int | None = None
+    # memory for the locked layers' states of the texts drawn (about 300 kB per study);
+    # past it, states are computed at each use: slower steps, the same results
+    trunk_cache_gb: float = 4.0
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict (what a text-aligned model's config records)."""

@@ -76,26 +76,42 @@ class TrunkCache:
     """The locked layers' hidden states of every text a run draws, computed once: a study's
     report variants together (one batch of fixed composition), any other text (claims and
     their rewrites) alone. A text is batched the same way in every run, so a resumed run
-    sees the very states the killed one did."""
+    sees the very states the killed one did. Past ``max_bytes`` (a large archive: about
+    300 kB per study) new states are computed at each use instead of kept, which changes
+    the time of a step, not its result."""
 
-    def __init__(self, text: TextEncoder, variants: list[list[str]]):
-        self.text, self.variants = text, variants
+    def __init__(self, text: TextEncoder, variants: list[list[str]], max_bytes: float = 4e9):
+        self.text, self.variants, self.max_bytes = text, variants, max_bytes
         self.k = len(variants[0]) if variants else 0
         self.reports: dict[int, list[torch.Tensor]] = {}
         self.sentences: dict[str, torch.Tensor] = {}
+        self.bytes = 0
+
+    def _keep(self, states: list[torch.Tensor]) -> bool:
+        size = sum(s.numel() * s.element_size() for s in states)
+        if self.bytes + size > self.max_bytes:
+            return False
+        self.bytes += size
+        return True
 
     def report(self, report_id: int) -> torch.Tensor:
         """States of report variant ``report_id`` (study ``id // k``, variant ``id % k``)."""
         study, variant = divmod(int(report_id), self.k)
-        if study not in self.reports:
-            self.reports[study] = self.text.trunk(self.variants[study])
-        return self.reports[study][variant]
+        states = self.reports.get(study)
+        if states is None:
+            states = self.text.trunk(self.variants[study])
+            if self._keep(states):
+                self.reports[study] = states
+        return states[variant]
 
     def sentence(self, text: str) -> torch.Tensor:
         """States of one short text."""
-        if text not in self.sentences:
-            self.sentences[text] = self.text.trunk([text])[0]
-        return self.sentences[text]
+        state = self.sentences.get(text)
+        if state is None:
+            state = self.text.trunk([text])[0]
+            if self._keep([state]):
+                self.sentences[text] = state
+        return state
 
 
 @dataclass
@@ -200,7 +216,7 @@ class TextTrainer:
             AugmentConfig(), video_cfg.preprocess, cfg.seed, length=cfg.max_steps,
             stratify_views=cfg.stratify_views, report_variants=max(1, cfg.text.cached_variants),
             counterfactuals=cfg.text.counterfactuals, clips=False, claim_targets=cfg.loss.match_weight > 0)
-        self.cache = TrunkCache(self.model.text, self.batches.variant_texts())
+        self.cache = TrunkCache(self.model.text, self.batches.variant_texts(), cfg.trunk_cache_gb * 1e9)
 
     def _param_groups(self) -> list[dict]:
         """The trainable BERT layers at ``lr``, the projection and temperature at ``proj_lr``;
