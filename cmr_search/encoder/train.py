@@ -9,7 +9,6 @@ Multi-GPU runs are started with torchrun (DDP); the loss gathers features across
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -36,6 +35,13 @@ from cmr_search.encoder.data import (
 from cmr_search.encoder.loss import ContrastiveLoss, gather_with_grad
 from cmr_search.encoder.model import CmrClip
 from cmr_search.encoder.registry import EncoderRegistry
+from cmr_search.encoder.runlog import (
+    metric_row,
+    progress_text,
+    step_optimizer,
+    trim_metric_rows,
+    write_metric_rows,
+)
 from cmr_search.metrics.retrieval import retrieval_summary
 
 __all__ = [
@@ -45,16 +51,8 @@ __all__ = [
     "any_rank",
     "latest_checkpoint",
     "lr_at",
-    "metric_row",
     "micro_step",
-    "step_optimizer",
-    "trim_metric_rows",
-    "write_metric_rows",
 ]
-
-METRIC_FIELDS = ["step", "loss", "raw", "pair", "study", "v2t", "t2v", "hard", "hard_err", "match", "lr", "temperature",
-                 "seconds", "val_R@1", "val_R@5", "val_R@10", "val_median_rank", "val_pool"]
-
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning-rate multiplier: linear warm-up, then cosine decay to ``min_lr_ratio``."""
@@ -63,40 +61,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     span = max(1, cfg.max_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def step_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float) -> None:
-    """Clip the gradient norm, take the optimizer step, clear the gradients."""
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def metric_row(out: dict[str, torch.Tensor], step: int, optimizer: torch.optim.Optimizer, scale: torch.Tensor,
-               elapsed: float) -> dict:
-    """A step's row of ``metrics.csv``: its named losses, the peak learning rate, the
-    temperature (1 / ``scale``) and the training seconds so far."""
-    row = {k: round(float(v.detach()), 5) for k, v in out.items()}
-    return row | {"step": step, "lr": max(g["lr"] for g in optimizer.param_groups),
-                  "temperature": round(1.0 / float(scale.detach()), 5), "seconds": round(elapsed, 1)}
-
-
-def write_metric_rows(path: Path, rows: list[dict], fields: list[str], mode: str = "a") -> None:
-    """Append a run's metric rows to its ``metrics.csv`` (``mode="w"``: rewrite it)."""
-    new = mode == "w" or not path.exists()
-    with path.open(mode, newline="") as fp:
-        writer = csv.DictWriter(fp, fieldnames=fields)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-
-
-def trim_metric_rows(path: Path, step: int, fields: list[str]) -> None:
-    """Drop the rows logged after ``step``: a kill loses them with the steps since the last
-    checkpoint, and the resumed run logs those steps again, each once."""
-    if path.exists():
-        rows = [r for r in csv.DictReader(path.open()) if int(r["step"]) <= step]
-        write_metric_rows(path, rows, fields, mode="w")
 
 
 def param_groups(model: CmrClip, cfg: TrainConfig) -> list[dict]:
@@ -133,15 +97,6 @@ class TrainResult:
     step: int
     seconds: float
     val: dict  # last validation retrieval metrics
-
-
-def progress_text(loss: float, val: dict) -> str:
-    """The progress bar's words: the loss, and the validation R@5 with its pool and chance
-    (an R@5 of 1.00 in a pool of 4 is no news)."""
-    if not val or "pool" not in val:
-        return f"loss {loss:.3f}"
-    pool = val["pool"]
-    return f"loss {loss:.3f} val R@5 {val['R@5']:.2f} of {pool} studies (chance {min(5, pool) / pool:.2f})"
 
 
 def latest_checkpoint(store_root: Path) -> Path:
@@ -281,14 +236,14 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.elapsed, self.val = int(state["step"]), float(state["elapsed"]), state.get("val", {})
         if self.rank == 0:  # rows the killed run flushed after its last checkpoint come again
-            trim_metric_rows(self.run_dir / "metrics.csv", self.step, METRIC_FIELDS)
+            trim_metric_rows(self.run_dir / "metrics.csv", self.step)
         self.log(f"resumed {self.run_dir.name} at step {self.step}")
 
     def _checkpoint(self) -> None:
         if self.rank == 0:
             state = {"optimizer": self.optimizer.state_dict(), "step": self.step, "elapsed": self.elapsed, "val": self.val}
             save_checkpoint(self.model, self.cfg, self.ckpt_dir, self.step, train_state=state)
-            trim_metric_rows(self.run_dir / "metrics.csv", self.step, METRIC_FIELDS)
+            trim_metric_rows(self.run_dir / "metrics.csv", self.step)
 
     def validate(self) -> dict:
         """Text-to-study retrieval on the validation studies: each report queries all of them."""
@@ -365,16 +320,16 @@ class Trainer:
                 self.val = self.validate()
                 row |= {f"val_{k}": v for k, v in self.val.items()}
                 started = time.monotonic()  # validation time is not training time
-            window.append({k: row.get(k, "") for k in METRIC_FIELDS})
+            window.append(row)
             if self.rank == 0 and (self.step % 10 == 0 or self.val and "val_R@1" in row):
-                write_metric_rows(metrics_path, window, METRIC_FIELDS)
+                write_metric_rows(metrics_path, window)
                 window = []
             if self.step % t.checkpoint_every == 0:
                 self._checkpoint()
             if bar:
                 bar[0].update(bar[1], completed=self.step, description=progress_text(row["loss"], self.val))
         if self.rank == 0:
-            write_metric_rows(metrics_path, window, METRIC_FIELDS)
+            write_metric_rows(metrics_path, window)
         if bar:
             bar[0].stop()
         self._checkpoint()

@@ -41,17 +41,15 @@ from cmr_search.encoder.config import AugmentConfig, TextAlignConfig
 from cmr_search.encoder.data import ClipCorpus, ContrastiveBatches, Study, patient_split
 from cmr_search.encoder.loss import ContrastiveLoss
 from cmr_search.encoder.registry import EncoderRegistry
-from cmr_search.encoder.text import TextEncoder
-from cmr_search.encoder.train import (
-    METRIC_FIELDS,
-    TrainResult,
-    lr_at,
+from cmr_search.encoder.runlog import (
     metric_row,
     progress_text,
     step_optimizer,
     trim_metric_rows,
     write_metric_rows,
 )
+from cmr_search.encoder.text import TextEncoder
+from cmr_search.encoder.train import TrainResult, lr_at
 from cmr_search.metrics.retrieval import retrieval_summary
 
 __all__ = ["AlignedText", "TextTrainer", "TrunkCache"]
@@ -286,15 +284,15 @@ class TextTrainer:
                 self.val = self.validate()
                 row |= {f"val_{k}": v for k, v in self.val.items()}
                 started = time.monotonic()  # validation time is not training time
-            window.append({k: row.get(k, "") for k in METRIC_FIELDS})
+            window.append(row)
             if self.step % 10 == 0:
-                write_metric_rows(metrics_path, window, METRIC_FIELDS)
+                write_metric_rows(metrics_path, window)
                 window = []
             if self.step % cfg.checkpoint_every == 0:
                 self._checkpoint()
             if bar:
                 bar[0].update(bar[1], completed=self.step, description=progress_text(row["loss"], self.val))
-        write_metric_rows(metrics_path, window, METRIC_FIELDS)
+        write_metric_rows(metrics_path, window)
         if bar:
             bar[0].stop()
         self._checkpoint()
@@ -320,7 +318,7 @@ class TextTrainer:
     def _checkpoint(self) -> None:
         state = {"optimizer": self.optimizer.state_dict(), "step": self.step, "elapsed": self.elapsed, "val": self.val}
         save_checkpoint(self.model, self.cfg, self.ckpt_dir, self.step, train_state=state, meta=self._meta())
-        trim_metric_rows(self.run_dir / "metrics.csv", self.step, METRIC_FIELDS)
+        trim_metric_rows(self.run_dir / "metrics.csv", self.step)
 
     def _restore(self) -> None:
         meta = json.loads((self.ckpt_dir / "config.json").read_text())
@@ -332,7 +330,7 @@ class TextTrainer:
         state = torch.load(self.ckpt_dir / "train_state.pt", map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.elapsed, self.val = int(state["step"]), float(state["elapsed"]), state.get("val", {})
-        trim_metric_rows(self.run_dir / "metrics.csv", self.step, METRIC_FIELDS)
+        trim_metric_rows(self.run_dir / "metrics.csv", self.step)
         self.log(f"resumed {self.run_dir.name} at step {self.step}")
 
     def _export(self) -> TrainResult:

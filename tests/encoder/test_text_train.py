@@ -33,8 +33,9 @@ CMR = [sys.executable, "-m", "cmr_search.cli"]
 
 
 def tiny_text_cfg(**over):
-    """The CPU recipe made small enough for the 10-study test cohort."""
-    cfg = load_text_align_config("minilm_cpu")
+    """The one-layer recipe (the top layer trains, not only the projection) made small
+    enough for the 10-study test cohort."""
+    cfg = load_text_align_config("minilm_top1")
     small = {"studies_per_batch": 4, "max_steps": 6, "warmup_steps": 1, "checkpoint_every": 3, "eval_every": 3,
              "val_fraction": 0.2, "lr": 1e-3, "proj_lr": 1e-2}
     return replace(cfg, **small | over)
@@ -64,6 +65,17 @@ def test_the_cached_trunk_and_the_top_layers_give_the_towers_own_output(frozen):
     texts = ["Severe LV dilatation with apical thrombus. LVEF 25%.", "No thrombus.", ""]
     with torch.no_grad():
         assert torch.allclose(tower.top(tower.trunk(texts)), tower.encode(texts), atol=1e-5)
+
+
+def test_the_packaged_recipes_load_and_a_typo_is_refused(tmp_path):
+    assert load_text_align_config("minilm_cpu").text.frozen_layers == 6  # the projection alone
+    assert load_text_align_config("minilm_top1").text.frozen_layers == 5
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"text": {"frozen_layer": 5}}))
+    with pytest.raises(InputError, match="frozen_layer"):
+        load_text_align_config(bad)
+    with pytest.raises(InputError, match="minilm_cpu"):
+        load_text_align_config("nope")
 
 
 def _loss_on(trainer: TextTrainer, step: int) -> float:
@@ -190,3 +202,14 @@ def test_the_published_layout_goes_from_embed_to_text_search(site_b, tiny_cfg, t
     assert metrics["run"]["models"]["contrastive"] == text_model
     assert metrics["text_retrieval"]["own_report"]["pool"] == 10
     assert metrics["zero_shot"]["model_id"] == text_model and metrics["zero_shot"]["labels"]
+
+
+def test_another_local_bert_folder_can_be_the_text_tower(embedded, tmp_path):
+    from cmr_search.encoder.text import default_text_model_dir
+
+    root, video = embedded
+    cfg = tiny_text_cfg(max_steps=2)
+    cfg.text = replace(cfg.text, model=str(default_text_model_dir()), sha256=None)  # what --text-model sets
+    text_model = TextTrainer(root, cfg, video, run_dir=tmp_path / "text", progress=False, log=quiet).fit().model_id
+    assert EncoderRegistry(root).config(text_model).text.model == str(default_text_model_dir())
+    assert TextQueryEncoder(root)(text_model, ["dilated LV"]).shape == (1, 512)

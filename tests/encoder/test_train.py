@@ -346,7 +346,7 @@ def test_torchrun_ddp_on_two_cpu_ranks(enc_store, tiny_cfg_file, tmp_path):
 
 
 def test_the_progress_shows_the_validation_pool_and_chance():
-    from cmr_search.encoder.train import progress_text
+    from cmr_search.encoder.runlog import progress_text
 
     assert progress_text(1.23456, {}) == "loss 1.235"
     text = progress_text(0.5, {"R@1": 1.0, "R@5": 1.0, "pool": 4})
