@@ -28,6 +28,7 @@ from cmr_search.cli.common import fail as _fail
 from cmr_search.cli.common import store_dir as _store_dir
 from cmr_search.cli.demo import demo
 from cmr_search.cli.encoders import encoders_app, train_text
+from cmr_search.cli.pacs import listen
 from cmr_search.cli.eval import eval_command
 from cmr_search.cli.heads import heads_app
 from cmr_search.cli.serve import keys_app, serve
@@ -76,7 +77,7 @@ def synth(
 
 @app.command(rich_help_panel="1. Data")
 def ingest(
-    paths: Annotated[list[Path], typer.Argument(help="DICOM folders, zip files or single files.")],
+    paths: Annotated[list[Path] | None, typer.Argument(help="DICOM folders, zip files or single files (or --dicomweb).")] = None,
     store: StoreOpt = None,
     reports: Annotated[Path | None, typer.Option("--reports", help="CSV/Parquet: study_uid, report.")] = None,
     labels: Annotated[Path | None, typer.Option("--labels", help="CSV/Parquet keyed by study_uid.")] = None,
@@ -86,9 +87,19 @@ def ingest(
     fov_mm: Annotated[float, typer.Option("--fov-mm", min=50.0, help="Square field of view of a clip, mm.")] = 240.0,
     site: Annotated[str, typer.Option("--site", help="Site label stored with each clip.")] = "",
     allow_partial: Annotated[bool, typer.Option("--allow-partial", help="Keep a study's good series when another fails.")] = False,
+    dicomweb: Annotated[str | None, typer.Option("--dicomweb", help="Pull MR studies from this DICOMweb root (a PACS; Orthanc: http://host:8042/dicom-web) instead of files.", rich_help_panel="DICOMweb")] = None,
+    query: Annotated[list[str] | None, typer.Option("--query", help="QIDO-RS filter KEY=VALUE (a DICOM keyword or tag), repeatable; ModalitiesInStudy=MR unless given.", rich_help_panel="DICOMweb")] = None,
+    since: Annotated[str | None, typer.Option("--since", help="Studies on or after this date, YYYY-MM-DD.", rich_help_panel="DICOMweb")] = None,
+    token_env: Annotated[str | None, typer.Option("--token-env", help="Environment variable holding a bearer token.", rich_help_panel="DICOMweb")] = None,
+    user: Annotated[str | None, typer.Option("--user", help="User name for HTTP basic auth (with --password-env).", rich_help_panel="DICOMweb")] = None,
+    password_env: Annotated[str | None, typer.Option("--password-env", help="Environment variable holding the basic-auth password.", rich_help_panel="DICOMweb")] = None,
+    connections: Annotated[int, typer.Option("--connections", min=1, max=32, help="Studies downloaded at once.", rich_help_panel="DICOMweb")] = 4,
     as_json: Annotated[bool, typer.Option("--json", help="Print the ingest report as JSON on stdout.")] = False,
 ) -> None:
-    """Ingest DICOM into the store's clip table (idempotent; re-running adds nothing new)."""
+    """Ingest DICOM into the store's clip table (idempotent; re-running adds nothing new).
+
+    From files, or pulled from a PACS with --dicomweb URL: the same pipeline, a few
+    downloaded studies at a time under the store's tmp/, deleted once ingested."""
     from cmr_search.ingest import IngestConfig
     from cmr_search.store import ClipConfig
 
@@ -99,11 +110,43 @@ def ingest(
         allow_partial=allow_partial,
         site=site,
     )
-    report = run_ingest(paths, _store_dir(store, settings), cfg, settings, reports, labels)
+    pull_options = query or since or token_env or user or password_env
+    if bool(paths) == bool(dicomweb):
+        err.print("[red]error:[/] give DICOM folders, zips or files, or --dicomweb URL (exactly one source)")
+        raise typer.Exit(2)
+    if paths and pull_options:
+        err.print("[red]error:[/] --query, --since, --token-env, --user and --password-env go with --dicomweb URL")
+        raise typer.Exit(2)
+    root = _store_dir(store, settings)
+    if paths:
+        report = run_ingest(paths, root, cfg, settings, reports, labels)
+    else:
+        report = _pull(dicomweb, root, cfg, settings, reports, labels, query or [], since, token_env, user,
+                       password_env, connections)
     if as_json:
         print(json.dumps(report.to_dict()))
     print_ingest(report)
     raise typer.Exit(report.exit_code)
+
+
+def _pull(url, root, cfg, settings: Settings, reports, labels, query, since, token_env, user, password_env, connections):
+    """``cmr ingest --dicomweb``: the flags to the pull's typed settings; a domain error exits 2."""
+    from cmr_search.ingest.dicomweb import (
+        PullConfig,
+        parse_query,
+        parse_since,
+        pull_into,
+        source_from_env,
+    )
+
+    try:
+        # secrets come from the variables the user names, never from a flag's value
+        source = source_from_env(url, os.environ, token_env=token_env, username=user, password_env=password_env)
+        pull_cfg = PullConfig(filters=parse_query(query), since=parse_since(since) if since else None,
+                              connections=connections, studies_on_disk=max(8, connections))
+        return pull_into(source, root, cfg, pull_cfg, settings.patient_salt, reports=reports, labels=labels)
+    except CmrError as error:
+        _fail(error)
 
 
 @app.command("train-encoder", rich_help_panel="2. Encoder")
@@ -310,6 +353,7 @@ def delete(
 
 
 app.command("train-text", rich_help_panel="2. Encoder")(train_text)
+app.command("listen", rich_help_panel="1. Data")(listen)
 app.add_typer(encoders_app, name="encoders", rich_help_panel="2. Encoder")
 app.add_typer(heads_app, name="heads", rich_help_panel="4. Heads")
 app.command("eval", rich_help_panel="5. Evaluation")(eval_command)

@@ -48,6 +48,8 @@ def run_ingest(paths, root, cfg, settings: Settings, reports=None, labels=None):
 def print_ingest(report) -> None:
     """The ingest report as a table on stderr, with the skips and rejections grouped."""
     table = Table(title="ingest", show_header=False)
+    if report.studies_listed is not None:  # a DICOMweb pull
+        table.add_row("studies listed", str(report.studies_listed))
     for key in ("files_found", "files_read", "studies_found", "studies_written", "clips_inserted", "clips_updated", "clips_unchanged", "reports_imported", "labels_imported", "seconds"):
         table.add_row(key.replace("_", " "), str(getattr(report, key)))
     table.add_row("views", ", ".join(f"{v} {n}" for v, n in sorted(report.views.items())))

@@ -166,6 +166,12 @@ class StoreLayout:
         """Scratch of running ingests and uploads."""
         return self.root / "tmp"
 
+    @property
+    def arrivals(self) -> Path:
+        """Studies received by DICOM push (``cmr listen``), one folder per association, until
+        they are ingested."""
+        return self.tmp / "arrivals"
+
 
 def _pointer(path: Path) -> str | None:
     """The model_id a pointer file (LATEST, DEFAULT, VECTORS) names, or None where there is none."""

@@ -15,9 +15,8 @@ import hashlib
 import os
 import shutil
 import time
-from collections import defaultdict, deque
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -40,16 +39,20 @@ from cmr_search.ingest.series import (
     plan_series,
     plan_study,
 )
-from cmr_search.ingest.workers import worker_pool
+from cmr_search.ingest.workers import pool_map, share_work, worker_pool
 from cmr_search.store.patients import patient_salt
 from cmr_search.store.tombstones import Tombstones
 
 if TYPE_CHECKING:
+    from concurrent.futures import ProcessPoolExecutor
+
     from pydantic import SecretStr
+    from rich.progress import Progress
 
     from cmr_search.store.clip_store import ClipStore
 
-__all__ = ["build_study", "clip_id", "frames_key", "ingest", "ingest_into", "scan_unit", "units_of"]
+__all__ = ["build_study", "check_tables", "clip_id", "finish_ingest", "frames_key", "ingest", "ingest_files",
+           "ingest_into", "scan_unit", "units_of"]
 
 
 def clip_id(series_uid: str, series_slice: int) -> str:
@@ -190,33 +193,6 @@ def units_of(refs: list[FileRef], max_files: int) -> list[list[FileRef]]:
     return sorted(units, key=len, reverse=True)
 
 
-def _map(pool: ProcessPoolExecutor | None, fn: Callable, items: list, chunksize: int) -> Iterator:
-    return map(fn, items) if pool is None else pool.map(fn, items, chunksize=chunksize)
-
-
-def _share(pool: ProcessPoolExecutor | None, fn: Callable, items: list, depth: int) -> Iterator:
-    """``fn`` over ``items`` (largest first) in the pool and in this process, results as they
-    come. This process takes the small end: it works from the first second, while the pool's
-    processes still start (a third of a second, 12 % of a 16-study run), and answers the
-    pool's results between small items. ``depth`` items wait in the pool: enough that no
-    pool process idles while this one works."""
-    if pool is None:
-        yield from map(fn, items)
-        return
-    todo = deque(items)
-    in_flight: set[Future] = set()
-    while todo or in_flight:
-        while todo and len(in_flight) < depth:
-            in_flight.add(pool.submit(fn, todo.popleft()))
-        done = {f for f in in_flight if f.done()}
-        in_flight -= done
-        yield from (f.result() for f in done)
-        if todo:
-            yield fn(todo.pop())
-        elif in_flight and not done:
-            wait(in_flight, return_when=FIRST_COMPLETED)
-
-
 def _batches(results: Iterable, size: int) -> Iterator[list]:
     batch: list = []
     for item in results:
@@ -228,16 +204,9 @@ def _batches(results: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
-def ingest(
-    paths: list[Path],
-    store: ClipStore,
-    cfg: IngestConfig,
-    salt: bytes,
-    reports: Path | None = None,
-    labels: Path | None = None,
-    progress: bool = True,
-    before_commit: Callable[[str], None] | None = None,
-) -> IngestReport:
+def ingest(paths: list[Path], store: ClipStore, cfg: IngestConfig, salt: bytes, reports: Path | None = None,
+           labels: Path | None = None, progress: bool = True,
+           before_commit: Callable[[str], None] | None = None) -> IngestReport:
     """Ingest DICOM under ``paths`` (folders, zips, files) into ``store``; never raises on bad files.
 
     Each commit of whole studies holds the store's write lock and leaves out studies that
@@ -245,40 +214,65 @@ def ingest(
     ``before_commit("clips")`` runs before each commit: the seam interleaving tests pause at."""
     t0 = time.perf_counter()
     report = IngestReport()
+    check_tables(store, reports, labels)
+    with progress_bar(progress) as bar, worker_pool(cfg.workers) as pool:
+        ingest_files(paths, store, cfg, salt, report, bar, pool, before_commit)
+    finish_ingest(store, report, reports, labels, t0)
+    return report
+
+
+def check_tables(store: ClipStore, reports: Path | None, labels: Path | None) -> None:
+    """Fail before any DICOM is read on a report or label file that cannot be imported."""
     for kind, path in (("reports", reports), ("labels", labels)):
         if path is not None:
             store.check_table_file(path, kind)
+
+
+def ingest_files(paths: list[Path], store: ClipStore, cfg: IngestConfig, salt: bytes, report: IngestReport,
+                 bar: Progress, pool: ProcessPoolExecutor | None, before_commit: Callable[[str], None] | None = None) -> None:
+    """One pass of the pipeline over the files under ``paths`` with the run's ``worker_pool``,
+    its counts and findings added to ``report``: what ``ingest`` runs once and a DICOMweb pull
+    once per batch of downloaded studies (``finish_ingest`` ends either)."""
     links: list[tuple[str, str]] = []
     refs = discover(paths, links)
     report.skipped += [asdict(Rejection(where, reason, by_design=True)) for where, reason in links]
-    report.files_found = len(refs)
+    report.files_found += len(refs)
     scratch = store.scratch_dir()
     try:
-        with progress_bar(progress) as bar, worker_pool(cfg.workers) as pool:
-            plans, failures = _scan(pool, refs, cfg, salt, scratch, report, bar)
-            t_write = time.perf_counter()
-            task = bar.add_task("studies", total=len(plans))
-            for batch in _batches(_build_all(pool, plans, failures, cfg, scratch), cfg.studies_per_commit):
-                studies = []
-                for study_rows, failed in batch:
-                    report.rejected += [asdict(r) for r in failed]
-                    if study_rows:
-                        studies.append(study_rows)
-                    bar.advance(task)
-                if before_commit is not None:
-                    before_commit("clips")
-                _commit(store, studies, report)
+        plans, failures = _scan(pool, refs, cfg, salt, scratch, report, bar)
+        t_write = time.perf_counter()
+        task = bar.add_task("studies", total=len(plans))
+        for batch in _batches(_build_all(pool, plans, failures, cfg, scratch), cfg.studies_per_commit):
+            studies = []
+            for study_rows, failed in batch:
+                report.rejected += [asdict(r) for r in failed]
+                if study_rows:
+                    studies.append(study_rows)
+                bar.advance(task)
+            if before_commit is not None:
+                before_commit("clips")
+            _commit(store, studies, report)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    _add_phase(report, "write", t_write)
+
+
+def finish_ingest(store: ClipStore, report: IngestReport, reports: Path | None, labels: Path | None, t0: float) -> None:
+    """After the last pass: compact the clip table when due, import the report and label
+    tables, time the run (from ``t0``) and keep the report in the store."""
+    t_optimize = time.perf_counter()
     if report.studies_written:
         store.optimize(rewritten=report.clips_updated > 0)
-    report.phases["write"] = round(time.perf_counter() - t_write, 2)
+    _add_phase(report, "write", t_optimize)
     t_tables = time.perf_counter()
     _import_tables(store, report, reports, labels)
-    report.phases["tables"] = round(time.perf_counter() - t_tables, 2)
+    _add_phase(report, "tables", t_tables)
     report.seconds = round(time.perf_counter() - t0, 2)
     save_report(store.root, report)
-    return report
+
+
+def _add_phase(report: IngestReport, phase: str, since: float) -> None:  # several passes add up
+    report.phases[phase] = round(report.phases.get(phase, 0.0) + time.perf_counter() - since, 2)
 
 
 def _commit(store: ClipStore, studies: list[list[dict]], report: IngestReport) -> None:
@@ -333,23 +327,23 @@ def _scan(pool, refs, cfg: IngestConfig, salt: bytes, scratch: Path, report: Ing
     headers: list[FileHeader] = []
     failures: dict = {}
     units = units_of(refs, max_files=cfg.max_files_per_unit)
-    for result in _share(pool, partial(scan_unit, salt=salt, cfg=cfg, scratch=scratch), units, depth=2 * cfg.workers):
+    for result in share_work(pool, partial(scan_unit, salt=salt, cfg=cfg, scratch=scratch), units, depth=2 * cfg.workers):
         headers += result.headers
         failures.update(result.failures)
         for r in result.rejections:
             (report.skipped if r.by_design else report.rejected).append(asdict(r))
         bar.advance(task, result.files)
-    report.files_read = len(headers)
-    report.phases["read"] = round(time.perf_counter() - t0, 2)
+    report.files_read += len(headers)
+    _add_phase(report, "read", t0)
     t0 = time.perf_counter()
     studies = group_by_study(headers)
-    report.studies_found = len(studies)
+    report.studies_found += len(studies)
     plans = [plan_study(h, cfg.min_frames, cfg.allow_partial) for h in studies.values()]
     for plan in plans:
         report.skipped += [asdict(r) for r in plan.skipped]
         report.rejected += [asdict(r) for r in plan.rejected]
         report.warnings += plan.notes
-    report.phases["plan"] = round(time.perf_counter() - t0, 2)
+    _add_phase(report, "plan", t0)
     return [p for p in plans if p.clips], failures
 
 
@@ -363,7 +357,7 @@ def _build_all(pool, plans: list[StudyPlan], failures: dict, cfg: IngestConfig, 
         job = (plan, {k: failures[k] for k in keys if k in failures})
         done = all(k in failures or (scratch / f"{k}.npy").exists() for k in keys)
         (local if done or pool is None else remote).append(job)
-    results = _map(pool, partial(_build_job, cfg=cfg, scratch=scratch), remote, chunksize=4)  # submitted now
+    results = pool_map(pool, partial(_build_job, cfg=cfg, scratch=scratch), remote, chunksize=4)  # submitted now
     yield from (_build_job(job, cfg, scratch) for job in local)
     yield from results
 

@@ -17,6 +17,7 @@ __all__ = ["IngestReport", "save_report"]
 class IngestReport:
     """What an ingest run did: counts, and every skipped or rejected input with its reason."""
 
+    studies_listed: int | None = None  # studies a DICOMweb search listed (None: an ingest of files)
     files_found: int = 0
     files_read: int = 0
     studies_found: int = 0

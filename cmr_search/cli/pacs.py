@@ -1,0 +1,60 @@
+"""``cmr listen``: receive studies by DICOM push (C-STORE) and make each searchable as its
+association ends."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cmr_search.cli.common import StoreOpt, err, fail, store_dir
+from cmr_search.core.exceptions import CmrError
+from cmr_search.core.settings import Settings
+
+
+def listen(
+    store: StoreOpt = None,
+    ae_title: Annotated[str, typer.Option("--ae-title", help="This node's AE title (what the archive routes to).")] = "CMRSEARCH",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="DICOM port.")] = 11112,
+    host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "0.0.0.0",
+    calling: Annotated[list[str] | None, typer.Option("--calling-ae", help="Accept only this calling AE title (repeatable; default: any).")] = None,
+    quiet_seconds: Annotated[float, typer.Option("--quiet-seconds", min=0.0, help="Also ingest what an open association sent once it is idle this long (0: at its end only).")] = 0.0,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Ingest processes per arrival.")] = 1,
+    site: Annotated[str, typer.Option("--site", help="Site label stored with each clip.")] = "",
+) -> None:
+    """Receive studies by DICOM push (a C-STORE SCP) and ingest and embed each batch.
+
+    Each association's instances are ingested, and embedded with the store's default model,
+    when it ends; stop with Ctrl-C (what was received is ingested first).
+    """
+    from cmr_search.pacs.arrival import ingest_and_embed
+    from cmr_search.pacs.listener import ListenConfig, StudyListener
+    from cmr_search.store.config import IndexConfig
+
+    settings = Settings()
+    root = store_dir(store, settings)
+
+    def arrived(folder: Path) -> None:
+        report = ingest_and_embed(root, [folder], settings.patient_salt, workers=workers, site=site,
+                                  index_config=IndexConfig.from_settings(settings))
+        print(json.dumps(report.to_dict()), flush=True)
+        err.print(f"{report.studies} studies ingested ({report.clips_written} clips, {len(report.rejected)} rejected), "
+                  f"{report.clips_embedded} clips embedded with {report.model_id or 'no model yet'} "
+                  f"in {report.seconds:.1f} s")
+
+    stop = threading.Event()
+    try:
+        listener = StudyListener(root, ListenConfig(ae_title, host, port, tuple(calling or ()), quiet_seconds), arrived)
+        listener.start()
+    except CmrError as error:
+        fail(error)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    err.print(f"listening as {ae_title} on {host}:{listener.port}; Ctrl-C stops")
+    stop.wait()
+    err.print("stopping: ingesting what was received")
+    listener.stop(drain=True)

@@ -1,0 +1,256 @@
+"""``cmr ingest --dicomweb URL``: studies pulled from a PACS over DICOMweb into the same
+pipeline that files go through.
+
+A QIDO-RS search lists the studies (``dicomweb_server.find_studies``: MR by default, from
+``since``, any other filters); each study is then retrieved whole by WADO-RS in its stored
+transfer syntax and written, one file per instance, into its own folder under the store's
+scratch. Once a few studies are on disk they are ingested together by one pass of
+``pipeline.ingest_files``, so grouping, views, patient keys, idempotence and the report's
+reasons are those of a file ingest, and their folders are deleted. Downloads go on in a few
+threads meanwhile; the disk never holds more than ``PullConfig.studies_on_disk`` studies. A
+study that fails to download is retried with backoff, then reported (rejected, with the
+reason) while the rest goes on. No credential reaches a log line, the report or the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import requests
+
+from cmr_search.core.progress import progress_bar
+from cmr_search.ingest.config import IngestConfig
+from cmr_search.ingest.dicomweb_server import (
+    DicomWebSource,
+    PullConfig,
+    Refused,
+    Retry,
+    StudyRef,
+    client_for,
+    find_studies,
+    list_all,
+    parse_query,
+    parse_since,
+    problem,
+    source_from_env,
+    study_query,
+)
+from cmr_search.ingest.headers import Rejection
+from cmr_search.ingest.pipeline import check_tables, finish_ingest, ingest_files
+from cmr_search.ingest.report import IngestReport
+from cmr_search.ingest.workers import worker_pool
+from cmr_search.store.patients import patient_salt
+
+if TYPE_CHECKING:
+    from concurrent.futures import ProcessPoolExecutor
+
+    from dicomweb_client.api import DICOMwebClient
+    from pydantic import SecretStr
+
+    from cmr_search.store.clip_store import ClipStore
+
+__all__ = ["DicomWebSource", "PullConfig", "StudyRef", "find_studies", "list_all", "parse_query", "parse_since",
+           "pull", "pull_into", "source_from_env", "study_query"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Download:
+    """One study's download: its folder and which SOP instance each file holds, or why it failed."""
+
+    ref: StudyRef
+    folder: Path
+    names: dict[str, str] = field(default_factory=dict)  # file path -> SOP Instance UID
+    error: str | None = None
+    attempts: int = 0
+
+
+class _Downloader:
+    """WADO-RS retrieval of whole studies into folders, by a few threads, each with its own
+    client and session (so the connections are as many as the threads)."""
+
+    def __init__(self, source: DicomWebSource, cfg: PullConfig):
+        self.source, self.cfg = source, cfg
+        self.local = threading.local()
+        self.sessions: list[requests.Session] = []
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+
+    def _client(self) -> DICOMwebClient:
+        if getattr(self.local, "client", None) is None:
+            self.local.client, session = client_for(self.source)
+            with self.lock:
+                self.sessions.append(session)
+        return self.local.client
+
+    def close(self) -> None:
+        """Close every thread's session, once the downloads have ended."""
+        with self.lock:
+            for session in self.sessions:
+                session.close()
+
+    def download(self, ref: StudyRef, folder: Path) -> _Download:
+        """The study in ``folder``; on a failure that another try may mend, tries again after
+        a backoff, up to ``cfg.attempts`` tries."""
+        result = _Download(ref, folder)
+        for attempt in range(self.cfg.attempts):
+            result.attempts = attempt + 1
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            result.names.clear()
+            try:
+                self._fetch(ref, folder, result.names)
+                result.error = None
+                return result
+            except Exception as err:  # noqa: BLE001 - every failure of one study is reported, the pull goes on
+                words, retry = problem(err)
+                result.error = words
+            if not retry or self.stop.is_set():
+                break
+            log.info("study %s: %s; trying again (%d of %d)", ref.uid, result.error, attempt + 2, self.cfg.attempts)
+            if self.stop.wait(self.cfg.backoff_s * 2**attempt):
+                break
+        shutil.rmtree(folder, ignore_errors=True)
+        return result
+
+    def _fetch(self, ref: StudyRef, folder: Path, names: dict[str, str]) -> None:
+        import pydicom
+
+        series: dict[str, Path] = {}
+        # "*": the transfer syntax the archive stores; asked for plain little endian, Orthanc
+        # left out (without an error) the instances it would not transcode
+        for ds in self._client().iter_study(ref.uid, media_types=(("application/dicom", "*"),)):
+            if self.stop.is_set():
+                raise Refused("pull stopped")
+            if ds.get("StudyInstanceUID") != ref.uid:
+                raise Refused("the server sent an instance of another study")
+            # one folder per series, as exports have them: the pipeline reads a folder at a time
+            where = series.setdefault(str(ds.get("SeriesInstanceUID", "")), folder / f"{len(series):04d}")
+            where.mkdir(exist_ok=True)
+            path = where / f"{len(names):06d}.dcm"
+            original = getattr(ds, "buffer", None)  # the part's own bytes, which pydicom keeps
+            if original is not None and hasattr(original, "getvalue"):
+                path.write_bytes(original.getvalue())
+            else:  # written again from the parsed elements (4x the read's cost)
+                pydicom.dcmwrite(path, ds, enforce_file_format=True)
+            names[str(path)] = str(ds.get("SOPInstanceUID", "?"))
+        if ref.instances is not None and len(names) < ref.instances:
+            raise Retry(f"incomplete: {len(names)} of the {ref.instances} instances the search listed")
+
+
+def pull(source: DicomWebSource, store: ClipStore, cfg: IngestConfig, pull_cfg: PullConfig, salt: bytes,
+         reports: Path | None = None, labels: Path | None = None, progress: bool = True) -> IngestReport:
+    """Pull the studies of ``source`` matching ``pull_cfg`` into ``store`` through the ingest
+    pipeline; the report is a file ingest's, plus the studies listed and those that failed to
+    download (rejected, with the reason). Raises InputError when the search itself fails."""
+    t0 = time.perf_counter()
+    check_tables(store, reports, labels)
+    studies, warnings = find_studies(source, pull_cfg)
+    report = IngestReport(studies_listed=len(studies))
+    report.phases["search"] = round(time.perf_counter() - t0, 2)
+    log.info("DICOMweb search: %d studies", len(studies))
+    if not studies:
+        report.warnings.append(f"no study on the DICOMweb server matched {study_query(pull_cfg)}; "
+                               "check --query and --since")
+    report.warnings += warnings
+    work = store.scratch_dir("dicomweb")
+    downloader = _Downloader(source, pull_cfg)
+    threads = ThreadPoolExecutor(pull_cfg.connections, thread_name_prefix="cmr-dicomweb")
+    try:
+        # one process pool for every pass: starting one per pass cost ~0.5 s each
+        with progress_bar(progress) as bar, worker_pool(cfg.workers) as workers:
+            task = bar.add_task("studies pulled", total=len(studies))
+            for done in _passes(studies, downloader, threads, work, pull_cfg, report):
+                _ingest_pass(done, store, cfg, salt, report, workers)
+                bar.advance(task, len(done))
+    finally:
+        downloader.stop.set()  # a failed pass ends the downloads under way at their next instance
+        threads.shutdown(wait=True, cancel_futures=True)
+        downloader.close()
+        shutil.rmtree(work, ignore_errors=True)
+    finish_ingest(store, report, reports, labels, t0)
+    return report
+
+
+def _passes(studies: list[StudyRef], downloader: _Downloader, pool: ThreadPoolExecutor, work: Path,
+            cfg: PullConfig, report: IngestReport) -> Iterator[list[_Download]]:
+    """Downloads in flight and done, at most ``cfg.studies_on_disk`` of them; yields a batch of
+    finished downloads to ingest once ``cfg.studies_per_pass`` are done, or the last ones.
+    The caller ingests a batch (and deletes its folders) before the next downloads start."""
+    todo = deque(enumerate(studies))
+    running: set[Future] = set()
+    done: list[_Download] = []
+    while todo or running or done:
+        while todo and len(running) + len(done) < cfg.studies_on_disk:
+            i, ref = todo.popleft()
+            running.add(pool.submit(downloader.download, ref, work / f"{i:06d}"))
+        if done and (len(done) >= cfg.studies_per_pass or not running):
+            yield done
+            done = []
+            continue
+        t_wait = time.perf_counter()
+        finished, running = wait(running, return_when=FIRST_COMPLETED)
+        report.phases["download"] = round(report.phases.get("download", 0.0) + time.perf_counter() - t_wait, 2)
+        done += [f.result() for f in finished]
+
+
+def _ingest_pass(done: list[_Download], store: ClipStore, cfg: IngestConfig, salt: bytes, report: IngestReport,
+                 workers: ProcessPoolExecutor | None) -> None:
+    """Ingest the downloaded studies of one batch, report the failed ones, delete their folders."""
+    good = [d for d in done if d.error is None]
+    for d in done:
+        if d.error is not None:
+            tries = f" after {d.attempts} tries" if d.attempts > 1 else ""
+            log.warning("study %s not downloaded%s: %s", d.ref.uid, tries, d.error)
+            report.rejected.append(asdict(Rejection(f"study {d.ref.uid}", f"not downloaded from the DICOMweb "
+                                                    f"server{tries}: {d.error}", study_uid=d.ref.uid)))
+    try:
+        if good:
+            start = len(report.skipped), len(report.rejected)
+            with progress_bar(False) as quiet:  # the pull's own bar counts studies
+                ingest_files([d.folder for d in good], store, cfg, salt, report, quiet, workers)
+            names = {path: (d.ref.uid, sop) for d in good for path, sop in d.names.items()}
+            for entries, first in ((report.skipped, start[0]), (report.rejected, start[1])):
+                for entry in entries[first:]:
+                    _name_instance(entry, names)
+    finally:
+        for d in done:
+            shutil.rmtree(d.folder, ignore_errors=True)
+
+
+def _name_instance(entry: dict, names: dict[str, tuple[str, str]]) -> None:
+    """A report entry about a downloaded file names its study and instance, not a scratch path
+    that is gone once the pass ends."""
+    found = names.get(entry["where"])
+    if found is not None:
+        entry["where"] = f"study {found[0]}, instance {found[1]}"
+
+
+def pull_into(source: DicomWebSource, root: Path, cfg: IngestConfig, pull_cfg: PullConfig,
+              configured_salt: SecretStr | str | None = None, reports: Path | None = None, labels: Path | None = None,
+              progress: bool = True) -> IngestReport:
+    """``pull`` into the store at ``root`` (created if new), patients keyed with the configured
+    salt, else the store's own: what ``cmr ingest --dicomweb`` runs. A store this call creates
+    is removed again when the pull fails (an unreachable server, refused credentials)."""
+    from cmr_search.store.clip_store import ClipStore
+
+    root = Path(root)
+    made = [p for p in (root, *root.parents) if not p.exists()]
+    try:
+        store = ClipStore.open(root, cfg.clip, create=True)
+        salt = patient_salt(store.layout, configured_salt)
+        return pull(source, store, cfg, pull_cfg, salt, reports=reports, labels=labels, progress=progress)
+    except BaseException:
+        if made:
+            shutil.rmtree(made[-1], ignore_errors=True)
+        raise
