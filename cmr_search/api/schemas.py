@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import date
+from datetime import date, datetime
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -102,6 +102,8 @@ class HitOut(BaseModel):
     site: str | None = None
     study_date: str | None = None
     links: dict[str, str] = {}
+    viewer_url: str | None = Field(None, description="the study in the archive's own viewer (set when the service "
+                                                     "has a viewer_url template)")
 
 
 Verdict = Literal["match", "contradicts", "grade_differs", "conflicting", "not_stated", "unknown"]
@@ -181,6 +183,16 @@ class ViewOut(BaseModel):
     cine: str = Field(description="URL of the cine loop as an animated image")
 
 
+class SourceOut(BaseModel):
+    """Where a study came from (no credential: a DICOMweb URL without its userinfo)."""
+
+    archive: str = Field(description="the archive's display name: a DICOMweb base URL, 'DICOM push from AE "
+                                     "<title>', or the file ingest's site label ('files' without one)")
+    kind: Literal["dicomweb", "dicom-push", "files"]
+    first_seen: datetime = Field(description="when the store first received it from this archive")
+    last_seen: datetime = Field(description="when the store last received it from this archive")
+
+
 class StudyDetail(BaseModel):
     """A study: metadata and its views with their cines."""
 
@@ -195,6 +207,10 @@ class StudyDetail(BaseModel):
     study_date: str | None = None
     views: list[ViewOut]
     links: dict[str, str] = {}
+    source: SourceOut | None = Field(None, description="where it came from; null when unknown (a store from "
+                                                       "before sources were recorded, or an upload)")
+    viewer_url: str | None = Field(None, description="the study in the archive's own viewer (set when the service "
+                                                     "has a viewer_url template)")
 
 
 class AttentionOut(BaseModel):

@@ -21,7 +21,7 @@ from cmr_search.api.auth import KeyRing
 from cmr_search.api.batching import MicroBatcher
 from cmr_search.api.cines import CineCache
 from cmr_search.api.errors import Cancelled, Conflict, InvalidUpload, NotFound, Unusable
-from cmr_search.api.settings import ServeSettings
+from cmr_search.api.settings import ServeSettings, viewer_link
 from cmr_search.api.uploads import UploadLimits, unpack_upload
 from cmr_search.core.exceptions import InputError
 from cmr_search.core.layout import StoreLayout, write_atomic
@@ -31,6 +31,7 @@ from cmr_search.store.clip_store import sql_quote
 from cmr_search.store.config import IndexConfig
 from cmr_search.store.patients import patient_salt
 from cmr_search.store.search import Hit, Searcher
+from cmr_search.store.sources import Sources
 from cmr_search.store.withdrawal import withdraw
 
 if TYPE_CHECKING:
@@ -50,15 +51,16 @@ def _links(study_uid: str) -> dict[str, str]:
 
 
 #: what a hit shows is the schema's to say: each field of ``HitOut`` that a hit or its metadata has
-_HIT_FIELDS = tuple(name for name in schemas.HitOut.model_fields if name != "links")
+_HIT_FIELDS = tuple(name for name in schemas.HitOut.model_fields if name not in ("links", "viewer_url"))
 
 
-def _hit_out(hit: Hit, kind: type[schemas.HitOut] = schemas.HitOut) -> schemas.HitOut:
-    """A search hit as the API shows it (a missing or null value leaves the schema's default)."""
+def _hit_out(hit: Hit, kind: type[schemas.HitOut] = schemas.HitOut, viewer: str | None = None) -> schemas.HitOut:
+    """A search hit as the API shows it (a missing or null value leaves the schema's default),
+    linked to the archive's viewer through the ``viewer`` template when there is one."""
     m = hit.metadata
     return kind(**{name: value for name in _HIT_FIELDS
                    if (value := m[name] if name in m else getattr(hit, name, None)) is not None},
-                links=_links(hit.study_uid))
+                links=_links(hit.study_uid), viewer_url=viewer_link(viewer, hit.study_uid))
 
 
 def _stop_if(cancelled: Callable[[], bool]) -> None:
@@ -137,7 +139,7 @@ class SearchService:
         hits = self.searcher.by_vector(self.encode_text(query.query) if vector is None else vector, query.k, where)
         result = schemas.SearchResult(model_id=self.model_id, query=query.query, k=query.k,
                                       level=self.searcher.level_for(where),
-                                      hits=[_hit_out(h, schemas.TextHitOut) for h in hits])
+                                      hits=[_hit_out(h, schemas.TextHitOut, self.settings.viewer_url) for h in hits])
         return self.explain(result) if query.explain else result
 
     def explain(self, result: schemas.SearchResult) -> schemas.SearchResult:
@@ -175,7 +177,8 @@ class SearchService:
         where = filters.where()
         hits = self.searcher.by_study(study_uid, k, where, exclude_same_patient=exclude_same_patient)
         return schemas.NeighborList(model_id=self.model_id, study_uid=study_uid, k=k,
-                                    level=self.searcher.level_for(where), hits=[_hit_out(h) for h in hits])
+                                    level=self.searcher.level_for(where),
+                                    hits=[_hit_out(h, viewer=self.settings.viewer_url) for h in hits])
 
     # -- studies ----------------------------------------------------------------------------
     def _clip_rows(self, study_uid: str, columns: list[str], clip_id: str | None = None) -> list[dict]:
@@ -191,7 +194,7 @@ class SearchService:
                                series_description=row.get("series_description"), attention=attention, cine=cine)
 
     def study(self, study_uid: str) -> schemas.StudyDetail:
-        """Metadata and views of a stored study."""
+        """Metadata and views of a stored study, where it came from and its viewer link."""
         clips = self._clip_rows(study_uid, _CLIP_COLUMNS + ["sex", "age", "vendor", "site", "study_date"])
         row = self.store.get_study(study_uid, self.model_id) if clips else None
         if not clips:
@@ -203,7 +206,8 @@ class SearchService:
             views_present=sorted({c["view"] for c in clips}, key=lambda v: VIEW_ORDER.get(v, 9)),
             sex=first.get("sex"), age=first.get("age"), vendor=first.get("vendor"), site=first.get("site"),
             study_date=first.get("study_date"),
-            views=[self._view_out(study_uid, c, attention.get(c["clip_id"])) for c in clips], links=_links(study_uid))
+            views=[self._view_out(study_uid, c, attention.get(c["clip_id"])) for c in clips], links=_links(study_uid),
+            source=Sources(self.store.clip_store).of(study_uid), viewer_url=viewer_link(self.settings.viewer_url, study_uid))
 
     def cine(self, study_uid: str, clip_id: str) -> Path:
         """The cached animated image of one view (made on first request)."""

@@ -3,14 +3,44 @@ style file (``cmr serve --config FILE``), then command-line flags; built once an
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr
+from string import Formatter
+from urllib.parse import quote
+
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from cmr_search.core.settings import Settings
 
-__all__ = ["ServeSettings"]
+__all__ = ["ServeSettings", "check_viewer_template", "viewer_link"]
 
 MiB = 1024 * 1024
+
+
+def check_viewer_template(template: str) -> str:
+    """A viewer URL template as given, or ValueError unless ``{study_uid}`` is its one
+    placeholder (no other field, no format spec or conversion) and it is an http(s) URL."""
+    fields = []
+    try:
+        for _, name, spec, conversion in Formatter().parse(template):
+            if name is not None:
+                fields.append((name, spec, conversion))
+    except ValueError as err:  # an unmatched brace
+        raise ValueError(f"viewer_url {template!r} is not a valid template ({err}); write literal braces as "
+                         "{{ and }}") from None
+    others = sorted({"{" + n + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+                     for n, spec, conv in fields if n != "study_uid" or spec or conv})
+    if others or not fields:
+        raise ValueError(f"viewer_url {template!r} may hold only the placeholder {{study_uid}}"
+                         + (f", not {', '.join(others)}" if others else ", and it has none")
+                         + "; e.g. http://orthanc:8042/ui/app/#/filtered-studies?StudyInstanceUID={study_uid}")
+    if not template.lower().startswith(("http://", "https://")):
+        raise ValueError(f"viewer_url {template!r} is not an http(s) URL; give the viewer's address")
+    return template
+
+
+def viewer_link(template: str | None, study_uid: str) -> str | None:
+    """The viewer URL of one study (its UID URL-encoded), or None without a template."""
+    return template.format(study_uid=quote(study_uid, safe="")) if template else None
 
 
 class ServeSettings(Settings):
@@ -61,3 +91,12 @@ class ServeSettings(Settings):
     #: clusters: smallest cluster HDBSCAN reports, and a cap on the studies clustered
     cluster_min_size: int = Field(10, ge=2)
     cluster_max_studies: int = Field(20_000, ge=10)
+    #: a link from each study to the archive's own viewer (Orthanc, OHIF): a URL with the
+    #: one placeholder {study_uid}, e.g. https://viewer/viewer?StudyInstanceUIDs={study_uid};
+    #: unset, the API gives no viewer_url
+    viewer_url: str | None = None
+
+    @field_validator("viewer_url")
+    @classmethod
+    def _viewer_url(cls, value: str | None) -> str | None:
+        return check_viewer_template(value.strip()) if value and value.strip() else None

@@ -28,9 +28,9 @@ from cmr_search.cli.common import fail as _fail
 from cmr_search.cli.common import store_dir as _store_dir
 from cmr_search.cli.demo import demo
 from cmr_search.cli.encoders import encoders_app, train_text
-from cmr_search.cli.pacs import listen
 from cmr_search.cli.eval import eval_command
 from cmr_search.cli.heads import heads_app
+from cmr_search.cli.pacs import listen, sync
 from cmr_search.cli.serve import keys_app, serve
 from cmr_search.core.exceptions import CmrError, InputError
 from cmr_search.core.layout import StoreLayout
@@ -354,6 +354,7 @@ def delete(
 
 app.command("train-text", rich_help_panel="2. Encoder")(train_text)
 app.command("listen", rich_help_panel="1. Data")(listen)
+app.command("sync", rich_help_panel="1. Data")(sync)
 app.add_typer(encoders_app, name="encoders", rich_help_panel="2. Encoder")
 app.add_typer(heads_app, name="heads", rich_help_panel="4. Heads")
 app.command("eval", rich_help_panel="5. Evaluation")(eval_command)

@@ -1,5 +1,5 @@
 """``cmr listen``: receive studies by DICOM push (C-STORE) and make each searchable as its
-association ends."""
+association ends; ``cmr sync``: keep a store in step with a DICOMweb archive."""
 
 from __future__ import annotations
 
@@ -58,3 +58,56 @@ def listen(
     stop.wait()
     err.print("stopping: ingesting what was received")
     listener.stop(drain=True)
+
+
+def sync(
+    dicomweb: Annotated[str, typer.Option("--dicomweb", help="The archive's DICOMweb root (Orthanc: http://host:8042/dicom-web).")],
+    store: StoreOpt = None,
+    every: Annotated[float, typer.Option("--every", min=1.0, help="Seconds between cycles.")] = 60.0,
+    once: Annotated[bool, typer.Option("--once", help="One cycle, then exit.")] = False,
+    full: Annotated[bool, typer.Option("--full", help="Search the whole archive, not only from the cursor (studies that arrived with old dates).")] = False,
+    query: Annotated[list[str] | None, typer.Option("--query", help="QIDO-RS filter KEY=VALUE, repeatable; ModalitiesInStudy=MR unless given.")] = None,
+    since: Annotated[str | None, typer.Option("--since", help="Never before this date, YYYY-MM-DD.")] = None,
+    token_env: Annotated[str | None, typer.Option("--token-env", help="Environment variable holding a bearer token.")] = None,
+    user: Annotated[str | None, typer.Option("--user", help="User name for basic auth (Orthanc).")] = None,
+    password_env: Annotated[str | None, typer.Option("--password-env", help="Environment variable holding the basic-auth password.")] = None,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Ingest processes.")] = 1,
+) -> None:
+    """Keep the store in step with a DICOMweb archive: ingest and embed what is new.
+
+    Each cycle searches from the store's cursor, downloads only studies the store does not
+    hold, and embeds them with the default model; a killed sync resumes without gap or
+    duplicate. One JSON line per cycle on stdout.
+    """
+    import os
+
+    from cmr_search.ingest.dicomweb import PullConfig, parse_query, parse_since, source_from_env
+    from cmr_search.pacs.sync import Syncer
+    from cmr_search.store.config import IndexConfig
+
+    settings = Settings()
+    root = store_dir(store, settings)
+    try:
+        source = source_from_env(dicomweb, os.environ, token_env=token_env, username=user, password_env=password_env)
+        pull_cfg = PullConfig(filters=parse_query(query or []), since=parse_since(since) if since else None)
+        syncer = Syncer(root, source, pull_cfg, settings.patient_salt, IndexConfig.from_settings(settings), workers)
+        if once:
+            report = syncer.once(full=full, progress=True)
+    except CmrError as error:
+        fail(error)
+    if once:
+        print(json.dumps(report.to_dict()), flush=True)
+        return
+
+    def cycle(report) -> None:
+        print(json.dumps(report.to_dict()), flush=True)
+        err.print(f"{report.studies_written} new studies ({report.already_stored} already stored), "
+                  f"{report.clips_embedded} clips embedded in {report.seconds:.1f} s; cursor {report.cursor}")
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    err.print(f"syncing with {syncer.archive} every {every:g} s; Ctrl-C stops")
+    if full:
+        cycle(syncer.once(full=True))
+    syncer.run(every, stop, on_cycle=cycle, on_error=lambda e: err.print(f"[red]sync failed:[/] {e}"))

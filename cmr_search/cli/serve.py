@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 
 from cmr_search.cli.common import StoreOpt, err, fail, store_dir
 from cmr_search.core.exceptions import CmrError
@@ -44,7 +44,12 @@ def serve(
     overrides = {k: v for k, v in (("host", host), ("port", port), ("serve_workers", workers)) if v is not None}
     if no_auth:
         overrides["auth"] = False
-    settings = ServeSettings(_env_file=config, **overrides)
+    try:
+        settings = ServeSettings(_env_file=config, **overrides)
+    except ValidationError as error:  # a bad CMR_* value (e.g. a viewer_url template): say which, no traceback
+        for problem in error.errors():
+            err.print(f"[red]error:[/] setting {'.'.join(map(str, problem['loc']))}: {problem['msg']}")
+        raise typer.Exit(2) from None
     root = store_dir(store, settings)
     settings = settings.model_copy(update={"store": root})
     if settings.auth and not StoreLayout(root).api_keys.exists():

@@ -166,11 +166,21 @@ class StoreLayout:
         """Scratch of running ingests and uploads."""
         return self.root / "tmp"
 
+    def sync_state(self, archive_key: str) -> Path:
+        """``cmr sync``'s state with one archive (its cursor), named by a hash of the archive's URL."""
+        return self.root / "sync" / f"{archive_key}.json"
+
     @property
     def arrivals(self) -> Path:
         """Studies received by DICOM push (``cmr listen``), one folder per association, until
         they are ingested."""
         return self.tmp / "arrivals"
+
+    @staticmethod
+    def arrival_caller(folder: Path) -> Path:
+        """The file in one association's arrival folder naming the AE title that sent it
+        (hidden, so ingestion passes over it): the studies' source when they are ingested."""
+        return Path(folder) / ".calling_ae"
 
 
 def _pointer(path: Path) -> str | None:

@@ -19,7 +19,7 @@ import shutil
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -57,6 +57,7 @@ if TYPE_CHECKING:
     from pydantic import SecretStr
 
     from cmr_search.store.clip_store import ClipStore
+    from cmr_search.store.sources import Origin
 
 __all__ = ["DicomWebSource", "PullConfig", "StudyRef", "find_studies", "list_all", "parse_query", "parse_since",
            "pull", "pull_into", "source_from_env", "study_query"]
@@ -149,20 +150,33 @@ class _Downloader:
 
 
 def pull(source: DicomWebSource, store: ClipStore, cfg: IngestConfig, pull_cfg: PullConfig, salt: bytes,
-         reports: Path | None = None, labels: Path | None = None, progress: bool = True) -> IngestReport:
+         reports: Path | None = None, labels: Path | None = None, progress: bool = True,
+         known: set[str] | None = None, on_pass: Callable[[list[StudyRef]], None] | None = None,
+         listed: Callable[[list[StudyRef]], None] | None = None) -> IngestReport:
     """Pull the studies of ``source`` matching ``pull_cfg`` into ``store`` through the ingest
     pipeline; the report is a file ingest's, plus the studies listed and those that failed to
-    download (rejected, with the reason). Raises InputError when the search itself fails."""
+    download (rejected, with the reason). Studies whose UID is in ``known`` (already stored:
+    a sync) are listed but not downloaded. ``listed(studies)`` is told which studies will be
+    downloaded, ``on_pass(studies)`` which ones each pass committed (a sync's cursor). Raises
+    InputError when the search itself fails."""
     t0 = time.perf_counter()
     check_tables(store, reports, labels)
     studies, warnings = find_studies(source, pull_cfg)
     report = IngestReport(studies_listed=len(studies))
+    if known:
+        studies = [s for s in studies if s.uid not in known]
+        report.studies_known = report.studies_listed - len(studies)
+    if listed is not None:
+        listed(studies)
     report.phases["search"] = round(time.perf_counter() - t0, 2)
     log.info("DICOMweb search: %d studies", len(studies))
-    if not studies:
+    if not report.studies_listed:
         report.warnings.append(f"no study on the DICOMweb server matched {study_query(pull_cfg)}; "
                                "check --query and --since")
     report.warnings += warnings
+    from cmr_search.store.sources import Origin  # lancedb's runtime: not at import (see pipeline)
+
+    origin = Origin.dicomweb(source.url)  # the studies' source rows name the server, never a credential
     work = store.scratch_dir("dicomweb")
     downloader = _Downloader(source, pull_cfg)
     threads = ThreadPoolExecutor(pull_cfg.connections, thread_name_prefix="cmr-dicomweb")
@@ -171,7 +185,9 @@ def pull(source: DicomWebSource, store: ClipStore, cfg: IngestConfig, pull_cfg: 
         with progress_bar(progress) as bar, worker_pool(cfg.workers) as workers:
             task = bar.add_task("studies pulled", total=len(studies))
             for done in _passes(studies, downloader, threads, work, pull_cfg, report):
-                _ingest_pass(done, store, cfg, salt, report, workers)
+                _ingest_pass(done, store, cfg, salt, report, workers, origin)
+                if on_pass is not None:
+                    on_pass([d.ref for d in done if d.error is None])
                 bar.advance(task, len(done))
     finally:
         downloader.stop.set()  # a failed pass ends the downloads under way at their next instance
@@ -205,8 +221,9 @@ def _passes(studies: list[StudyRef], downloader: _Downloader, pool: ThreadPoolEx
 
 
 def _ingest_pass(done: list[_Download], store: ClipStore, cfg: IngestConfig, salt: bytes, report: IngestReport,
-                 workers: ProcessPoolExecutor | None) -> None:
-    """Ingest the downloaded studies of one batch, report the failed ones, delete their folders."""
+                 workers: ProcessPoolExecutor | None, origin: Origin) -> None:
+    """Ingest the downloaded studies of one batch (their source rows naming ``origin``),
+    report the failed ones, delete their folders."""
     good = [d for d in done if d.error is None]
     for d in done:
         if d.error is not None:
@@ -218,7 +235,7 @@ def _ingest_pass(done: list[_Download], store: ClipStore, cfg: IngestConfig, sal
         if good:
             start = len(report.skipped), len(report.rejected)
             with progress_bar(False) as quiet:  # the pull's own bar counts studies
-                ingest_files([d.folder for d in good], store, cfg, salt, report, quiet, workers)
+                ingest_files([d.folder for d in good], store, cfg, salt, report, quiet, workers, origin=origin)
             names = {path: (d.ref.uid, sop) for d in good for path, sop in d.names.items()}
             for entries, first in ((report.skipped, start[0]), (report.rejected, start[1])):
                 for entry in entries[first:]:

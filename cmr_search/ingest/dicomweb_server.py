@@ -30,7 +30,7 @@ __all__ = ["DicomWebSource", "PullConfig", "Refused", "Retry", "StudyRef", "clie
 
 # tags of the QIDO-RS answer this module reads; the rest (patient name, ID, birth date, ...)
 # is dropped where it arrives
-_STUDY_UID, _N_INSTANCES = "0020000D", "00201208"
+_STUDY_UID, _N_INSTANCES, _STUDY_DATE = "0020000D", "00201208", "00080020"
 _TAG = re.compile(r"[0-9A-Fa-f]{8}")
 
 
@@ -163,6 +163,7 @@ class StudyRef:
 
     uid: str
     instances: int | None = None
+    study_date: str | None = None  # YYYYMMDD as the search gave it (a sync's cursor moves by it)
 
 
 def client_for(source: DicomWebSource) -> tuple[DICOMwebClient, requests.Session]:
@@ -254,7 +255,8 @@ def find_studies(source: DicomWebSource, cfg: PullConfig) -> tuple[list[StudyRef
     try:
         def search(limit: int, offset: int) -> list:
             return client.search_for_studies(search_filters=dict(query), limit=limit, offset=offset,
-                                             fields=["StudyInstanceUID", "NumberOfStudyRelatedInstances"])
+                                             fields=["StudyInstanceUID", "NumberOfStudyRelatedInstances",
+                                                     "StudyDate"])
 
         found = list_all(search, cfg.page_size)
     except (requests.RequestException, ValueError) as err:
@@ -311,7 +313,9 @@ def _study_ref(item: dict) -> StudyRef | None:
     count = (item.get(_N_INSTANCES, {}).get("Value") or [None])[0]
     if not isinstance(uid, str) or not uid:
         return None
+    day = (item.get(_STUDY_DATE, {}).get("Value") or [None])[0]
+    day = day if isinstance(day, str) and len(day) == 8 and day.isdigit() else None
     try:
-        return StudyRef(uid, int(count) if count is not None else None)
+        return StudyRef(uid, int(count) if count is not None else None, day)
     except (TypeError, ValueError):
-        return StudyRef(uid)
+        return StudyRef(uid, None, day)

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from rich.progress import Progress
 
     from cmr_search.store.clip_store import ClipStore
+    from cmr_search.store.sources import Origin
 
 __all__ = ["build_study", "check_tables", "clip_id", "finish_ingest", "frames_key", "ingest", "ingest_files",
            "ingest_into", "scan_unit", "units_of"]
@@ -206,17 +207,18 @@ def _batches(results: Iterable, size: int) -> Iterator[list]:
 
 def ingest(paths: list[Path], store: ClipStore, cfg: IngestConfig, salt: bytes, reports: Path | None = None,
            labels: Path | None = None, progress: bool = True,
-           before_commit: Callable[[str], None] | None = None) -> IngestReport:
+           before_commit: Callable[[str], None] | None = None, origin: Origin | None = None) -> IngestReport:
     """Ingest DICOM under ``paths`` (folders, zips, files) into ``store``; never raises on bad files.
 
     Each commit of whole studies holds the store's write lock and leaves out studies that
-    were withdrawn (tombstones), however long ago their files were read.
+    were withdrawn (tombstones), however long ago their files were read; it records where
+    the studies came from (``origin``; default: files, named by the site label).
     ``before_commit("clips")`` runs before each commit: the seam interleaving tests pause at."""
     t0 = time.perf_counter()
     report = IngestReport()
     check_tables(store, reports, labels)
     with progress_bar(progress) as bar, worker_pool(cfg.workers) as pool:
-        ingest_files(paths, store, cfg, salt, report, bar, pool, before_commit)
+        ingest_files(paths, store, cfg, salt, report, bar, pool, before_commit, origin)
     finish_ingest(store, report, reports, labels, t0)
     return report
 
@@ -229,10 +231,12 @@ def check_tables(store: ClipStore, reports: Path | None, labels: Path | None) ->
 
 
 def ingest_files(paths: list[Path], store: ClipStore, cfg: IngestConfig, salt: bytes, report: IngestReport,
-                 bar: Progress, pool: ProcessPoolExecutor | None, before_commit: Callable[[str], None] | None = None) -> None:
+                 bar: Progress, pool: ProcessPoolExecutor | None, before_commit: Callable[[str], None] | None = None,
+                 origin: Origin | None = None) -> None:
     """One pass of the pipeline over the files under ``paths`` with the run's ``worker_pool``,
     its counts and findings added to ``report``: what ``ingest`` runs once and a DICOMweb pull
-    once per batch of downloaded studies (``finish_ingest`` ends either)."""
+    once per batch of downloaded studies (``finish_ingest`` ends either). Committed studies
+    are recorded as coming from ``origin`` (default: files, named by ``cfg.site``)."""
     links: list[tuple[str, str]] = []
     refs = discover(paths, links)
     report.skipped += [asdict(Rejection(where, reason, by_design=True)) for where, reason in links]
@@ -251,7 +255,7 @@ def ingest_files(paths: list[Path], store: ClipStore, cfg: IngestConfig, salt: b
                 bar.advance(task)
             if before_commit is not None:
                 before_commit("clips")
-            _commit(store, studies, report)
+            _commit(store, studies, report, origin, cfg.site)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     _add_phase(report, "write", t_write)
@@ -275,9 +279,14 @@ def _add_phase(report: IngestReport, phase: str, since: float) -> None:  # sever
     report.phases[phase] = round(report.phases.get(phase, 0.0) + time.perf_counter() - since, 2)
 
 
-def _commit(store: ClipStore, studies: list[list[dict]], report: IngestReport) -> None:
+def _commit(store: ClipStore, studies: list[list[dict]], report: IngestReport, origin: Origin | None = None,
+            site: str = "") -> None:
     """One commit of whole studies, under the store's write lock, leaving out any study
-    withdrawn since (or before) its files were read: a withdrawn study stays withdrawn."""
+    withdrawn since (or before) its files were read: a withdrawn study stays withdrawn. The
+    studies' source rows are written under the same lock (``origin``, else files of ``site``)."""
+    # pyarrow and lancedb only here, in the committing process: workers import this module
+    from cmr_search.store.sources import Origin, Sources
+
     with store.write_lock():
         withdrawn = Tombstones(store.layout).withdrawn({rows[0]["study_uid"] for rows in studies},
                                                        {rows[0]["study_uid"]: rows[0]["patient_key"] for rows in studies})
@@ -294,15 +303,19 @@ def _commit(store: ClipStore, studies: list[list[dict]], report: IngestReport) -
             for r in study_rows:
                 report.views[r["view"]] = report.views.get(r["view"], 0) + 1
         inserted, updated, unchanged = store.upsert_clips(rows, skip_unchanged=True)
+        Sources(store).record([s[0]["study_uid"] for s in studies if s[0]["study_uid"] not in withdrawn],
+                              origin or Origin.files(site))
     report.clips_inserted += inserted
     report.clips_updated += updated
     report.clips_unchanged += unchanged
 
 
 def ingest_into(paths: list[Path], root: Path, cfg: IngestConfig, configured_salt: SecretStr | str | None = None,
-                reports: Path | None = None, labels: Path | None = None, progress: bool = True) -> IngestReport:
+                reports: Path | None = None, labels: Path | None = None, progress: bool = True,
+                origin: Origin | None = None) -> IngestReport:
     """``ingest`` into the store at ``root`` (created if new), patients keyed with the
-    configured salt, else the store's own: what ``cmr ingest`` and ``cmr demo`` run."""
+    configured salt, else the store's own: what ``cmr ingest``, ``cmr demo`` and a DICOM push
+    (``origin``) run."""
     # lancedb only here: forked workers preload this module and must not inherit its runtime
     from cmr_search.store.clip_store import ClipStore
 
@@ -312,7 +325,7 @@ def ingest_into(paths: list[Path], root: Path, cfg: IngestConfig, configured_sal
     try:
         store = ClipStore.open(root, cfg.clip, create=True)
         salt = patient_salt(store.layout, configured_salt)
-        report = ingest(paths, store, cfg, salt, reports=reports, labels=labels, progress=progress)
+        report = ingest(paths, store, cfg, salt, reports=reports, labels=labels, progress=progress, origin=origin)
     except BaseException:
         if made:  # a store this call began and did not finish is not left behind half-made
             shutil.rmtree(made[-1], ignore_errors=True)

@@ -18,6 +18,7 @@ class IngestReport:
     """What an ingest run did: counts, and every skipped or rejected input with its reason."""
 
     studies_listed: int | None = None  # studies a DICOMweb search listed (None: an ingest of files)
+    studies_known: int = 0  # of those, already stored and not downloaded again (a sync)
     files_found: int = 0
     files_read: int = 0
     studies_found: int = 0

@@ -32,24 +32,28 @@ class ArrivalReport:
 
 
 def ingest_and_embed(root: Path, paths: list[Path], patient_salt=None, workers: int = 1, site: str = "",
-                     progress: bool = False, index_config=None) -> ArrivalReport:
+                     progress: bool = False, index_config=None, calling_ae: str | None = None) -> ArrivalReport:
     """Ingest the DICOM under ``paths`` into the store at ``root`` (created with the default
     clip shape if new) and embed the new clips with the store's default model, so the
     studies are searchable when it returns. Idempotent like its two steps: what is already
-    stored and embedded is not written again."""
+    stored and embedded is not written again. The studies' source is a DICOM push from
+    ``calling_ae``, by default the AE the listener noted in the arrival folder."""
     from cmr_search.encoder.embed import embed_store
     from cmr_search.encoder.registry import EncoderRegistry
     from cmr_search.ingest import IngestConfig
     from cmr_search.ingest.pipeline import ingest_into
     from cmr_search.store.clip_store import ClipStore
     from cmr_search.store.config import ClipConfig
+    from cmr_search.store.sources import Origin
 
     started = time.monotonic()
     layout = StoreLayout(root)
     # an existing store keeps its own clip shape; a new one gets the default
     clip = ClipStore.open(root).clip_config if layout.meta.exists() else ClipConfig()
+    if calling_ae is None:
+        calling_ae = next((c for c in map(_caller_of, paths) if c), None)
     report = ingest_into(paths, root, IngestConfig(clip=clip, workers=workers, site=site), patient_salt,
-                         progress=progress)
+                         progress=progress, origin=Origin.push(calling_ae))
     written = report.clips_inserted + report.clips_updated
     out = ArrivalReport(report.studies_written, written, report.to_dict(with_paths=False)["rejected"])
     model_id = EncoderRegistry(root).default or layout.latest_model_id()
@@ -61,3 +65,11 @@ def ingest_and_embed(root: Path, paths: list[Path], patient_salt=None, workers: 
         out.clips_embedded, out.model_id = embedded.clips_embedded, model_id
     out.seconds = time.monotonic() - started
     return out
+
+
+def _caller_of(folder: Path) -> str | None:
+    """The calling AE title the listener noted in an arrival folder, if it is one."""
+    try:
+        return StoreLayout.arrival_caller(folder).read_text().strip() or None
+    except OSError:  # not an arrival folder (a file, or a folder from elsewhere)
+        return None

@@ -24,7 +24,7 @@ from pathlib import Path
 from cmr_search.core.exceptions import InputError
 from cmr_search.core.layout import StoreLayout
 
-__all__ = ["ListenConfig", "StudyListener"]
+__all__ = ["ListenConfig", "StudyListener", "calling_ae"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,13 @@ class ListenConfig:
             raise InputError(f"AE title {self.ae_title!r} must be 1 to 16 ASCII characters without a backslash")
         if not 0 <= self.port < 65536:  # 0: any free port (the tests)
             raise InputError(f"port {self.port} is not a TCP port (1-65535)")
+
+
+def calling_ae(title: str | bytes | None) -> str:
+    """An association's calling AE title as text (pynetdicom 1 gave bytes), printable ASCII only."""
+    if isinstance(title, bytes):
+        title = title.decode("ascii", "replace")
+    return "".join(c for c in (title or "") if c.isascii() and c.isprintable()).strip()
 
 
 class StudyListener:
@@ -160,6 +167,9 @@ class StudyListener:
             if entry is None:
                 folder = self.folder / f"{time.strftime('%Y%m%dT%H%M%S')}-{key:x}-{time.monotonic_ns()}"
                 folder.mkdir(parents=True)
+                # the studies' source once ingested: which AE sent them (kept beside the files,
+                # so a folder left by a killed run still names its sender)
+                StoreLayout.arrival_caller(folder).write_text(calling_ae(event.assoc.requestor.ae_title))
                 entry = self._open[key] = {"folder": folder, "files": 0, "bytes": 0}
             entry["last"] = time.monotonic()
             entry["files"] += 1

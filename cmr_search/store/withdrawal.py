@@ -1,6 +1,6 @@
 """Withdrawal: studies (or every study of a patient) removed from the whole store.
 
-A privacy operation over every table (clips, reports, labels, views, studies), the FAISS
+A privacy operation over every table (clips, reports, labels, views, studies, sources), the FAISS
 indexes, the caches and the saved ingest reports, so it sits above both the tables and the
 indexes. A journal entry (``DIR/journal/withdraw-*.json``: the study_uids) is written first
 and deleted last; ``finish_pending_withdrawals`` completes one a crash interrupted, and the
@@ -28,14 +28,16 @@ from cmr_search.core.layout import StoreLayout, write_atomic
 from cmr_search.store.clip_store import sql_quote
 from cmr_search.store.embedding_store import EmbeddingStore
 from cmr_search.store.index.vector_index import refresh_indexes
+from cmr_search.store.sources import SOURCES_TABLE
 from cmr_search.store.tombstones import Tombstones
 
 __all__ = ["WithdrawReport", "finish_pending_withdrawals", "readmit", "withdraw"]
 
 log = logging.getLogger(__name__)
 
-#: every table with a study_uid column, in the order rows are deleted
-TABLES = ("clips", "reports", "labels", "views", "studies")
+#: every table with a study_uid column, in the order rows are deleted (``sources``: where
+#: each study came from, so nothing says the study was ever here)
+TABLES = ("clips", "reports", "labels", "views", "studies", SOURCES_TABLE)
 
 
 @dataclass

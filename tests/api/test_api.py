@@ -113,6 +113,7 @@ def test_text_search_ranks_studies_with_links(api):
     assert len({h["study_uid"] for h in body["hits"]}) == 5
     hit = body["hits"][0]
     assert hit["views_present"] and hit["links"]["study"].startswith("/studies/")
+    assert hit["viewer_url"] is None  # no viewer_url template configured
     assert "patient_key" not in json.dumps(body)
 
 
@@ -183,6 +184,9 @@ def test_study_detail_and_its_cines_play(api):
     study = r.json()
     assert study["embedded"] and study["views"] and set(study["views_present"]) == {v["view"] for v in study["views"]}
     assert abs(sum(v["attention"] for v in study["views"]) - 1) < 1e-4
+    source = study["source"]  # the cohort came in as files
+    assert (source["kind"], source["archive"]) == ("files", "files") and source["first_seen"] <= source["last_seen"]
+    assert study["viewer_url"] is None
     view = study["views"][0]
     cine = api.client.get(view["cine"], headers=api.read)
     assert cine.status_code == 200 and cine.headers["content-type"] == "image/webp"
@@ -293,3 +297,18 @@ def test_searches_are_not_held_back_by_a_busy_pool(trained_store, monkeypatch):
 @pytest.mark.parametrize("path", ["/docs", "/openapi.json", "/static/app.js", "/static/style.css"])
 def test_page_and_docs_are_served_without_a_key(api, path):
     assert api.client.get(path).status_code == 200
+
+
+def test_a_viewer_url_template_links_every_hit_and_the_study_to_the_archive_viewer(trained_store):
+    root, model_id = trained_store
+    template = "https://viewer.example/viewer?StudyInstanceUIDs={study_uid}&x={{literal}}"
+    handle = open_api(root, model_id, viewer_url=template)
+    with handle.client:
+        body = handle.client.post("/search/text", json={"query": QUERY, "k": 3}, headers=handle.read).json()
+        uid = body["hits"][0]["study_uid"]
+        want = f"https://viewer.example/viewer?StudyInstanceUIDs={uid}&x={{literal}}"  # a UID needs no escaping
+        assert body["hits"][0]["viewer_url"] == want and all(h["viewer_url"] for h in body["hits"])
+        near = handle.client.get(f"/studies/{uid}/neighbors", params={"k": 2}, headers=handle.read).json()["hits"]
+        assert all(h["viewer_url"].endswith(f"UIDs={h['study_uid']}&x={{literal}}") for h in near)
+        study = handle.client.get(f"/studies/{uid}", headers=handle.read).json()
+        assert study["viewer_url"] == want and study["source"]["kind"] == "files"

@@ -14,6 +14,7 @@ import pytest
 from browser import needs_chromium, open_chromium
 
 pytestmark = needs_chromium
+VIEWER = "http://viewer.invalid/viewer?StudyInstanceUIDs={study_uid}"
 
 
 def _free_port() -> int:
@@ -28,7 +29,7 @@ def server(trained_store, tmp_path_factory):
     import uvicorn
     from api_data import copy_api
 
-    handle = copy_api(trained_store, tmp_path_factory.mktemp("page"))
+    handle = copy_api(trained_store, tmp_path_factory.mktemp("page"), viewer_url=VIEWER)
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(handle.client.app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -70,6 +71,11 @@ def test_a_query_shows_cards_with_playing_cines_and_neighbours(server, browser, 
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .prediction")) >= 6)
     cards = browser.find_elements(By.CSS_SELECTOR, "#results .card")
     assert all(c.find_element(By.CSS_SELECTOR, ".score").text for c in cards)
+    for c in cards:  # each hit links to the archive's viewer, in a new tab without an opener
+        link = c.find_element(By.CSS_SELECTOR, "a.viewer")
+        assert link.is_displayed() and link.get_attribute("target") == "_blank"
+        assert "noopener" in link.get_attribute("rel").split()
+        assert link.get_attribute("href") == VIEWER.format(study_uid=c.get_attribute("data-study-uid"))
     img = browser.find_element(By.CSS_SELECTOR, "#results .card img[data-loaded='1']")
     assert browser.execute_script("return arguments[0].naturalWidth", img) > 0
     first = img.screenshot_as_png
@@ -84,6 +90,8 @@ def test_a_query_shows_cards_with_playing_cines_and_neighbours(server, browser, 
     wait.until(lambda d: "nearest studies to" in d.find_element(By.ID, "results-title").text)
     query = browser.find_element(By.CSS_SELECTOR, "#results .card.query")
     assert query.get_attribute("data-study-uid") == uid
+    wait.until(lambda d: query.find_element(By.CSS_SELECTOR, "a.viewer").is_displayed())  # the study view's link
+    assert query.find_element(By.CSS_SELECTOR, "a.viewer").get_attribute("href") == VIEWER.format(study_uid=uid)
     others = [c.get_attribute("data-study-uid") for c in browser.find_elements(By.CSS_SELECTOR, "#results .card:not(.query)")]
     assert others and uid not in others
 

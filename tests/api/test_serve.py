@@ -116,3 +116,10 @@ def test_metrics_count_the_requests_of_every_worker(served):
     assert all(r.status_code == 200 for r in scrapes)
     assert [_heads_count(r.text) for r in scrapes] == [10.0] * 8  # the sum, whichever worker answers
     assert 'cmr_index_rows{table="studies"}' in scrapes[0].text
+
+
+def test_serve_refuses_a_viewer_template_with_another_placeholder_before_starting(tmp_path):
+    env = {**os.environ, "CMR_VIEWER_URL": "https://viewer/viewer?StudyInstanceUIDs={study_uid}&pid={patient_id}"}
+    out = _cmr("serve", "--store", str(tmp_path / "store"), "--no-auth", env=env)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "viewer_url" in out.stderr and "{patient_id}" in out.stderr and "only the placeholder" in out.stderr

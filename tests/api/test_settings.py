@@ -11,7 +11,7 @@ from api_data import copy_api
 from pydantic import ValidationError
 
 from cmr_search.api.auth import KeyRing
-from cmr_search.api.settings import ServeSettings
+from cmr_search.api.settings import ServeSettings, viewer_link
 from cmr_search.core.exceptions import InputError
 
 
@@ -31,6 +31,31 @@ def test_bad_settings_are_refused():
         ServeSettings(cine_format="mp4")
     with pytest.raises(ValidationError):
         ServeSettings(max_k=0)
+
+
+@pytest.mark.parametrize(("template", "says"), [
+    ("http://orthanc:8042/ui/app/#/filtered-studies?StudyInstanceUID={study_uid}&p={patient_id}", "not {patient_id}"),
+    ("https://viewer/viewer?StudyInstanceUIDs={uid}", "only the placeholder {study_uid}, not {uid}"),
+    ("https://viewer/viewer?StudyInstanceUIDs={study_uid!r}", "not {study_uid!r}"),
+    ("https://viewer/viewer", "and it has none"),
+    ("https://viewer/viewer?StudyInstanceUIDs={study_uid", "not a valid template"),
+    ("javascript:alert({study_uid})", "not an http(s) URL"),
+])
+def test_a_viewer_url_template_with_other_placeholders_is_refused_at_start(template, says, monkeypatch):
+    with pytest.raises(ValidationError, match="viewer_url") as refused:
+        ServeSettings(viewer_url=template)
+    assert says in str(refused.value)
+    monkeypatch.setenv("CMR_VIEWER_URL", template)  # the environment is checked the same way
+    with pytest.raises(ValidationError, match="viewer_url"):
+        ServeSettings()
+
+
+def test_a_viewer_url_encodes_the_uid_and_is_off_by_default():
+    assert ServeSettings().viewer_url is None
+    template = ServeSettings(viewer_url="https://viewer/viewer?StudyInstanceUIDs={study_uid}").viewer_url
+    assert viewer_link(template, "1.2.3") == "https://viewer/viewer?StudyInstanceUIDs=1.2.3"
+    assert viewer_link(template, "1.2&x=3") == "https://viewer/viewer?StudyInstanceUIDs=1.2%26x%3D3"
+    assert viewer_link(None, "1.2.3") is None
 
 
 def test_a_key_from_the_environment_is_registered_by_hash(trained_store, tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ def test_help_lists_commands_in_pipeline_order():
     assert out.returncode == 0
     names = [line.strip("│ ").split()[0] for line in out.stdout.splitlines() if line.startswith("│ ") and "--" not in line]
     # commands in pipeline order, then the command groups (typer lists groups last)
-    assert names == ["synth", "ingest", "listen", "train-encoder", "embed", "train-text", "encoders", "search", "delete", "eval", "serve", "keys", "demo", "heads"]
+    assert names == ["synth", "ingest", "listen", "sync", "train-encoder", "embed", "train-text", "encoders", "search", "delete", "eval", "serve", "keys", "demo", "heads"]
 
 
 def test_synth_writes_dicom_and_tables(tmp_path):

@@ -93,7 +93,7 @@ def _rows(store: ClipStore, table: str, key: str) -> list[dict]:
     return data.drop_columns([c for c in ("ingested_at", "imported_at") if c in data.column_names]).to_pylist()
 
 
-def test_a_pulled_cohort_is_the_ingested_cohort(pulled, ingested):
+def test_a_pulled_cohort_is_the_ingested_cohort(pacs, pulled, ingested):
     store, report, _, peak = pulled
     disk, disk_report = ingested
     assert report.exit_code == 0, report.rejected
@@ -107,6 +107,9 @@ def test_a_pulled_cohort_is_the_ingested_cohort(pulled, ingested):
         assert _rows(store, table, "study_uid") == _rows(disk, table, "study_uid")
     assert sorted(s["reason"] for s in report.skipped) == sorted(s["reason"] for s in disk_report.skipped)
     assert peak <= 3, "more studies on disk than PullConfig.studies_on_disk"
+    sources = store.db.open_table("sources").to_arrow().to_pylist()  # each study links back to the archive
+    assert sorted(r["study_uid"] for r in sources) == sorted(store.study_uids())
+    assert {(r["kind"], r["archive"]) for r in sources} == {("dicomweb", pacs.dicomweb.rstrip("/"))}
     assert not list(store.layout.tmp.iterdir()), "the downloads are deleted once ingested"
 
 

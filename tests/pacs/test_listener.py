@@ -19,10 +19,18 @@ from store_data import copy_store
 
 from cmr_search.core.exceptions import InputError
 from cmr_search.pacs.arrival import ingest_and_embed
-from cmr_search.pacs.listener import ENHANCED_MR_STORAGE, MR_STORAGE, ListenConfig, StudyListener
+from cmr_search.pacs.listener import (
+    ENHANCED_MR_STORAGE,
+    MR_STORAGE,
+    ListenConfig,
+    StudyListener,
+    calling_ae,
+)
+from cmr_search.store.clip_store import ClipStore
 from cmr_search.store.config import IndexConfig
 from cmr_search.store.embedding_store import EmbeddingStore
 from cmr_search.store.search import Searcher
+from cmr_search.store.sources import Sources
 
 CMR = [sys.executable, "-m", "cmr_search.cli"]
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -99,6 +107,8 @@ def test_a_pushed_study_is_ingested_embedded_and_searchable(store, pushed_study,
     hits = Searcher(root, model_id, IndexConfig()).by_study(study_uid, 3)
     assert len(hits) == 3
     assert not any(root.glob("tmp/arrivals/*"))  # the received files are gone once ingested
+    source = Sources(ClipStore.open(root)).of(study_uid)  # where it came from: the calling AE of the association
+    assert (source["kind"], source["archive"]) == ("dicom-push", "DICOM push from AE SCANNER")
     # the archive's patient name reached no file of the store
     needle = patient_name.encode()
     assert needle and not any(needle in p.read_bytes() for p in root.rglob("*") if p.is_file())
@@ -180,3 +190,8 @@ def test_cmr_listen_ingests_a_push_and_stops_cleanly(store, pushed_study, salt):
         _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr
     assert EmbeddingStore.open(root).get_study(study_uid, model_id) is not None
+
+
+def test_the_calling_ae_title_is_kept_as_printable_text():
+    assert calling_ae(b"SCANNER1  ") == calling_ae("SCANNER1") == "SCANNER1"  # pynetdicom 1 gave bytes
+    assert calling_ae("CT\n\x00A") == "CTA" and calling_ae(None) == ""

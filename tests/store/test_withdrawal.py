@@ -15,6 +15,7 @@ from cmr_search.core.exceptions import InputError
 from cmr_search.store import ClipStore
 from cmr_search.store.embedding_store import EmbeddingStore, StoreConfig
 from cmr_search.store.search import Searcher
+from cmr_search.store.sources import Sources
 from cmr_search.store.withdrawal import finish_pending_withdrawals, withdraw
 
 
@@ -73,10 +74,12 @@ def test_withdraw_from_an_ingested_store_removes_clips_reports_and_labels(ingest
     uid = min(clips.study_uids())
     n_clips = clips.count_clips(f"study_uid = '{uid}'")
     assert n_clips and uid in clips.table_study_uids("reports") and uid in clips.table_study_uids("labels")
+    assert Sources(clips).of(uid)["kind"] == "files"
     report = withdraw(store, study_uids=[uid])
     assert report.rows_deleted["clips"] == n_clips and report.rows_deleted["reports"] == 1
+    assert report.rows_deleted["sources"] == 1 and Sources(clips).of(uid) is None
     assert uid not in clips.study_uids() and uid not in clips.table_study_uids("reports")
-    assert uid not in clips.table_study_uids("labels")
+    assert uid not in clips.table_study_uids("labels") and uid not in clips.table_study_uids("sources")
     assert _grep(root, uid) == []
 
 

@@ -51,8 +51,19 @@ function pickViews(views) {
   return chosen;
 }
 
+// the study in the archive's own viewer, when the service has a viewer_url template; a new
+// tab without a window.opener, so the viewer's page cannot steer this one
+function setViewer(card, url) {
+  const link = $(".viewer", card);
+  if (!url || !/^https?:\/\//i.test(url)) return;
+  link.href = url;
+  link.title = "open this study in the archive's viewer (new tab)";
+  link.hidden = false;
+}
+
 async function showCines(card, studyUrl) {
   const study = await getJSON(studyUrl);
+  setViewer(card, study.viewer_url);  // the study view (a neighbour query's card) gets it from here
   const box = $(".cines", card);
   for (const view of pickViews(study.views)) {
     const fig = document.createElement("figure");
@@ -163,6 +174,7 @@ function card(hit, isQuery = false) {
   const meta = [hit.sex, hit.age != null ? Math.round(hit.age) + " y" : null, hit.vendor, hit.site,
                 (hit.views_present || []).join(" ")].filter(Boolean);
   $(".meta", node).textContent = meta.join(" · ");
+  setViewer(node, hit.viewer_url);
   $(".neighbors", node).onclick = () => neighbors(hit.study_uid);
   return node;
 }
