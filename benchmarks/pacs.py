@@ -174,6 +174,10 @@ def main() -> None:
             print(f"throughput, {args.studies} studies ({len(files):,} files, {size / 1e6:.0f} MB), {args.workers} "
                   f"workers: disk {best_disk:.1f} s ({len(files) / best_disk:.0f} files/s), pull {best_pull:.1f} s "
                   f"({len(files) / best_pull:.0f} files/s); ratio {best_pull / best_disk:.2f} (goal <= 1.5)", flush=True)
+        finally:
+            remove(server)
+        server = start_orthanc(work / "orthanc-sync")  # empty: studies arrive one at a time
+        try:
             timing = arrival_to_searchable(server, by_study(data), work, args.every, args.rounds)
             worst = max(t["searchable_s"] - t["cycle_s"] for t in timing)
             print(f"arrival to searchable (sync every {args.every:g} s): "

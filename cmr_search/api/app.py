@@ -86,6 +86,11 @@ def create_app(settings: ServeSettings, service: SearchService | None = None, wa
     """The API over one store (the service is built here unless given)."""
     service = service or SearchService(settings)
     metrics = ApiMetrics()
+    sync = None
+    if settings.sync_url:  # built here: a bad URL or a missing secret stops the start, saying why
+        from cmr_search.api.sync import BackgroundSync
+
+        sync = BackgroundSync(settings)
 
     def warm() -> None:
         service.warm()  # ends with gc.freeze() of the warmed heap (service.py says why)
@@ -100,7 +105,11 @@ def create_app(settings: ServeSettings, service: SearchService | None = None, wa
             threading.Thread(target=warm, name="cmr-warm", daemon=True).start()
         else:
             warm()
+        if sync is not None:
+            sync.start()
         yield
+        if sync is not None:
+            sync.stop()
         metrics.close()
 
     app = FastAPI(title="cmr-search", version="0.1.0", lifespan=lifespan,
@@ -108,6 +117,7 @@ def create_app(settings: ServeSettings, service: SearchService | None = None, wa
                               "upload, and predictions of the registered heads. Every endpoint but the health "
                               "checks, the page and these docs needs `Authorization: Bearer <API key>`.")
     app.state.settings, app.state.service, app.state.metrics = settings, service, metrics
+    app.state.sync = sync
     # Searches take their own thread(s): a short CPU-bound job finishes sooner alone than
     # time-sliced with seven others under the GIL (neighbour p99 at 32 clients, 2 workers:
     # 57 ms on 8 threads, 40 ms on 1; docs/BENCHMARKS.md), and a slow upload or cine on the

@@ -307,6 +307,8 @@ class Ready(BaseModel):
 
     status: Literal["ready"] = "ready"
     model_id: str
+    # `cmr serve --sync`: the archive, cursor, cycles, studies added, last success and error
+    sync: dict | None = None
 
 
 class ErrorDetail(BaseModel):

@@ -96,6 +96,15 @@ class ServeSettings(Settings):
     #: unset, the API gives no viewer_url
     viewer_url: str | None = None
 
+    #: keep the store in step with this DICOMweb archive in the background (`cmr sync`): one
+    #: worker process runs a cycle every sync_every_s; /readyz and /metrics show its state.
+    #: A token or password is read from the variable named (never given as a value here)
+    sync_url: str | None = None
+    sync_every_s: float = Field(60.0, ge=1.0)
+    sync_token_env: str | None = None
+    sync_user: str | None = None
+    sync_password_env: str | None = None
+
     @field_validator("viewer_url")
     @classmethod
     def _viewer_url(cls, value: str | None) -> str | None:

@@ -30,8 +30,17 @@ def serve(
     workers: Annotated[int | None, typer.Option("--workers", min=1, help="uvicorn worker processes (each loads the index).")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="A .env-style file of CMR_* settings.")] = None,
     no_auth: Annotated[bool, typer.Option("--no-auth", help="Serve without API keys (a trusted laptop only).")] = False,
+    sync: Annotated[str | None, typer.Option("--sync", help="Keep the store in step with this DICOMweb archive in the background (as `cmr sync`).", rich_help_panel="Sync")] = None,
+    sync_every: Annotated[float | None, typer.Option("--sync-every", min=1.0, help="Seconds between sync cycles (default 60).", rich_help_panel="Sync")] = None,
+    sync_token_env: Annotated[str | None, typer.Option("--sync-token-env", help="Environment variable holding the archive's bearer token.", rich_help_panel="Sync")] = None,
+    sync_user: Annotated[str | None, typer.Option("--sync-user", help="User name for basic auth (Orthanc).", rich_help_panel="Sync")] = None,
+    sync_password_env: Annotated[str | None, typer.Option("--sync-password-env", help="Environment variable holding the basic-auth password.", rich_help_panel="Sync")] = None,
 ) -> None:
-    """Serve search, uploads, predictions and the web page over a store (docs at /docs)."""
+    """Serve search, uploads, predictions and the web page over a store (docs at /docs).
+
+    With --sync URL the service also pulls new studies from a DICOMweb archive every
+    --sync-every seconds, ingests and embeds them (its state on /readyz and /metrics).
+    """
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 
@@ -41,7 +50,9 @@ def serve(
     if config is not None and not config.exists():
         err.print(f"[red]error:[/] --config {config} does not exist")
         raise typer.Exit(2)
-    overrides = {k: v for k, v in (("host", host), ("port", port), ("serve_workers", workers)) if v is not None}
+    overrides = {k: v for k, v in (("host", host), ("port", port), ("serve_workers", workers), ("sync_url", sync),
+                                   ("sync_every_s", sync_every), ("sync_token_env", sync_token_env),
+                                   ("sync_user", sync_user), ("sync_password_env", sync_password_env)) if v is not None}
     if no_auth:
         overrides["auth"] = False
     try:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from cmr_search.api import schemas
@@ -20,7 +20,7 @@ def healthz() -> schemas.Health:
 
 
 @router.get("/readyz", responses={503: {"model": schemas.ErrorBody}})
-def readyz(service: AnyServiceDep) -> schemas.Ready:
+def readyz(service: AnyServiceDep, request: Request) -> schemas.Ready:
     """Index and encoders loaded, in every worker process; searches answer at full speed."""
     if not service.ready.is_set():
         raise ApiError(503, "starting", "loading the index and encoders")
@@ -29,11 +29,17 @@ def readyz(service: AnyServiceDep) -> schemas.Ready:
     share = current_share()
     if share is not None and (warm := share.warm_workers()) < share.workers:
         raise ApiError(503, "starting", f"{warm} of {share.workers} workers have loaded the index and encoders")
-    return schemas.Ready(model_id=service.model_id)
+    sync = getattr(request.app.state, "sync", None)
+    return schemas.Ready(model_id=service.model_id, sync=sync.status() if sync is not None else None)
 
 
 @router.get("/metrics", dependencies=[ReadKey], response_class=Response, responses=schemas.KEY_ERRORS)
-def prometheus(service: AnyServiceDep, metrics: MetricsDep) -> Response:
-    """Prometheus text format: requests and latency by route, index rows, uploads."""
+def prometheus(service: AnyServiceDep, metrics: MetricsDep, request: Request) -> Response:
+    """Prometheus text format: requests and latency by route, index rows, uploads, and the
+    background sync's cycles, studies added, last success and whether it is failing."""
     rows = service.stats() if service.ready.is_set() else {}
-    return Response(metrics.render(rows), media_type="text/plain; version=0.0.4; charset=utf-8")
+    body = metrics.render(rows)
+    sync = getattr(request.app.state, "sync", None)
+    if sync is not None:
+        body += sync.prometheus().encode()
+    return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
