@@ -97,11 +97,14 @@ def pull_ingest(server, work: Path, workers: int, sample: bool = False) -> tuple
 
 
 def by_study(data: Path) -> dict[str, list[Path]]:
-    """The cohort's files grouped by StudyInstanceUID."""
-    out = defaultdict(list)
+    """The cohort's files grouped by StudyInstanceUID, the studies in StudyDate order (as an
+    archive receives them)."""
+    out, day = defaultdict(list), {}
     for path in sorted(data.rglob("*.dcm")):
-        out[str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"]).StudyInstanceUID)].append(path)
-    return out
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID", "StudyDate"])
+        out[str(ds.StudyInstanceUID)].append(path)
+        day[str(ds.StudyInstanceUID)] = str(ds.get("StudyDate", ""))
+    return {uid: out[uid] for uid in sorted(out, key=lambda u: day[u])}
 
 
 def arrival_to_searchable(server, studies: dict[str, list[Path]], work: Path, every: float, rounds: int) -> list[dict]:

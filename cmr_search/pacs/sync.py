@@ -9,9 +9,10 @@ The cursor (``StoreLayout.sync_state``, one file per archive) is a StudyDate: ev
 study dated before it is stored. It moves after each committed pass, and only as far as
 the oldest listed study not yet stored, so a sync killed at any point (or a study that
 failed to download) leaves no gap: the next cycle lists from the cursor again and skips what
-is already stored, which leaves no duplicate either. A study that reaches the archive late
-with an old StudyDate (a backfill) lies behind the cursor: ``full=True`` (``cmr sync
---full``) searches the whole archive once, still downloading only what is new.
+is already stored, which leaves no duplicate either. Each cycle searches ``lookback_days``
+(7) behind the cursor, for studies that reach the archive days after their StudyDate; one
+older still (a backfill) lies behind it: ``full=True`` (``cmr sync --full``) searches the
+whole archive once, still downloading only what is new.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import logging
 import threading
 import time
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from cmr_search.core.exceptions import CmrError
@@ -77,8 +78,11 @@ class Syncer:
     """The sync of one store with one DICOMweb archive: a cycle at a time, or every N seconds."""
 
     def __init__(self, store_root: Path, source, pull_cfg, patient_salt=None, index_config=None,
-                 workers: int = 1, site: str = ""):
+                 workers: int = 1, site: str = "", lookback_days: int = 7):
         self.root, self.source, self.pull_cfg = Path(store_root), source, pull_cfg
+        # a study often reaches the archive days after its StudyDate (sent late, read
+        # outside): each cycle searches this far behind the cursor, skipping what is stored
+        self.lookback_days = lookback_days
         self.patient_salt, self.index_config, self.workers, self.site = patient_salt, index_config, workers, site
         self.archive = archive_name(source.url)
         key = hashlib.sha256(self.archive.encode()).hexdigest()[:16]
@@ -119,7 +123,7 @@ class Syncer:
                      else ClipStore.open(self.root, ClipConfig(), create=True))
             since = self.pull_cfg.since
             if state.cursor and not full:
-                cursor = datetime.strptime(state.cursor, "%Y%m%d").date()
+                cursor = datetime.strptime(state.cursor, "%Y%m%d").date() - timedelta(days=self.lookback_days)
                 since = max(since, cursor) if since else cursor
             known = store.study_uids() if store.has_table("clips") else set()
             tracker = _Cursor(state.cursor)

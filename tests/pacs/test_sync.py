@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pydicom
@@ -68,7 +69,7 @@ def _source(server) -> DicomWebSource:
 
 def test_a_sync_takes_only_what_is_new_and_makes_it_searchable(archive, empty_store, cohort_studies, salt):
     root, model_id = empty_store
-    older, newer = cohort_studies[:4], cohort_studies[4:7]
+    late, older, newer = cohort_studies[0], cohort_studies[2:6], cohort_studies[6:9]
     archive.upload([f for _, _, files in older for f in files])
     syncer = Syncer(root, _source(archive), PullConfig(), salt.decode())
     first = syncer.once()
@@ -77,20 +78,20 @@ def test_a_sync_takes_only_what_is_new_and_makes_it_searchable(archive, empty_st
     assert EmbeddingStore.open(root).count("studies", model_id) == 4
     archive.upload([f for _, _, files in newer for f in files])
     second = syncer.once()
-    # the search starts at the cursor: the newest old study is listed again, and skipped
+    # the search starts a week behind the cursor: what it lists again is skipped, not downloaded
     assert second.studies_written == 3 and second.already_stored >= 1 and second.cursor == newer[-1][0]
     assert EmbeddingStore.open(root).count("studies", model_id) == 7
     state = syncer.state()
     assert state.cycles == 2 and state.studies_added == 7 and state.last_error is None
     assert state.archive == archive_name(archive.dicomweb) and archive.auth[1] not in syncer.state_path.read_text()
-    # a study that reaches the archive late with an old date lies behind the cursor:
-    # --full finds it, still downloading nothing it already has
-    late = cohort_studies[7] if cohort_studies[7][0] < state.cursor else None
-    if late is not None:
-        archive.upload(late[2])
-        assert syncer.once().studies_written == 0
-        full = syncer.once(full=True)
-        assert full.studies_written == 1 and full.already_stored == 7
+    # a study that reaches the archive dated long before the cursor (a backfill) lies behind
+    # the lookback: --full finds it, still downloading nothing it already has
+    cursor = datetime.strptime(state.cursor, "%Y%m%d")
+    assert datetime.strptime(late[0], "%Y%m%d") < cursor - timedelta(days=syncer.lookback_days)
+    archive.upload(late[2])
+    assert syncer.once().studies_written == 0
+    full = syncer.once(full=True)
+    assert full.studies_written == 1 and full.already_stored == 7
 
 
 def test_a_run_loop_syncs_until_stopped_and_reports_a_failed_cycle(archive, empty_store, cohort_studies, salt):
