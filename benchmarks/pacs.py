@@ -18,6 +18,8 @@ Needs Orthanc and its DICOMweb plugin (Debian: orthanc, orthanc-dicomweb).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import random
 import shutil
 import sys
@@ -77,10 +79,17 @@ def pull_ingest(server, work: Path, workers: int, sample: bool = False) -> tuple
     store = ClipStore.open(root, create=True)
     peak, stop = [0], threading.Event()
 
+    def size_of(folder: Path) -> int:
+        total = 0
+        for where, _, names in os.walk(folder):  # os.walk skips folders deleted under it
+            for name in names:
+                with contextlib.suppress(FileNotFoundError):  # a pass deletes its studies meanwhile
+                    total += os.stat(os.path.join(where, name)).st_size
+        return total
+
     def watch() -> None:
         while not stop.is_set():
-            size = sum(p.stat().st_size for p in (root / "tmp").rglob("*") if p.is_file()) if (root / "tmp").exists() else 0
-            peak[0] = max(peak[0], size)
+            peak[0] = max(peak[0], size_of(root / "tmp"))
             stop.wait(0.02)
 
     watcher = threading.Thread(target=watch, daemon=True)
@@ -152,6 +161,36 @@ def arrival_to_searchable(server, studies: dict[str, list[Path]], work: Path, ev
     return out
 
 
+def throughput_and_sync(args, work: Path) -> None:
+    """The throughput against the disk path, then the arrival-to-searchable timing."""
+    data = cohort(args.studies, 5, work / "cohort")
+    files = sorted(data.rglob("*.dcm"))
+    size = sum(p.stat().st_size for p in files)
+    server = start_orthanc(work / "orthanc")
+    try:
+        server.upload(files)
+        disk, pulled = [], []
+        for _ in range(args.repeat):  # interleaved: the machine's speed drifts
+            disk.append(disk_ingest(data, work, args.workers))
+            pulled.append(pull_ingest(server, work, args.workers)[0])
+        best_disk, best_pull = min(disk), min(pulled)
+        print(f"throughput, {args.studies} studies ({len(files):,} files, {size / 1e6:.0f} MB), {args.workers} "
+              f"workers: disk {best_disk:.1f} s ({len(files) / best_disk:.0f} files/s), pull {best_pull:.1f} s "
+              f"({len(files) / best_pull:.0f} files/s); ratio {best_pull / best_disk:.2f} (goal <= 1.5)", flush=True)
+    finally:
+        remove(server)
+    server = start_orthanc(work / "orthanc-sync")  # empty: studies arrive one at a time
+    try:
+        timing = arrival_to_searchable(server, by_study(data), work, args.every, args.rounds)
+        worst = max(t["searchable_s"] - t["cycle_s"] for t in timing)
+        print(f"arrival to searchable (sync every {args.every:g} s): "
+              + ", ".join(f"{t['searchable_s']:.1f} s (cycle {t['cycle_s']:.1f} s)" for t in timing)
+              + f"; the worst minus its cycle {worst:.1f} s (goal < {args.every:g} s)", flush=True)
+    finally:
+        remove(server)
+    shutil.rmtree(work / "cohort")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--studies", type=int, default=20, help="cohort size for the throughput")
@@ -160,35 +199,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--every", type=float, default=10.0, help="sync period, seconds")
     parser.add_argument("--rounds", type=int, default=3, help="studies timed from arrival to searchable")
+    parser.add_argument("--only-working-set", action="store_true", help="skip the throughput and the sync timing")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        data = cohort(args.studies, 5, work / "cohort")
-        files = sorted(data.rglob("*.dcm"))
-        size = sum(p.stat().st_size for p in files)
-        server = start_orthanc(work / "orthanc")
-        try:
-            server.upload(files)
-            disk, pulled = [], []
-            for _ in range(args.repeat):  # interleaved: the machine's speed drifts
-                disk.append(disk_ingest(data, work, args.workers))
-                pulled.append(pull_ingest(server, work, args.workers)[0])
-            best_disk, best_pull = min(disk), min(pulled)
-            print(f"throughput, {args.studies} studies ({len(files):,} files, {size / 1e6:.0f} MB), {args.workers} "
-                  f"workers: disk {best_disk:.1f} s ({len(files) / best_disk:.0f} files/s), pull {best_pull:.1f} s "
-                  f"({len(files) / best_pull:.0f} files/s); ratio {best_pull / best_disk:.2f} (goal <= 1.5)", flush=True)
-        finally:
-            remove(server)
-        server = start_orthanc(work / "orthanc-sync")  # empty: studies arrive one at a time
-        try:
-            timing = arrival_to_searchable(server, by_study(data), work, args.every, args.rounds)
-            worst = max(t["searchable_s"] - t["cycle_s"] for t in timing)
-            print(f"arrival to searchable (sync every {args.every:g} s): "
-                  + ", ".join(f"{t['searchable_s']:.1f} s (cycle {t['cycle_s']:.1f} s)" for t in timing)
-                  + f"; the worst minus its cycle {worst:.1f} s (goal < {args.every:g} s)", flush=True)
-        finally:
-            remove(server)
-        shutil.rmtree(work / "cohort")
+        if not args.only_working_set:
+            throughput_and_sync(args, work)
         big = cohort(args.working_set_studies, 6, work / "big")
         big_files = sorted(big.rglob("*.dcm"))
         big_size = sum(p.stat().st_size for p in big_files)
