@@ -49,7 +49,7 @@ def test_readyz_and_searches_say_503_until_the_service_has_warmed(trained_store)
     for r in (client.get("/readyz"), client.post("/search/text", json={"query": "x"})):
         assert r.status_code == 503 and r.json()["error"]["code"] == "starting", r.text
     with client:
-        assert client.get("/readyz").json() == {"status": "ready", "model_id": model_id}
+        assert client.get("/readyz").json() == {"status": "ready", "model_id": model_id, "sync": None}
         assert client.post("/search/text", json={"query": "x"}).status_code == 200
 
 
