@@ -172,13 +172,15 @@ def throughput_and_sync(args, work: Path) -> None:
         disk, pulled = [], []
         for _ in range(args.repeat):  # interleaved: the machine's speed drifts
             disk.append(disk_ingest(data, work, args.workers))
-            pulled.append(pull_ingest(server, work, args.workers)[0])
+            pulled.append(pull_ingest(server, work, args.pull_workers or args.workers)[0])
         best_disk, best_pull = min(disk), min(pulled)
         print(f"throughput, {args.studies} studies ({len(files):,} files, {size / 1e6:.0f} MB), {args.workers} "
-              f"workers: disk {best_disk:.1f} s ({len(files) / best_disk:.0f} files/s), pull {best_pull:.1f} s "
+              f"workers ({args.pull_workers or args.workers} for the pull): disk {best_disk:.1f} s ({len(files) / best_disk:.0f} files/s), pull {best_pull:.1f} s "
               f"({len(files) / best_pull:.0f} files/s); ratio {best_pull / best_disk:.2f} (goal <= 1.5)", flush=True)
     finally:
         remove(server)
+    if args.only_throughput:
+        return
     server = start_orthanc(work / "orthanc-sync")  # empty: studies arrive one at a time
     try:
         timing = arrival_to_searchable(server, by_study(data), work, args.every, args.rounds)
@@ -200,11 +202,15 @@ def main() -> None:
     parser.add_argument("--every", type=float, default=10.0, help="sync period, seconds")
     parser.add_argument("--rounds", type=int, default=3, help="studies timed from arrival to searchable")
     parser.add_argument("--only-working-set", action="store_true", help="skip the throughput and the sync timing")
+    parser.add_argument("--only-throughput", action="store_true", help="skip the sync timing and the working set")
+    parser.add_argument("--pull-workers", type=int, help="ingest workers of the pull (default: --workers)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if not args.only_working_set:
             throughput_and_sync(args, work)
+        if args.only_throughput:
+            return
         big = cohort(args.working_set_studies, 6, work / "big")
         big_files = sorted(big.rglob("*.dcm"))
         big_size = sum(p.stat().st_size for p in big_files)
