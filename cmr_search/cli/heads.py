@@ -184,11 +184,13 @@ def import_head(
         registry = HeadRegistry(root)
         name = registry.import_file(path, name, replace)
         model_id = registry.card(name)["model_id"]
-        have = EmbeddingStore.open(root).model_ids("studies") if (root / "lance").exists() else {}
+        tables = EmbeddingStore.open(root) if (root / "lance").exists() else None
+        have = tables.model_ids("studies") if tables is not None else {}
+        vectors = tables.vectors_of(model_id) if tables is not None else model_id  # a text-aligned model's video model
     except CmrError as error:
         fail(error)
     err.print(f"head {name} imported (model {model_id})")
-    if model_id not in have:
+    if vectors not in have:
         err.print(f"  [yellow]note[/] this store holds no embeddings of model {model_id} yet; embed it with that "
                   f"encoder before predicting: `cmr embed --store {root} --checkpoint <its folder>/encoders/{model_id}`")
 
