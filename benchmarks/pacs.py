@@ -36,12 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the te
 from orthanc import remove, start_orthanc
 
 
-def cohort(n: int, seed: int, out: Path) -> Path:
-    """A synthetic cohort of ``n`` studies; its DICOM folder."""
+def cohort(n: int, seed: int, out: Path) -> tuple[Path, list[Path], int]:
+    """A synthetic cohort of ``n`` studies: its DICOM folder, its files and their bytes."""
     from cmr_search.synth import generate_cohort
 
     generate_cohort(n, out, seed=seed, workers=2, progress=False)
-    return out / "dicom"
+    files = sorted((out / "dicom").rglob("*.dcm"))
+    return out / "dicom", files, sum(p.stat().st_size for p in files)
 
 
 def source(server):
@@ -163,9 +164,7 @@ def arrival_to_searchable(server, studies: dict[str, list[Path]], work: Path, ev
 
 def throughput_and_sync(args, work: Path) -> None:
     """The throughput against the disk path, then the arrival-to-searchable timing."""
-    data = cohort(args.studies, 5, work / "cohort")
-    files = sorted(data.rglob("*.dcm"))
-    size = sum(p.stat().st_size for p in files)
+    data, files, size = cohort(args.studies, 5, work / "cohort")
     server = start_orthanc(work / "orthanc")
     try:
         server.upload(files)
@@ -211,9 +210,7 @@ def main() -> None:
             throughput_and_sync(args, work)
         if args.only_throughput:
             return
-        big = cohort(args.working_set_studies, 6, work / "big")
-        big_files = sorted(big.rglob("*.dcm"))
-        big_size = sum(p.stat().st_size for p in big_files)
+        _, big_files, big_size = cohort(args.working_set_studies, 6, work / "big")
         server = start_orthanc(work / "orthanc-big")
         try:
             server.upload(big_files)

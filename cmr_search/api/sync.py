@@ -7,9 +7,11 @@ reports the sync's state from the store's own record of it (``pacs.sync.SyncStat
 
 from __future__ import annotations
 
+import calendar
 import logging
 import os
 import threading
+import time
 
 from cmr_search.api.settings import ServeSettings
 from cmr_search.api.workers import current_share
@@ -61,9 +63,6 @@ class BackgroundSync:
 
     def prometheus(self) -> str:
         """The sync's lines of /metrics."""
-        import calendar
-        import time
-
         state = self.syncer.state()
         success = (calendar.timegm(time.strptime(state.last_success, "%Y-%m-%dT%H:%M:%SZ"))
                    if state.last_success else 0)

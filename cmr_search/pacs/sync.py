@@ -178,6 +178,7 @@ class _Cursor:
     def __init__(self, start: str | None):
         self.value = start
         self.pending: dict[str, str] = {}  # listed, not yet committed: uid -> date
+        self.newest: str | None = None  # the newest date listed
 
     def listed(self, refs) -> None:
         """The studies this cycle will download (after the search)."""

@@ -33,7 +33,7 @@ def new_archive_study(tmp_path):
 
 
 def test_the_service_syncs_a_new_study_and_reports_it(trained_store, new_archive_study, tmp_path, monkeypatch, salt):
-    root, model_id = trained_store
+    root, _ = trained_store
     store = tmp_path / "store"
     copy_store(root, store)
     server, study_uid = new_archive_study
