@@ -107,7 +107,13 @@ def sync(
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    def failed(error: CmrError) -> None:
+        err.print(f"[red]sync failed:[/] {error}")
+
     err.print(f"syncing with {syncer.archive} every {every:g} s; Ctrl-C stops")
-    if full:
-        cycle(syncer.once(full=True))
-    syncer.run(every, stop, on_cycle=cycle, on_error=lambda e: err.print(f"[red]sync failed:[/] {e}"))
+    if full:  # the whole archive once, then from the cursor; a failure here is reported like any cycle's
+        try:
+            cycle(syncer.once(full=True))
+        except CmrError as error:
+            failed(error)
+    syncer.run(every, stop, on_cycle=cycle, on_error=failed)
