@@ -103,9 +103,11 @@ class PullConfig:
     modality: str = "MR"  # ModalitiesInStudy; "" for any
     since: date | None = None  # StudyDate on or after
     filters: tuple[tuple[str, str], ...] = ()  # further QIDO-RS matching keys (keyword or tag, value)
-    connections: int = 4  # studies downloaded at once, one connection each
-    studies_on_disk: int = 8  # downloaded studies held on local disk at once (bounds the scratch)
-    studies_per_pass: int = 4  # downloaded studies ingested together by one pass of the pipeline
+    # 2 connections keep 2 ingest workers fed once instances are written unparsed (more only
+    # took cores from them), and larger passes pay a pass's fixed costs less often (measured)
+    connections: int = 2  # studies downloaded at once, one connection each
+    studies_on_disk: int = 12  # downloaded studies held on local disk at once (bounds the scratch)
+    studies_per_pass: int = 6  # downloaded studies ingested together by one pass of the pipeline
     attempts: int = 3  # tries per study before it is reported as failed
     backoff_s: float = 1.0  # wait before the 2nd try; doubles for each further one
     page_size: int = 500  # studies per QIDO-RS page

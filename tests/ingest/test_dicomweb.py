@@ -10,6 +10,7 @@ import logging
 import os
 import subprocess
 import sys
+import zipfile
 from datetime import date
 from pathlib import Path
 
@@ -237,11 +238,11 @@ def test_a_failing_study_is_retried_then_reported_while_the_rest_go_on(pacs, stu
     tries: dict[str, int] = {}
     fetch = dicomweb._Downloader._fetch
 
-    def failing(self, ref, folder, names):
+    def failing(self, ref, folder, files):
         tries[ref.uid] = tries.get(ref.uid, 0) + 1
         if ref.uid == broken or (ref.uid == flaky and tries[ref.uid] == 1):
             raise requests.ConnectionError(f"reset by peer while sending to {USER}:{PASSWORD}")  # never shown
-        return fetch(self, ref, folder, names)
+        return fetch(self, ref, folder, files)
 
     search = dicomweb.find_studies
     gone, short = "1.2.826.0.1.3680043.99999", listed[1]
@@ -262,7 +263,8 @@ def test_a_failing_study_is_retried_then_reported_while_the_rest_go_on(pacs, stu
     assert set(reasons) == {f"study {broken}", f"study {gone}", f"study {short}"} and report.exit_code == 3
     prefix = "not downloaded from the DICOMweb server"
     assert reasons[f"study {broken}"] == f"{prefix} after 3 tries: connection failed (refused, reset or host unknown)"
-    assert reasons[f"study {gone}"] == f"{prefix}: HTTP 404 Not Found"  # not worth another try
+    # not worth another try
+    assert reasons[f"study {gone}"] == f"{prefix}: the server lists no series of this study (deleted since the search?)"
     assert reasons[f"study {short}"].startswith(f"{prefix} after 3 tries: incomplete: ")
     assert not list(store.layout.tmp.iterdir())
 
@@ -334,3 +336,19 @@ def test_without_orthanc_the_server_tests_skip_with_the_reason(monkeypatch, tmp_
     monkeypatch.setattr(orthanc, "ORTHANC", tmp_path / "no-Orthanc")
     with pytest.raises(pytest.skip.Exception, match="apt-get install orthanc orthanc-dicomweb"):
         orthanc.start_orthanc(tmp_path / "pacs")
+
+
+def test_a_report_entry_about_a_downloaded_instance_names_its_study_and_instance(tmp_path):
+    from pydicom.data import get_testdata_file
+
+    mr = Path(get_testdata_file("MR_small.dcm"))
+    series = tmp_path / "0000.zip"
+    with zipfile.ZipFile(series, "w") as zf:
+        zf.writestr("000000.dcm", mr.read_bytes())
+        zf.writestr("000001.dcm", b"not DICOM")
+    sop = str(pydicom.dcmread(mr).SOPInstanceUID)
+    entries = [{"where": f"{series}::000000.dcm"}, {"where": f"{series}::000001.dcm"}, {"where": "elsewhere.dcm"}]
+    for entry in entries:
+        dicomweb._name_instance(entry, {str(series): "1.2.3"})
+    assert [e["where"] for e in entries] == [f"study 1.2.3, instance {sop}", "study 1.2.3, instance unreadable",
+                                              "elsewhere.dcm"]
