@@ -93,7 +93,8 @@ def ingest(
     token_env: Annotated[str | None, typer.Option("--token-env", help="Environment variable holding a bearer token.", rich_help_panel="DICOMweb")] = None,
     user: Annotated[str | None, typer.Option("--user", help="User name for HTTP basic auth (with --password-env).", rich_help_panel="DICOMweb")] = None,
     password_env: Annotated[str | None, typer.Option("--password-env", help="Environment variable holding the basic-auth password.", rich_help_panel="DICOMweb")] = None,
-    connections: Annotated[int, typer.Option("--connections", min=1, max=32, help="Studies downloaded at once.", rich_help_panel="DICOMweb")] = 4,
+    connections: Annotated[int, typer.Option("--connections", min=1, max=32, help="Studies downloaded at once.", rich_help_panel="DICOMweb")] = 2,
+    ray: Annotated[str | None, typer.Option("--ray", help="Run on a Ray cluster: 'local' starts one on this machine, 'auto' joins the running one, or its address (host:port, ray://host:port). Inputs and store on paths every node reads.", rich_help_panel="Cluster")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the ingest report as JSON on stdout.")] = False,
 ) -> None:
     """Ingest DICOM into the store's clip table (idempotent; re-running adds nothing new).
@@ -109,8 +110,12 @@ def ingest(
         workers=workers or settings.workers or os.cpu_count() or 1,
         allow_partial=allow_partial,
         site=site,
+        ray=ray,
     )
     pull_options = query or since or token_env or user or password_env
+    if ray is not None and dicomweb:
+        err.print("[red]error:[/] --ray ingests files; a DICOMweb pull runs on this machine (drop --ray)")
+        raise typer.Exit(2)
     if bool(paths) == bool(dicomweb):
         err.print("[red]error:[/] give DICOM folders, zips or files, or --dicomweb URL (exactly one source)")
         raise typer.Exit(2)
@@ -143,7 +148,7 @@ def _pull(url, root, cfg, settings: Settings, reports, labels, query, since, tok
         # secrets come from the variables the user names, never from a flag's value
         source = source_from_env(url, os.environ, token_env=token_env, username=user, password_env=password_env)
         pull_cfg = PullConfig(filters=parse_query(query), since=parse_since(since) if since else None,
-                              connections=connections, studies_on_disk=max(8, connections))
+                              connections=connections, studies_on_disk=max(12, connections))
         return pull_into(source, root, cfg, pull_cfg, settings.patient_salt, reports=reports, labels=labels)
     except CmrError as error:
         _fail(error)

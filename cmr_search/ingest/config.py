@@ -20,3 +20,6 @@ class IngestConfig:
     site: str = ""  # free-text site label stored with every clip
     studies_per_commit: int = 16  # whole studies per Lance commit (one atomic write each)
     max_files_per_unit: int = 1000  # files a worker holds in memory at once (one folder at most)
+    # run on Ray instead of a process pool: "local" starts a cluster of this machine,
+    # "auto" joins the running one, else its address (ingest/cluster.py)
+    ray: str | None = None

@@ -10,35 +10,21 @@ study either fully written or absent.
 
 from __future__ import annotations
 
-import gc
-import hashlib
-import os
 import shutil
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from cmr_search.core.progress import progress_bar
-from cmr_search.ingest.clips import PixelError, clip_frames, decode_stack, make_clip, read_frames
 from cmr_search.ingest.config import IngestConfig
-from cmr_search.ingest.discover import FileRef, discover, require_paths
-from cmr_search.ingest.headers import FileHeader, Rejection, read_header
+from cmr_search.ingest.discover import discover, require_paths
+from cmr_search.ingest.headers import FileHeader, Rejection
 from cmr_search.ingest.report import IngestReport, save_report
-from cmr_search.ingest.series import (
-    ClipPlan,
-    StudyPlan,
-    group_by_series,
-    group_by_study,
-    plan_series,
-    plan_study,
-)
+from cmr_search.ingest.series import StudyPlan, group_by_study, plan_study
+from cmr_search.ingest.units import build_study, frames_key, scan_unit, units_of
 from cmr_search.ingest.workers import pool_map, share_work, worker_pool
 from cmr_search.store.patients import patient_salt
 from cmr_search.store.tombstones import Tombstones
@@ -52,146 +38,7 @@ if TYPE_CHECKING:
     from cmr_search.store.clip_store import ClipStore
     from cmr_search.store.sources import Origin
 
-__all__ = ["build_study", "check_tables", "clip_id", "finish_ingest", "frames_key", "ingest", "ingest_files",
-           "ingest_into", "scan_unit", "units_of"]
-
-
-def clip_id(series_uid: str, series_slice: int) -> str:
-    """Stable id of a clip: hash of the series UID and the slice's index inside the series."""
-    return hashlib.sha1(f"{series_uid}:{series_slice}".encode()).hexdigest()[:24]
-
-
-def _row(plan: ClipPlan, clip, cfg: IngestConfig) -> dict:
-    return {
-        "clip_id": clip_id(plan.series_uid, plan.series_slice),
-        "study_uid": plan.study_uid,
-        "series_uid": plan.series_uid,
-        "patient_key": plan.patient_key,
-        "view": plan.view,
-        "view_source": plan.view_source,
-        "slice_index": plan.slice_index,
-        "n_slices": plan.n_slices,
-        "series_slice": plan.series_slice,
-        "frames": clip.shape[0],
-        "height": clip.shape[1],
-        "width": clip.shape[2],
-        "clip": clip.tobytes(),
-        "source_frames": len(plan.frames),
-        "time_source": plan.time_source,
-        "row_spacing_mm": plan.pixel_spacing[0],
-        "col_spacing_mm": plan.pixel_spacing[1],
-        "clip_spacing_mm": cfg.clip.fov_mm / cfg.clip.size,
-        "position_mm": plan.position_mm,
-        "rr_ms": plan.rr_ms,
-        "series_number": plan.series_number,
-        "series_description": plan.series_description,
-        "vendor": plan.manufacturer,
-        "site": cfg.site,
-        "sex": plan.sex,
-        "age": plan.age,
-        "study_date": plan.study_date,
-    }
-
-
-def frames_key(series_uid: str, series_slice: int, frames: list[tuple[FileRef, int]]) -> str:
-    """Digest of exactly which frames make a clip: a clip built by a worker is reused only
-    when the study plan asks for the very same frames in the same order."""
-    text = f"{series_uid}:{series_slice}:" + "|".join(f"{ref}#{i}" for ref, i in frames)
-    return hashlib.sha1(text.encode()).hexdigest()[:24]
-
-
-@dataclass
-class UnitResult:
-    """What one worker learned from one folder (or zip) of files in a single read of each."""
-
-    headers: list[FileHeader] = field(default_factory=list)
-    rejections: list[Rejection] = field(default_factory=list)
-    failures: dict[str, tuple[str, str]] = field(default_factory=dict)  # frames_key -> (where, error)
-    files: int = 0
-
-
-def scan_unit(refs: list[FileRef], salt: bytes, cfg: IngestConfig, scratch: Path) -> UnitResult:
-    """Read each file once: parse its header and, for every complete cine slice found inside
-    this unit, cut the canonical clip from the pixels already in memory (saved to ``scratch``).
-
-    Series split across units are left to the study pass, which reads their files again.
-    """
-    with _gc_paused():
-        return _scan_unit(refs, salt, cfg, scratch)
-
-
-def _scan_unit(refs: list[FileRef], salt: bytes, cfg: IngestConfig, scratch: Path) -> UnitResult:
-    out = UnitResult(files=len(refs))
-    datasets: dict[FileRef, object] = {}
-    for ref in refs:
-        header, ds = read_header(ref, salt, pixels=True)
-        if isinstance(header, Rejection):
-            out.rejections.append(header)
-        else:
-            out.headers.append(header)
-            datasets[ref] = ds
-    for files in group_by_series(out.headers).values():
-        slices, _problem = plan_series(files, cfg.min_frames)
-        for sl in slices:  # a problem is re-derived (once, for the whole series) by plan_study
-            frames = [(h.ref, f.file_frame) for h, f in sl.ordered]
-            key = frames_key(files[0].series_uid, sl.series_slice, frames)
-            try:
-                # only the frames the clip keeps are decoded; the rest were parsed, never decoded
-                stack = decode_stack(clip_frames(frames, cfg.clip), files[0].rows, files[0].columns, datasets.__getitem__)
-                np.save(scratch / f"{key}.npy", make_clip(stack, files[0].pixel_spacing, cfg.clip))
-            except PixelError as err:
-                out.failures[key] = (err.where, str(err))
-    return out
-
-
-@contextmanager
-def _gc_paused() -> Iterator[None]:
-    """No cyclic garbage collection while a unit's files are parsed and cut: pydicom
-    allocates millions of small objects, and the collections they triggered walked every live
-    object (the process's modules, the headers so far) at a cost of ~15 % of the read
-    (measured: docs/BENCHMARKS.md). The unit's datasets live until it ends anyway."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-def build_study(plan: StudyPlan, cfg: IngestConfig, scratch: Path, failures: dict) -> tuple[list[dict], list[Rejection]]:
-    """Collect (or, for series split across folders, cut) every clip of a study. A failed
-    cine series fails the whole study unless ``cfg.allow_partial``: stored whole or not at all."""
-    rows, failed = [], []
-    for cp in plan.clips:
-        key = frames_key(cp.series_uid, cp.series_slice, cp.frames)
-        path = scratch / f"{key}.npy"
-        try:
-            if key in failures:
-                raise PixelError(failures[key][1], failures[key][0])
-            clip = np.load(path) if path.exists() else make_clip(read_frames(cp, cfg.clip), cp.pixel_spacing, cfg.clip)
-            rows.append(_row(cp, clip, cfg))
-        except PixelError as err:
-            where = err.where or f"series {cp.series_number} '{cp.series_description}'"
-            failed.append(Rejection(where, f"series {cp.series_number}: {err}", plan.study_uid, cp.series_uid))
-    if failed and not cfg.allow_partial and rows:
-        failed.append(Rejection(f"study {plan.study_uid}", f"not written: {len(failed)} cine series failed (use --allow-partial to keep the rest)", plan.study_uid))
-        rows = []
-    return rows, failed
-
-
-def units_of(refs: list[FileRef], max_files: int) -> list[list[FileRef]]:
-    """Group files by folder (or zip member folder), at most ``max_files`` per unit: exports
-    keep a series in one folder, so most series are complete inside one unit."""
-    groups: dict[tuple, list[FileRef]] = defaultdict(list)
-    for ref in refs:
-        folder = os.path.dirname(ref.member) if ref.member else os.path.dirname(ref.path)
-        groups[(ref.path if ref.member else "", folder)].append(ref)
-    units = []
-    for members in groups.values():
-        units += [members[i : i + max_files] for i in range(0, len(members), max_files)]
-    # largest first: the pool then ends on small units and no worker idles at the end
-    return sorted(units, key=len, reverse=True)
+__all__ = ["check_tables", "finish_ingest", "ingest", "ingest_files", "ingest_into"]
 
 
 def _batches(results: Iterable, size: int) -> Iterator[list]:
@@ -217,8 +64,14 @@ def ingest(paths: list[Path], store: ClipStore, cfg: IngestConfig, salt: bytes, 
     t0 = time.perf_counter()
     report = IngestReport()
     check_tables(store, reports, labels)
-    with progress_bar(progress) as bar, worker_pool(cfg.workers) as pool:
-        ingest_files(paths, store, cfg, salt, report, bar, pool, before_commit, origin)
+    if cfg.ray is not None:  # the same steps as tasks of a Ray cluster, one commit at the end
+        from cmr_search.ingest.cluster import ingest_on_ray
+
+        require_paths(paths)
+        ingest_on_ray(paths, store, cfg, salt, report, None if cfg.ray == "local" else cfg.ray, progress, origin)
+    else:
+        with progress_bar(progress) as bar, worker_pool(cfg.workers) as pool:
+            ingest_files(paths, store, cfg, salt, report, bar, pool, before_commit, origin)
     finish_ingest(store, report, reports, labels, t0)
     return report
 

@@ -208,6 +208,31 @@ class ClipStore:
         result = table.merge_insert("clip_id").when_matched_update_all().when_not_matched_insert_all().execute(data)
         return int(result.num_inserted_rows), int(result.num_updated_rows), same
 
+    def write_clip_fragments(self, rows: list[dict]) -> list:
+        """Write clip rows as new Lance fragment files of the clip table, committed by nobody
+        yet: what each task of a cluster ingest does, the driver committing them all at once
+        (``append_clip_fragments``). Runs anywhere that reaches the store's files."""
+        from lance.fragment import write_fragments
+
+        now = datetime.now(UTC)
+        for r in rows:
+            r.setdefault("ingested_at", now)
+        data = pa.Table.from_pylist(rows, schema=CLIP_SCHEMA)
+        return write_fragments(data, str(self.layout.table("clips")), schema=CLIP_SCHEMA,
+                               data_storage_version=CLIP_STORAGE_VERSION)
+
+    def append_clip_fragments(self, fragments: list, read_version: int) -> int:
+        """Commit fragments from ``write_clip_fragments`` as one Lance Append (Lance's
+        distributed-write API): a reader sees every one of them or none. ``read_version`` is
+        the clip table's version the rows were planned against; returns the new version."""
+        import lance
+
+        if not fragments:
+            return read_version
+        done = lance.LanceDataset.commit(str(self.layout.table("clips")), lance.LanceOperation.Append(fragments),
+                                         read_version=read_version)
+        return done.version
+
     def _changed(self, data: pa.Table, chunk: int = 256) -> np.ndarray:
         """Per row of ``data``: True unless the stored clip of that ``clip_id`` has the same
         value in every column but ``ingested_at`` (the pixels compared byte for byte)."""
