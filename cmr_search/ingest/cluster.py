@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -122,16 +123,14 @@ def _scan(ray, units: list[list[FileRef]], cfg: IngestConfig, salt: bytes, repor
         result, clips = scan.remote(unit, salt, cfg)
         pending[result] = (i, clips)
     headers, failures, clips_of = [], {}, {}
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        i, clips = pending.pop(ready[0])
-        result: UnitResult = ray.get(ready[0])
+    for ref, result in _as_done(ray, list(pending)):
+        i, clips = pending[ref]
         headers += result.headers
         failures.update(result.failures)
         for r in result.rejections:
             (report.skipped if r.by_design else report.rejected).append(asdict(r))
-        for ref in units[i]:
-            clips_of[ref] = clips
+        for file in units[i]:
+            clips_of[file] = clips
         bar.advance(task, result.files)
     report.files_read += len(headers)
     _add_phase(report, "read", t0)
@@ -166,13 +165,19 @@ def _build(ray, plans: list[StudyPlan], clips_of: dict, failures: dict, cfg: Ing
         futures.append(build.remote(batch, failures, cfg, store.root, store.clip_config, known, *cut_refs))
     task = bar.add_task("studies", total=len(plans))
     built: list[_Built] = []
-    pending = list(futures)
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        done = ray.get(ready[0])
+    for _, done in _as_done(ray, futures):
         built += done
         bar.advance(task, len(done))
     return built
+
+
+def _as_done(ray, refs: list) -> Iterator[tuple[object, object]]:
+    """(reference, value) of each task as it finishes: a wait per few hundred milliseconds
+    for every one ready by then (a wait per task is quadratic in an archive's tasks)."""
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=len(pending), timeout=0.2)
+        yield from zip(ready, ray.get(ready))
 
 
 def _build_task(plans: list[StudyPlan], failures: dict, cfg: IngestConfig, root: Path, clip_config,
