@@ -209,6 +209,7 @@ def embed(
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the vision tower (on a GPU: 2.4x faster after ~45 s of compiling).")] = False,
     set_default: Annotated[bool, typer.Option("--set-default", help="Make this model the store's default (the first model embedded becomes it anyway).")] = False,
     config: Annotated[str | None, typer.Option("--config", help="Architecture of a published .ckpt: a named config or JSON path (default: mvit_b_16x4_published).")] = None,
+    ray: Annotated[str | None, typer.Option("--ray", metavar="local|auto|ADDRESS", help="Embed on a Ray cluster, one encoder actor per GPU (or CPU): 'local' starts one on this machine, 'auto' joins the running one, or its address (host:port, ray://host:port). The store on a path every node reads.", rich_help_panel="Cluster")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
     """Embed every clip into the `views` table, pool each study into `studies`, update the indexes.
@@ -224,7 +225,8 @@ def embed(
     try:
         report = embed_store(root, checkpoint or latest_checkpoint(root), batch_size=batch_size, device=device,
                              allow_partial=allow_partial, trust_pickle=trust_checkpoint, compile=compile, config=config,
-                             index_config=IndexConfig.from_settings(Settings()), set_default=set_default or None)
+                             index_config=IndexConfig.from_settings(Settings()), set_default=set_default or None,
+                             ray=ray)
     except CmrError as error:
         _fail(error)
     if as_json:

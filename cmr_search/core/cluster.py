@@ -4,8 +4,10 @@ running cluster or starting one on this machine, and a clear error where neither
 from __future__ import annotations
 
 import logging
+import socket
+import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from types import ModuleType
 
 from cmr_search.core.exceptions import InputError
@@ -31,6 +33,8 @@ def ray_cluster(address: str | None, num_cpus: int | None = None) -> Iterator[Mo
         yield ray
         return
     options = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+    if address not in (None, "auto"):
+        _reachable(address)
     try:
         if address is None:
             ray.init(num_cpus=num_cpus, **options)
@@ -45,6 +49,22 @@ def ray_cluster(address: str | None, num_cpus: int | None = None) -> Iterator[Mo
     log.info("Ray: %s with %s CPUs, %s GPUs", "started" if address is None else f"joined {address}",
              ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0))
     try:
-        yield ray
+        # Ray prints its own notices (a task retried after its worker died) on stdout, which
+        # is the JSON document's under --json: they go to stderr with the progress bars
+        with redirect_stdout(sys.stderr):
+            yield ray
     finally:
         ray.shutdown()
+
+
+def _reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast on an address nothing answers at: Ray itself keeps trying for minutes."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise InputError(f"the Ray address {address!r} is not host:port or ray://host:port; "
+                         "give `local` to start a cluster on this machine or `auto` to join the running one")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise InputError(f"nothing answers at the Ray address {address!r} ({err.strerror or err}); start the "
+                         "cluster with `ray start --head`, or give `local` to start one on this machine") from None

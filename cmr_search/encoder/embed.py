@@ -175,7 +175,7 @@ class EmbedReport:
 def embed_store(store_root: Path, checkpoint: Path, batch_size: int = 32, commit_every: int = 512,
                 device: str | None = None, progress: bool = True, index_config=None,
                 before_commit: Callable[[str], None] | None = None, set_default: bool | None = None,
-                **load_options) -> EmbedReport:
+                ray: str | None = None, **load_options) -> EmbedReport:
     """Embed the clips not yet embedded with this checkpoint's model_id (so a killed run
     resumes where its last commit ended), then pool every study of the model again.
 
@@ -187,7 +187,12 @@ def embed_store(store_root: Path, checkpoint: Path, batch_size: int = 32, commit
     stored as it was read (``EmbeddingStore.commit_views``, ``commit_studies``), so a study
     withdrawn or replaced while this runs gets no stale embedding. ``before_commit(what)``
     is called before each commit (``"views"``, ``"studies"``): the seam the interleaving
-    tests pause a writer at."""
+    tests pause a writer at.
+
+    ``ray``: the clips are embedded by a pool of actors on that Ray cluster ("local" starts
+    one here, "auto" joins the running one, or its address; ``encoder/cluster.py``), the
+    commits and the study pooling staying here, so the store ends as this machine alone
+    would leave it."""
     import time
 
     from cmr_search.encoder.data import ClipCorpus
@@ -208,21 +213,30 @@ def embed_store(store_root: Path, checkpoint: Path, batch_size: int = 32, commit
     tables = EmbeddingStore(store, embedder.dim)
     finish_pending_withdrawals(tables)  # never embed (or index) a study a crash left half-withdrawn
     embedded = skipped = 0
-    for attempt in range(3):
-        corpus = ClipCorpus(store_root)  # pixels by row id at one pinned table version
-        meta = corpus.metadata([*VIEW_META, "ingested_at"]).to_pylist()
-        done = tables.embedded_clip_ids(embedder.model_id)
-        todo = [m for m in meta if m["clip_id"] not in done]
-        skipped = skipped if attempt else len(meta) - len(todo)
-        try:
-            embedded += _embed_clips(tables, corpus, embedder, todo, batch_size, commit_every, progress, before_commit)
-            break
-        except RuntimeError as error:
-            # a withdrawal with purge rewrote the clip table and dropped the pinned version's
-            # files; what was committed stays, the rest is read again at the new version
-            if "Not found" not in str(error) or attempt == 2:
-                raise
-            log.warning("the clip table was rewritten by a withdrawal while embedding; reading it again")
+    if ray is None:
+        encoders = nullcontext(lambda corpus, todo: _encode_locally(corpus, embedder, todo, batch_size))
+    else:
+        from cmr_search.encoder.cluster import encoder_pool
+
+        encoders = encoder_pool(ray, store_root, registry.layout.encoder(model_id), device, batch_size,
+                                load_options.get("compile", False))
+    with encoders as encode:
+        for attempt in range(3):
+            corpus = ClipCorpus(store_root)  # pixels by row id at one pinned table version
+            meta = corpus.metadata([*VIEW_META, "ingested_at"]).to_pylist()
+            done = tables.embedded_clip_ids(embedder.model_id)
+            todo = [m for m in meta if m["clip_id"] not in done]
+            skipped = skipped if attempt else len(meta) - len(todo)
+            try:
+                embedded += _embed_clips(tables, embedder.model_id, todo, encode(corpus, todo), commit_every,
+                                         progress, before_commit)
+                break
+            except RuntimeError as error:
+                # a withdrawal with purge rewrote the clip table and dropped the pinned version's
+                # files; what was committed stays, the rest is read again at the new version
+                if "Not found" not in str(error) or attempt == 2:
+                    raise
+                log.warning("the clip table was rewritten by a withdrawal while embedding; reading it again")
     n_studies = _pool_studies(tables, embedder, before_commit)
     for table in ("views", "studies"):  # the FAISS indexes reflect the new rows before we return
         VectorIndex.open(tables, table, embedder.model_id, index_config or IndexConfig())
@@ -231,20 +245,25 @@ def embed_store(store_root: Path, checkpoint: Path, batch_size: int = 32, commit
     return EmbedReport(model_id, embedded, skipped, n_studies, time.monotonic() - started, registry.default)
 
 
-def _embed_clips(tables, corpus, embedder: Embedder, todo: list[dict], batch_size: int, commit_every: int,
-                 progress: bool, before_commit) -> int:
-    """Embed these clips of the pinned corpus and commit their views; how many were embedded."""
+def _encode_locally(corpus, embedder: Embedder, todo: list[dict], batch_size: int):
+    """(batch of todo rows, their float32 embeddings) in order, encoded in this process."""
+    for i in range(0, len(todo), batch_size):
+        chunk = todo[i : i + batch_size]
+        yield chunk, embedder.encode_clips(corpus.read_clips([m["_rowid"] for m in chunk])).numpy()
+
+
+def _embed_clips(tables, model_id: str, todo: list[dict], batches, commit_every: int, progress: bool,
+                 before_commit) -> int:
+    """Commit the views of these clips of the pinned corpus as ``batches`` (``(rows,
+    vectors)``, in any order) bring their embeddings; how many were embedded."""
     clips_read = {m["clip_id"]: m["ingested_at"] for m in todo}
     bar = _progress(progress, len(todo))
     pending: list[dict] = []
     try:
-        for i in range(0, len(todo), batch_size):
-            chunk = todo[i : i + batch_size]
-            clips = corpus.read_clips([m["_rowid"] for m in chunk])
-            vectors = embedder.encode_clips(clips).numpy()
+        for chunk, vectors in batches:
             for m, v in zip(chunk, vectors):
                 row = {k: m[k] for k in VIEW_META}
-                pending.append(row | {"model_id": embedder.model_id, "vector": v.tolist()})
+                pending.append(row | {"model_id": model_id, "vector": v.tolist()})
             if len(pending) >= commit_every:
                 _commit_views(tables, pending, clips_read, before_commit)
                 pending = []

@@ -130,3 +130,13 @@ def test_a_driver_killed_before_its_commit_leaves_the_store_as_it_was_and_a_reru
     report = IngestReport(**{k: v for k, v in json.loads(rerun.stdout.splitlines()[0]).items()
                              if k in IngestReport.__dataclass_fields__})
     _same_store(ClipStore.open(root), report, disk, disk_report)
+
+
+def test_an_address_nothing_answers_at_fails_at_once_with_what_to_do(cohort, tmp_path):
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "cmr_search.cli", "ingest", str(cohort / "dicom"), "--store",
+                          str(tmp_path / "s"), "--ray", "127.0.0.1:1"], capture_output=True, text=True, timeout=120,
+                         check=False, env={**os.environ, "COLUMNS": "200"})
+    assert out.returncode == 2 and "nothing answers at the Ray address '127.0.0.1:1'" in out.stderr, out.stderr
+    assert "ray start --head" in out.stderr and "Traceback" not in out.stderr
+    assert time.monotonic() - t0 < 60 and not (tmp_path / "s").exists()
