@@ -55,7 +55,7 @@ def test_ivf_lists_are_found_through_an_hnsw_graph_or_a_flat_scan(tmp_path):
     reloaded = VectorIndex.open(store, "studies", MODEL, IndexConfig(exact_below=200, quantizer_ef=48), sync=False)
     quantizer = faiss.downcast_index(faiss.extract_index_ivf(reloaded.index).quantizer)
     assert quantizer.hnsw.efSearch == 48  # search depth comes from the config, not the file
-    built, _kind, _n = build_index(*_table_vectors(store), 512, IndexConfig(exact_below=200, nlist=16, quantizer="flat"), None)
+    built = build_index(*_table_vectors(store), 512, IndexConfig(exact_below=200, nlist=16, quantizer="flat"), None).index
     assert isinstance(faiss.downcast_index(faiss.extract_index_ivf(built).quantizer), faiss.IndexFlat)
 
 

@@ -23,16 +23,30 @@ class TorchExactIndex:
         self.vectors = torch.empty(0, dim, device=self.device)
         self.ids = np.empty(0, np.int64)  # host copy: hits are named on the host
         self._ids = torch.empty(0, dtype=torch.int64, device=self.device)
+        self._room: torch.Tensor | None = None  # see reserve; ``vectors`` is its head
 
     @property
     def ntotal(self) -> int:
         """Rows held."""
         return len(self.ids)
 
+    def reserve(self, rows: int) -> None:
+        """Room for ``rows`` rows in all: a build adding them a batch at a time then copies
+        each row once, where growing by ``cat`` would copy the whole matrix per batch."""
+        self._room = torch.empty(rows, self.vectors.shape[1], device=self.device)
+        self._room[: self.ntotal] = self.vectors
+        self.vectors = self._room[: self.ntotal]
+
     def add_with_ids(self, vectors: np.ndarray, ids: np.ndarray) -> None:
         """Append rows (float32 [n, dim]) under their 64-bit ids."""
         ids = np.asarray(ids, np.int64)
-        self.vectors = torch.cat([self.vectors, torch.from_numpy(np.asarray(vectors, np.float32)).to(self.device)])
+        new = torch.from_numpy(np.asarray(vectors, np.float32)).to(self.device)
+        end = self.ntotal + len(ids)
+        if self._room is not None and end <= len(self._room):
+            self._room[self.ntotal : end] = new
+            self.vectors = self._room[:end]
+        else:
+            self.vectors, self._room = torch.cat([self.vectors, new]), None
         self.ids = np.concatenate([self.ids, ids])
         self._ids = torch.cat([self._ids, torch.from_numpy(ids).to(self.device)])
 
@@ -40,7 +54,7 @@ class TorchExactIndex:
         """Drop the rows with these ids (unknown ids are ignored)."""
         gone = torch.from_numpy(np.asarray(ids, np.int64)).to(self.device)
         keep = ~torch.isin(self._ids, gone)
-        self.vectors, self._ids = self.vectors[keep], self._ids[keep]
+        self.vectors, self._ids, self._room = self.vectors[keep], self._ids[keep], None
         self.ids = self.ids[keep.cpu().numpy()]
 
     @torch.inference_mode()

@@ -27,7 +27,8 @@ from cmr_search.store.config import IndexConfig
 from cmr_search.store.embedding_store import EMBEDDING_TABLES, EmbeddingStore
 from cmr_search.store.index.build import (
     Built,
-    build_index,
+    VectorSource,
+    build_from,
     gpu_device,
     ivf_lists,
     omp_threads,
@@ -107,7 +108,8 @@ class VectorIndex:
         self.version = -1
         self._handle = None  # the Lance table, for version checks
         self._seen_mtime, self._seen_version = None, -1  # see is_current
-        self._versions_dir = str(layout.table_versions(table))
+        versions = layout.table_versions(table)  # None on object storage: is_current asks Lance
+        self._versions_dir = None if versions is None else str(versions)
         self.index = None  # faiss index (CPU; the persisted form) or TorchExactIndex
         self._search_index = None  # what searches use: the CPU index, its GPU clone, or TorchExactIndex
         self.kind = "empty"
@@ -178,7 +180,7 @@ class VectorIndex:
         coarse tick when it was seen, so a commit in the same tick is never missed.
         """
         try:
-            mtime = os.stat(self._versions_dir).st_mtime_ns
+            mtime = os.stat(self._versions_dir).st_mtime_ns if self._versions_dir else None
         except OSError:  # not a local table (or none yet): ask Lance
             mtime = None
         if mtime is not None and mtime == self._seen_mtime:
@@ -204,7 +206,7 @@ class VectorIndex:
             with self._lock.write():  # index, ids and meta change together: a search sees before or after
                 rebuilt = plan.apply(self.index)
                 if rebuilt is not None:
-                    self.index, self.kind, self.trained_rows = rebuilt
+                    self.index, self.kind, self.trained_rows = rebuilt.index, rebuilt.kind, rebuilt.trained_rows
                 self.meta, self.ids, self.revs, self.version = plan.meta, ids, revs, version
                 self._columns = {}  # columns_for's per-version cache
                 self._set_search_index()
@@ -215,9 +217,9 @@ class VectorIndex:
             log.info("index %s/%s: %s", self.table, self.model_id, report)
             return report
 
-    def _build(self, vectors: np.ndarray, ids: np.ndarray) -> Built:
-        """A new index over these vectors, as this index's config and device call for."""
-        return build_index(vectors, ids, self.dim, self.config, self._gpu)
+    def _build(self, source: VectorSource) -> Built:
+        """A new index over the source's rows, as this index's config and device call for."""
+        return build_from(source, self.dim, self.config, self._gpu)
 
     def _set_search_index(self) -> None:
         self._search_index, self._gpu_res = search_form(self.index, self.kind, self.config, self._gpu, self._gpu_res)
