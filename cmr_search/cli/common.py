@@ -17,16 +17,25 @@ __all__ = ["StoreOpt", "err", "fail", "print_ingest", "run_ingest", "store_dir"]
 
 err = Console(stderr=True, soft_wrap=True)  # soft wrap: messages stay greppable
 
-StoreOpt = Annotated[Path | None, typer.Option("--store", help="Store directory (default: $CMR_STORE).")]
+StoreOpt = Annotated[str | None, typer.Option(
+    "--store", help="Store directory, or s3://BUCKET/PREFIX for tables on object storage (state in $CMR_STATE_DIR) "
+                    "(default: $CMR_STORE).")]
 
 
-def store_dir(store: Path | None, settings: Settings) -> Path:
-    """The --store option, else CMR_STORE; exit 2 when neither is given."""
-    path = store or settings.store
-    if path is None:
+def store_dir(store: str | Path | None, settings: Settings) -> Path:
+    """The --store option, else CMR_STORE, as the store's local root (an object-storage URI's
+    state folder); exit 2 when neither is given or the URI cannot be used."""
+    from cmr_search.core.location import store_root
+
+    if store is None and settings.store is None:
         err.print("[red]error:[/] no store given; pass --store DIR or set CMR_STORE")
         raise typer.Exit(2)
-    return path
+    if store is None:
+        return settings.store
+    try:
+        return store_root(store, settings.state_dir)
+    except CmrError as error:
+        fail(error)
 
 
 def fail(error: CmrError) -> None:

@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from cmr_search.cli.common import StoreOpt, err, fail, print_ingest, run_ingest
+from cmr_search.cli.common import StoreOpt, err, fail, print_ingest, run_ingest, store_dir
 from cmr_search.core.exceptions import CmrError, InputError
 from cmr_search.core.layout import StoreLayout
 from cmr_search.core.settings import Settings
@@ -76,7 +76,7 @@ def demo(
     from cmr_search.synth import generate_cohort
 
     settings = Settings()
-    root = Path(store or settings.store or "demo/store")
+    root = store_dir(store, settings) if store else Path(settings.store or "demo/store")
     data = root.parent / "synthetic"
     started = time.perf_counter()
     try:

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from cmr_search.cli.common import StoreOpt, err, fail, store_dir
 from cmr_search.core.exceptions import CmrError
+from cmr_search.core.layout import StoreLayout
 from cmr_search.core.settings import Settings
 
 encoders_app = typer.Typer(help="The encoders a store holds and its default model.", no_args_is_help=True)
@@ -24,7 +25,7 @@ def _rows(root) -> list[dict]:
     from cmr_search.store.embedding_store import EmbeddingStore
 
     registry = EncoderRegistry(root)
-    studies = EmbeddingStore.open(root).model_ids("studies") if (root / "lance").exists() else {}
+    studies = EmbeddingStore.open(root).model_ids("studies") if StoreLayout(root).may_hold_tables() else {}
     rows = []
     for model_id in dict.fromkeys([*registry.model_ids(), *studies]):
         try:
@@ -118,7 +119,6 @@ def train_text(
     """
     from dataclasses import replace
 
-    from cmr_search.core.layout import StoreLayout
     from cmr_search.encoder.config import load_text_align_config
     from cmr_search.encoder.train_text import TextTrainer
 

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from cmr_search.cli.common import StoreOpt, err, fail
+from cmr_search.cli.common import StoreOpt, err, fail, store_dir
 from cmr_search.core.exceptions import CmrError, InputError
 from cmr_search.core.layout import StoreLayout
 from cmr_search.core.settings import Settings
@@ -53,7 +53,7 @@ def eval_command(
 
     started = time.perf_counter()
     settings = Settings()
-    root = store or settings.store
+    root = store_dir(store, settings) if store is not None else settings.store
     try:
         if predictions is not None:
             from cmr_search.evals.reference import evaluate_prediction_files

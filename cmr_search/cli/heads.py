@@ -14,6 +14,7 @@ from rich.table import Table
 
 from cmr_search.cli.common import StoreOpt, err, fail, store_dir
 from cmr_search.core.exceptions import CmrError, InputError
+from cmr_search.core.layout import StoreLayout
 from cmr_search.core.settings import Settings
 from cmr_search.heads.config import HeadConfig
 
@@ -184,7 +185,7 @@ def import_head(
         registry = HeadRegistry(root)
         name = registry.import_file(path, name, replace)
         model_id = registry.card(name)["model_id"]
-        tables = EmbeddingStore.open(root) if (root / "lance").exists() else None
+        tables = EmbeddingStore.open(root) if StoreLayout(root).may_hold_tables() else None
         have = tables.model_ids("studies") if tables is not None else {}
         vectors = tables.vectors_of(model_id) if tables is not None else model_id  # a text-aligned model's video model
     except CmrError as error:

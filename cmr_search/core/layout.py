@@ -18,31 +18,59 @@ __all__ = ["StoreLayout", "publish_folder", "write_atomic"]
 
 @dataclass(frozen=True)
 class StoreLayout:
-    """Where each part of the store at ``root`` lives. Pure path arithmetic: nothing is created."""
+    """Where each part of the store at ``root`` lives. Path arithmetic: nothing is created.
+
+    ``uri`` is set for a store whose tables are on object storage (``s3://bucket/prefix``):
+    ``root`` is then its local state folder, and the tables are under ``URI/lance``. Unless
+    given, it is read from the root's ``store.uri`` (absent for a local store).
+    """
 
     root: Path
+    uri: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
+        if self.uri is None:
+            try:
+                object.__setattr__(self, "uri", self.uri_file.read_text().strip() or None)
+            except (FileNotFoundError, NotADirectoryError):  # a local store, or no store yet
+                pass
 
     # -- tables and their metadata -----------------------------------------------------------
     @property
     def meta(self) -> Path:
-        """``store.json``: format version and the clip shape."""
+        """``store.json``: format version and the clip shape (and the tables' URI)."""
         return self.root / "store.json"
 
     @property
-    def lance(self) -> Path:
-        """The LanceDB database (clips, reports, labels, views, studies)."""
-        return self.root / "lance"
+    def uri_file(self) -> Path:
+        """The file naming the object-storage URI of a store whose tables are not local."""
+        return self.root / "store.uri"
 
-    def table(self, name: str) -> Path:
-        """A Lance table's folder."""
-        return self.lance / f"{name}.lance"
+    @property
+    def local(self) -> bool:
+        """Whether the tables are in the local ``lance/`` folder (not on object storage)."""
+        return self.uri is None
 
-    def table_versions(self, table: str) -> Path:
-        """A Lance table's ``_versions`` folder (one manifest per commit)."""
-        return self.table(table) / "_versions"
+    @property
+    def lance(self) -> Path | str:
+        """The LanceDB database (clips, reports, labels, views, studies, sources): a local
+        folder, or a URI string for a store on object storage."""
+        return self.root / "lance" if self.uri is None else f"{self.uri}/lance"
+
+    def may_hold_tables(self) -> bool:
+        """Whether the store may hold tables yet (worth opening them): its local ``lance/``
+        folder exists, or on object storage (not listed here) the store was created."""
+        return self.root.joinpath("lance").exists() if self.uri is None else self.meta.exists()
+
+    def table(self, name: str) -> Path | str:
+        """A Lance table's folder (a URI string on object storage)."""
+        return self.lance / f"{name}.lance" if self.uri is None else f"{self.lance}/{name}.lance"
+
+    def table_versions(self, table: str) -> Path | None:
+        """A local Lance table's ``_versions`` folder (one manifest per commit); None on
+        object storage, where only Lance can say which version is the newest."""
+        return self.root / "lance" / f"{table}.lance" / "_versions" if self.uri is None else None
 
     # -- secrets -------------------------------------------------------------------------------
     @property

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings"]
@@ -15,7 +15,12 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="CMR_", extra="ignore")
 
-    #: default store directory when ``--store`` is not given
+    #: the local state folder of a store on object storage (``CMR_STORE=s3://...``): its
+    #: store.json, salt, tombstones, encoders, indexes, caches; default
+    #: ``~/.cache/cmr/stores/<scheme>/<bucket>/<prefix>`` (``core.location``)
+    state_dir: Path | None = None
+    #: default store directory when ``--store`` is not given; an object-storage URI
+    #: (``s3://bucket/prefix``) becomes its state folder here, bound to the URI
     store: Path | None = None
     #: secret salt for patient keys; when unset, the store keeps its own random salt in
     #: ``DIR/secrets/patient_salt`` (set it for real archives so keys match across stores)
@@ -32,3 +37,17 @@ class Settings(BaseSettings):
     index_nprobe: int = 32
     #: how a query finds its IVF lists: hnsw (a graph over the centroids) or flat (scan them all)
     index_quantizer: str = "hnsw"
+
+    @field_validator("store", mode="before")
+    @classmethod
+    def _store_root(cls, value, info: ValidationInfo):
+        """An object-storage URI as its local state folder (``Path`` would mangle ``s3://``)."""
+        from cmr_search.core.exceptions import CmrError
+        from cmr_search.core.location import store_root
+
+        if not isinstance(value, str) or "://" not in value:
+            return value
+        try:
+            return store_root(value, info.data.get("state_dir"))
+        except CmrError as error:  # pydantic reports a ValueError as a bad setting, with its text
+            raise ValueError(str(error)) from None

@@ -39,6 +39,7 @@ from cmr_search.ingest.series import StudyPlan, group_by_study, plan_study
 from cmr_search.ingest.units import UnitResult, build_study, scan_unit, units_of
 
 if TYPE_CHECKING:
+    from cmr_search.core.layout import StoreLayout
     from cmr_search.store.clip_store import ClipStore
     from cmr_search.store.sources import Origin
 
@@ -162,7 +163,7 @@ def _build(ray, plans: list[StudyPlan], clips_of: dict, failures: dict, cfg: Ing
         batch = plans[i : i + STUDIES_PER_TASK]
         cut_refs = list({id(c): c for p in batch for cp in p.clips for ref, _ in cp.frames
                          if (c := clips_of.get(ref)) is not None}.values())
-        futures.append(build.remote(batch, failures, cfg, store.root, store.clip_config, known, *cut_refs))
+        futures.append(build.remote(batch, failures, cfg, store.layout, store.clip_config, known, *cut_refs))
     task = bar.add_task("studies", total=len(plans))
     built: list[_Built] = []
     for _, done in _as_done(ray, futures):
@@ -180,14 +181,14 @@ def _as_done(ray, refs: list) -> Iterator[tuple[object, object]]:
         yield from zip(ready, ray.get(ready))
 
 
-def _build_task(plans: list[StudyPlan], failures: dict, cfg: IngestConfig, root: Path, clip_config,
+def _build_task(plans: list[StudyPlan], failures: dict, cfg: IngestConfig, layout: StoreLayout, clip_config,
                 known: set[str], *cut: dict) -> list[_Built]:
     from cmr_search.store.clip_store import ClipStore
 
     clips: dict = {}
     for part in cut:
         clips.update(part)
-    store = ClipStore(root, clip_config)
+    store = ClipStore(layout, clip_config)  # the layout, not the root: it names the tables' URI on any node
     out = []
     for plan in plans:
         rows, failed = build_study(plan, cfg, clips, failures)

@@ -20,6 +20,7 @@ from filelock import FileLock
 from cmr_search.core.exceptions import InputError, StoreError
 from cmr_search.core.layout import StoreLayout, write_atomic
 from cmr_search.store.config import ClipConfig
+from cmr_search.store.object_store import check_reachable
 from cmr_search.store.tombstones import Tombstones
 
 __all__ = ["CLIP_SCHEMA", "CLIP_STORAGE_VERSION", "ClipStore", "ImportResult", "process_alive", "read_study_table", "sql_quote"]
@@ -107,11 +108,15 @@ def _dedupe_last(table: pa.Table, result: ImportResult) -> pa.Table:
 
 
 class ClipStore:
-    """A store directory: ``store.json`` (format and clip shape), ``lance/`` tables, secrets."""
+    """A store directory: ``store.json`` (format and clip shape), ``lance/`` tables, secrets.
 
-    def __init__(self, root: Path, clip: ClipConfig):
-        self.root = Path(root)
-        self.layout = StoreLayout(self.root)
+    For a store on object storage ``root`` is its local state folder and the tables are at
+    the URI that folder names (``core.location``)."""
+
+    def __init__(self, root: Path | StoreLayout, clip: ClipConfig):
+        # a layout travels whole to machines without the state folder (a Ray task's fragments)
+        self.layout = root if isinstance(root, StoreLayout) else StoreLayout(Path(root))
+        self.root = self.layout.root
         self.clip_config = clip
         # a zero interval makes every read check for the newest version: readers never see stale data
         self.db = lancedb.connect(self.layout.lance, read_consistency_interval=timedelta(0))
@@ -121,24 +126,35 @@ class ClipStore:
     def open(cls, root: Path, clip: ClipConfig | None = None, create: bool = False) -> ClipStore:
         """Open a store; with ``create`` make it (the first clip config fixes the clip shape)."""
         root = Path(root)
-        meta_path = StoreLayout(root).meta
+        layout = StoreLayout(root)
+        meta_path = layout.meta
         if meta_path.exists():
             meta = json.loads(meta_path.read_text())
             if meta.get("format_version") != FORMAT_VERSION:
                 raise StoreError(f"{root} has store format {meta.get('format_version')}; this cmr reads {FORMAT_VERSION}")
+            if meta.get("uri") != layout.uri:
+                raise StoreError(f"{meta_path} names the tables' location {meta.get('uri') or 'lance/'} but "
+                                 f"{layout.uri_file} says {layout.uri or 'local'}; put back the state folder as it was")
             stored = ClipConfig(**meta["clip"])
             if clip is not None and clip != stored:
                 raise StoreError(
                     f"{root} holds clips of shape {stored.frames}x{stored.size}x{stored.size} at "
                     f"{stored.fov_mm} mm; ingest with the same --frames/--size/--fov-mm or use a new store"
                 )
-            return cls(root, stored)
+            store = cls(layout, stored)
+            if not layout.local:
+                check_reachable(layout, created=False)
+            return store
         if not create:
-            raise StoreError(f"{root} is not a cmr store (no store.json); run `cmr ingest ... --store {root}` first")
+            raise StoreError(f"{root} is not a cmr store (no store.json); run `cmr ingest ... --store {layout.uri or root}` first")
         clip = clip or ClipConfig()
+        meta = {"format_version": FORMAT_VERSION, "clip": clip.to_dict()}
+        if not layout.local:
+            check_reachable(layout, created=True)
+            meta |= {"uri": layout.uri, "tables": layout.lance}
         # atomic: a crash leaves either no store or a whole one
-        write_atomic(meta_path, json.dumps({"format_version": FORMAT_VERSION, "clip": clip.to_dict()}, indent=2))
-        return cls(root, clip)
+        write_atomic(meta_path, json.dumps(meta, indent=2))
+        return cls(layout, clip)
 
     def write_lock(self) -> FileLock:
         """The store-wide lock every commit of study rows holds (ingest, embed, uploads,
