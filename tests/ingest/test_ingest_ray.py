@@ -62,7 +62,7 @@ def test_the_cluster_ingest_is_the_process_pool_ingest_and_commits_once(cohort, 
     assert again.clips_inserted == again.clips_updated == 0
     assert again.clips_unchanged == report.clips_inserted, "ingesting the same files again writes nothing"
     assert len(_rows(store, "clips", "clip_id")) == report.clips_inserted
-    gone = sorted(store.study_uids())[0]
+    gone = min(store.study_uids())
     withdraw(EmbeddingStore(store, 8), [gone])
     with one_node(2):
         after = ingest([cohort / "dicom"], store, IngestConfig(workers=2, ray="auto"), salt, progress=False)
@@ -83,7 +83,7 @@ def test_two_nodes_make_the_same_store(cohort, ingested, salt, tmp_path):
 def test_a_worker_killed_mid_run_loses_and_doubles_nothing(cohort, ingested, salt, tmp_path):
     disk, disk_report = ingested
     killed: list[str] = []
-    with one_node(2) as ray:
+    with one_node(2):
         stop = threading.Event()
 
         def killer():
