@@ -34,8 +34,9 @@ from cmr_search.core.progress import progress_bar
 from cmr_search.ingest.config import IngestConfig
 from cmr_search.ingest.discover import LINK_NOT_FOLLOWED, FileRef, discover, ignored_name
 from cmr_search.ingest.headers import Rejection
+from cmr_search.ingest.pipeline import add_phase, plan_studies
 from cmr_search.ingest.report import IngestReport
-from cmr_search.ingest.series import StudyPlan, group_by_study, plan_study
+from cmr_search.ingest.series import StudyPlan
 from cmr_search.ingest.units import UnitResult, build_study, scan_unit, units_of
 
 if TYPE_CHECKING:
@@ -71,14 +72,14 @@ def ingest_on_ray(paths: list[Path], store: ClipStore, cfg: IngestConfig, salt: 
         t0 = time.perf_counter()
         refs = _list(ray, paths, report)
         units = units_of(refs, max_files=cfg.max_files_per_unit)
-        _add_phase(report, "list", t0)
+        add_phase(report, "list", t0)
         plans, clips_of, failures = _scan(ray, units, cfg, salt, report, bar)
         t_write = time.perf_counter()
         read_version = store.clips.version
         known = store.study_uids() & {p.study_uid for p in plans}
         built = _build(ray, plans, clips_of, failures, cfg, store, known, bar)
         _commit(store, built, report, read_version, origin, cfg.site)
-        _add_phase(report, "write", t_write)
+        add_phase(report, "write", t_write)
 
 
 def _list(ray, paths: list[Path], report: IngestReport) -> list[FileRef]:
@@ -134,17 +135,8 @@ def _scan(ray, units: list[list[FileRef]], cfg: IngestConfig, salt: bytes, repor
             clips_of[file] = clips
         bar.advance(task, result.files)
     report.files_read += len(headers)
-    _add_phase(report, "read", t0)
-    t0 = time.perf_counter()
-    studies = group_by_study(headers)
-    report.studies_found += len(studies)
-    plans = [plan_study(h, cfg.min_frames, cfg.allow_partial) for h in studies.values()]
-    for plan in plans:
-        report.skipped += [asdict(r) for r in plan.skipped]
-        report.rejected += [asdict(r) for r in plan.rejected]
-        report.warnings += plan.notes
-    _add_phase(report, "plan", t0)
-    return [p for p in plans if p.clips], clips_of, failures
+    add_phase(report, "read", t0)
+    return plan_studies(headers, cfg, report), clips_of, failures
 
 
 def _scan_task(unit: list[FileRef], salt: bytes, cfg: IngestConfig) -> tuple[UnitResult, dict]:
@@ -235,8 +227,3 @@ def _commit(store: ClipStore, built: list[_Built], report: IngestReport, read_ve
         report.clips_updated += updated
         report.clips_unchanged += unchanged
         Sources(store).record([b.study_uid for b in keep], origin or Origin.files(site))
-
-
-def _add_phase(report: IngestReport, phase: str, since: float) -> None:
-    report.phases[phase] = round(report.phases.get(phase, 0.0) + time.perf_counter() - since, 2)
-

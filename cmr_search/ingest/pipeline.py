@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from cmr_search.store.clip_store import ClipStore
     from cmr_search.store.sources import Origin
 
-__all__ = ["check_tables", "finish_ingest", "ingest", "ingest_files", "ingest_into"]
+__all__ = ["add_phase", "check_tables", "finish_ingest", "ingest", "ingest_files", "ingest_into", "plan_studies"]
 
 
 def _batches(results: Iterable, size: int) -> Iterator[list]:
@@ -111,7 +111,7 @@ def ingest_files(paths: list[Path], store: ClipStore, cfg: IngestConfig, salt: b
             _commit(store, studies, report, origin, cfg.site)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    _add_phase(report, "write", t_write)
+    add_phase(report, "write", t_write)
 
 
 def finish_ingest(store: ClipStore, report: IngestReport, reports: Path | None, labels: Path | None, t0: float) -> None:
@@ -120,15 +120,16 @@ def finish_ingest(store: ClipStore, report: IngestReport, reports: Path | None, 
     t_optimize = time.perf_counter()
     if report.studies_written:
         store.optimize(rewritten=report.clips_updated > 0)
-    _add_phase(report, "write", t_optimize)
+    add_phase(report, "write", t_optimize)
     t_tables = time.perf_counter()
     _import_tables(store, report, reports, labels)
-    _add_phase(report, "tables", t_tables)
+    add_phase(report, "tables", t_tables)
     report.seconds = round(time.perf_counter() - t0, 2)
     save_report(store.root, report)
 
 
-def _add_phase(report: IngestReport, phase: str, since: float) -> None:  # several passes add up
+def add_phase(report: IngestReport, phase: str, since: float) -> None:
+    """Add the seconds since ``since`` to a phase of the report (several passes add up)."""
     report.phases[phase] = round(report.phases.get(phase, 0.0) + time.perf_counter() - since, 2)
 
 
@@ -200,7 +201,14 @@ def _scan(pool, refs, cfg: IngestConfig, salt: bytes, scratch: Path, report: Ing
             (report.skipped if r.by_design else report.rejected).append(asdict(r))
         bar.advance(task, result.files)
     report.files_read += len(headers)
-    _add_phase(report, "read", t0)
+    add_phase(report, "read", t0)
+    return plan_studies(headers, cfg, report), failures
+
+
+def plan_studies(headers: list[FileHeader], cfg: IngestConfig, report: IngestReport) -> list[StudyPlan]:
+    """The shuffle by StudyInstanceUID and each study's plan, what either path does once every
+    header is read; the studies with clips to build (the plans' skips, rejections and notes
+    go to ``report``)."""
     t0 = time.perf_counter()
     studies = group_by_study(headers)
     report.studies_found += len(studies)
@@ -209,8 +217,8 @@ def _scan(pool, refs, cfg: IngestConfig, salt: bytes, scratch: Path, report: Ing
         report.skipped += [asdict(r) for r in plan.skipped]
         report.rejected += [asdict(r) for r in plan.rejected]
         report.warnings += plan.notes
-    _add_phase(report, "plan", t0)
-    return [p for p in plans if p.clips], failures
+    add_phase(report, "plan", t0)
+    return [p for p in plans if p.clips]
 
 
 def _build_all(pool, plans: list[StudyPlan], failures: dict, cfg: IngestConfig, scratch: Path) -> Iterator[tuple[list[dict], list[Rejection]]]:
