@@ -67,6 +67,11 @@ class StoreLayout:
         """A Lance table's folder (a URI string on object storage)."""
         return self.lance / f"{name}.lance" if self.uri is None else f"{self.lance}/{name}.lance"
 
+    def key(self, path: Path) -> str:
+        """The key of one of this store's files (a path under ``root``) among the shared
+        objects of a store on object storage (``store.shared``): its relative POSIX path."""
+        return Path(path).relative_to(self.root).as_posix()
+
     def table_versions(self, table: str) -> Path | None:
         """A local Lance table's ``_versions`` folder (one manifest per commit); None on
         object storage, where only Lance can say which version is the newest."""
