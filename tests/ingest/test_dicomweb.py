@@ -264,7 +264,7 @@ def test_a_failing_study_is_retried_then_reported_while_the_rest_go_on(pacs, stu
     prefix = "not downloaded from the DICOMweb server"
     assert reasons[f"study {broken}"] == f"{prefix} after 3 tries: connection failed (refused, reset or host unknown)"
     # not worth another try
-    assert reasons[f"study {gone}"] == f"{prefix}: the server lists no series of this study (deleted since the search?)"
+    assert reasons[f"study {gone}"] == f"{prefix}: the server has no such study (HTTP 404; deleted since the search?)"
     assert reasons[f"study {short}"].startswith(f"{prefix} after 3 tries: incomplete: ")
     assert not list(store.layout.tmp.iterdir())
 
@@ -342,7 +342,7 @@ def test_a_report_entry_about_a_downloaded_instance_names_its_study_and_instance
     from pydicom.data import get_testdata_file
 
     mr = Path(get_testdata_file("MR_small.dcm"))
-    series = tmp_path / "0000.zip"
+    series = tmp_path / "study.zip"
     with zipfile.ZipFile(series, "w") as zf:
         zf.writestr("000000.dcm", mr.read_bytes())
         zf.writestr("000001.dcm", b"not DICOM")
@@ -352,3 +352,18 @@ def test_a_report_entry_about_a_downloaded_instance_names_its_study_and_instance
         dicomweb._name_instance(entry, {str(series): "1.2.3"})
     assert [e["where"] for e in entries] == [f"study 1.2.3, instance {sop}", "study 1.2.3, instance unreadable",
                                               "elsewhere.dcm"]
+
+
+def test_a_session_takes_the_environments_proxies_and_ca_bundle_once(monkeypatch, tmp_path):
+    from cmr_search.ingest.dicomweb_server import client_for
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.hospital.example:3128")
+    monkeypatch.setenv("NO_PROXY", "pacs.local")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tmp_path / "hospital-ca.pem"))
+    _, session = client_for(DicomWebSource("https://pacs.example.org/dicom-web"))
+    assert session.proxies["https"] == "http://proxy.hospital.example:3128"
+    assert session.verify == str(tmp_path / "hospital-ca.pem") and not session.trust_env
+    _, inside = client_for(DicomWebSource("https://pacs.local/dicom-web"))  # NO_PROXY: straight to the archive
+    assert "https" not in inside.proxies
+    _, unverified = client_for(DicomWebSource("https://pacs.local/dicom-web", verify_tls=False))
+    assert unverified.verify is False
