@@ -80,6 +80,27 @@ def test_two_nodes_make_the_same_store(cohort, ingested, salt, tmp_path):
     _same_store(store, report, disk, disk_report)
 
 
+def test_two_nodes_write_a_store_on_object_storage(cohort, ingested, salt, tmp_path, monkeypatch):
+    """The nodes write their fragments straight into the bucket (no file system shared with
+    the driver) and the driver commits them once: the same store as the process pool's."""
+    from s3 import s3_server
+
+    from cmr_search.core.location import store_root
+
+    disk, disk_report = ingested
+    with s3_server() as s3:
+        s3.apply_env(monkeypatch)  # before the nodes start: each node's processes read the credentials
+        monkeypatch.setenv("CMR_STATE_DIR", str(tmp_path / "state"))
+        uri = s3.uri(s3.new_bucket(), "registry/ray")
+        with two_nodes():
+            store, report = _ingest(cohort, store_root(uri, tmp_path / "state"), salt)
+        _same_store(store, report, disk, disk_report)
+        assert len(store.clips.list_versions()) == 2, "created, then one commit of the whole run"
+        bucket = uri.split("/")[2]
+        fragments = s3.keys("registry/ray/lance/clips.lance/data/", bucket=bucket)
+        assert fragments and not (tmp_path / "state" / "lance").exists(), "the tables are in the bucket only"
+
+
 def test_a_worker_killed_mid_run_loses_and_doubles_nothing(cohort, ingested, salt, tmp_path):
     disk, disk_report = ingested
     killed: list[str] = []
