@@ -4,11 +4,13 @@ pipeline that files go through.
 A QIDO-RS search lists the studies (``dicomweb_server.find_studies``: MR by default, from
 ``since``, any other filters); each study is retrieved by WADO-RS in its stored transfer
 syntax, its instances written unparsed into one zip (stored, not compressed) in the study's
-folder under the store's scratch. Once a few studies are on disk they are ingested together by one pass of
-``pipeline.ingest_files``, so grouping, views, patient keys, idempotence and the report's
-reasons are those of a file ingest, and their folders are deleted. Downloads go on in a few
-threads meanwhile; the disk never holds more than ``PullConfig.studies_on_disk`` studies. A
-study that fails to download is retried with backoff, then reported (rejected, with the
+folder under the store's scratch. As each study arrives the process pool scans it with the
+pipeline's own steps (``units.scan_unit``, ``pipeline.plan_studies``, ``units.build_study``,
+``pipeline.commit_studies``), so grouping, views, patient keys, idempotence and the report's
+reasons are those of a file ingest; a few built studies are committed together and their
+folders are deleted. Downloads go on in a few threads meanwhile; the disk never holds more
+than ``PullConfig.studies_on_disk`` studies. A study that fails to download is retried with
+backoff, then reported (rejected, with the
 reason) while the rest goes on. No credential reaches a log line, the report or the store.
 """
 
@@ -45,10 +47,17 @@ from cmr_search.ingest.dicomweb_server import (
     source_from_env,
     study_query,
 )
-from cmr_search.ingest.discover import FileRef, open_bytes
+from cmr_search.ingest.discover import FileRef, discover, open_bytes
 from cmr_search.ingest.headers import Rejection
-from cmr_search.ingest.pipeline import check_tables, finish_ingest, ingest_files
+from cmr_search.ingest.pipeline import (
+    add_phase,
+    check_tables,
+    commit_studies,
+    finish_ingest,
+    plan_studies,
+)
 from cmr_search.ingest.report import IngestReport
+from cmr_search.ingest.units import UnitResult, build_study, scan_unit, units_of
 from cmr_search.ingest.workers import worker_pool
 from cmr_search.store.patients import patient_salt
 
@@ -202,16 +211,16 @@ def pull(source: DicomWebSource, store: ClipStore, cfg: IngestConfig, pull_cfg: 
     downloader = _Downloader(source, pull_cfg)
     threads = ThreadPoolExecutor(pull_cfg.connections, thread_name_prefix="cmr-dicomweb")
     try:
-        # one process pool for every pass: starting one per pass cost ~0.5 s each
-        with progress_bar(progress) as bar, worker_pool(cfg.workers) as workers:
+        # ``workers`` processes scan; this process only downloads (threads), plans and commits
+        with progress_bar(progress) as bar, worker_pool(cfg.workers + 1) as workers:
             task = bar.add_task("studies pulled", total=len(studies))
-            for done in _passes(studies, downloader, threads, work, pull_cfg, report):
-                _ingest_pass(done, store, cfg, salt, report, workers, origin)
+            stream = _Stream(store, cfg, pull_cfg, salt, report, origin, workers, downloader, threads, work)
+            for done in stream.run(studies):
                 if on_pass is not None:
-                    on_pass([d.ref for d in done if d.error is None])
+                    on_pass([a.download.ref for a in done if a.download.error is None])
                 bar.advance(task, len(done))
     finally:
-        downloader.stop.set()  # a failed pass ends the downloads under way at their next instance
+        downloader.stop.set()  # a failure ends the downloads under way at their next instance
         threads.shutdown(wait=True, cancel_futures=True)
         downloader.close()
         shutil.rmtree(work, ignore_errors=True)
@@ -219,51 +228,119 @@ def pull(source: DicomWebSource, store: ClipStore, cfg: IngestConfig, pull_cfg: 
     return report
 
 
-def _passes(studies: list[StudyRef], downloader: _Downloader, pool: ThreadPoolExecutor, work: Path,
-            cfg: PullConfig, report: IngestReport) -> Iterator[list[_Download]]:
-    """Downloads in flight and done, at most ``cfg.studies_on_disk`` of them; yields a batch of
-    finished downloads to ingest once ``cfg.studies_per_pass`` are done, or the last ones.
-    The caller ingests a batch (and deletes its folders) before the next downloads start."""
-    todo = deque(enumerate(studies))
-    running: set[Future] = set()
-    done: list[_Download] = []
-    while todo or running or done:
-        while todo and len(running) + len(done) < cfg.studies_on_disk:
-            i, ref = todo.popleft()
-            running.add(pool.submit(downloader.download, ref, work / f"{i:06d}"))
-        if done and (len(done) >= cfg.studies_per_pass or not running):
-            yield done
-            done = []
-            continue
-        t_wait = time.perf_counter()
-        finished, running = wait(running, return_when=FIRST_COMPLETED)
-        report.phases["download"] = round(report.phases.get("download", 0.0) + time.perf_counter() - t_wait, 2)
-        done += [f.result() for f in finished]
+@dataclass
+class _Arrived:
+    """A downloaded study on its way through the pipeline: the scans of its units still
+    running, and what they found."""
+
+    download: _Download
+    scratch: Path
+    scans: int = 0
+    headers: list = field(default_factory=list)
+    failures: dict = field(default_factory=dict)
+    rows: list[list[dict]] = field(default_factory=list)  # its studies' clip rows, once built
 
 
-def _ingest_pass(done: list[_Download], store: ClipStore, cfg: IngestConfig, salt: bytes, report: IngestReport,
-                 workers: ProcessPoolExecutor | None, origin: Origin) -> None:
-    """Ingest the downloaded studies of one batch (their source rows naming ``origin``),
-    report the failed ones, delete their folders."""
-    good = [d for d in done if d.error is None]
-    for d in done:
-        if d.error is not None:
-            tries = f" after {d.attempts} tries" if d.attempts > 1 else ""
-            log.warning("study %s not downloaded%s: %s", d.ref.uid, tries, d.error)
-            report.rejected.append(asdict(Rejection(f"study {d.ref.uid}", f"not downloaded from the DICOMweb "
-                                                    f"server{tries}: {d.error}", study_uid=d.ref.uid)))
-    try:
-        if good:
-            start = len(report.skipped), len(report.rejected)
-            with progress_bar(False) as quiet:  # the pull's own bar counts studies
-                ingest_files([d.folder for d in good], store, cfg, salt, report, quiet, workers, origin=origin)
-            study_of = {path: d.ref.uid for d in good for path in d.files}
-            for entries, first in ((report.skipped, start[0]), (report.rejected, start[1])):
-                for entry in entries[first:]:
-                    _name_instance(entry, study_of)
-    finally:
-        for d in done:
-            shutil.rmtree(d.folder, ignore_errors=True)
+class _Stream:
+    """The pull as one continuous pipeline. A study's units are scanned by the process pool
+    as soon as its download ends, it is planned and built as soon as its last scan ends, and
+    it is committed with the next few: no study waits for another's download or scan. (Passes
+    of a few studies through ``ingest_files`` left the pool idle at each pass's end, while its
+    last study was scanned, planned and written: a study is one unit of a few hundred files.)
+    At most ``studies_on_disk`` studies are downloading or on disk at once."""
+
+    def __init__(self, store: ClipStore, cfg: IngestConfig, pull_cfg: PullConfig, salt: bytes, report: IngestReport,
+                 origin: Origin, pool: ProcessPoolExecutor, downloader: _Downloader, threads: ThreadPoolExecutor,
+                 work: Path):
+        self.store, self.cfg, self.pull_cfg, self.salt, self.report = store, cfg, pull_cfg, salt, report
+        self.origin, self.pool, self.downloader, self.threads, self.work = origin, pool, downloader, threads, work
+
+    def run(self, studies: list[StudyRef]) -> Iterator[list[_Arrived]]:
+        """Pull ``studies``; yields each commit's studies (those that failed to download with
+        the next commit's), once committed."""
+        todo = deque(enumerate(studies))
+        running: dict[Future, tuple[str, _Arrived | None]] = {}
+        held, done = 0, []  # studies downloading or on disk; studies ready for the next commit
+        while todo or running or done:
+            while todo and held < self.pull_cfg.studies_on_disk:
+                i, ref = todo.popleft()
+                running[self.threads.submit(self.downloader.download, ref, self.work / f"{i:06d}")] = ("download", None)
+                held += 1
+            if done and (sum(len(a.rows) for a in done) >= self.pull_cfg.studies_per_commit or not running):
+                self._commit(done)
+                yield done
+                done = []
+                continue
+            t_wait, scanning = time.perf_counter(), any(kind != "download" for kind, _ in running.values())
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            add_phase(self.report, "read" if scanning else "download", t_wait)
+            for future in finished:
+                kind, arrived = running.pop(future)
+                if kind == "download":
+                    arrived = self._arrive(future.result(), running)
+                else:
+                    self._scanned(arrived, future.result())
+                if arrived.scans == 0:  # every unit scanned (or the download failed)
+                    self._build(arrived)
+                    shutil.rmtree(arrived.download.folder, ignore_errors=True)
+                    held -= 1
+                    done.append(arrived)
+
+    def _arrive(self, download: _Download, running: dict) -> _Arrived:
+        """A finished download: its units submitted to the pool (none where it failed)."""
+        arrived = _Arrived(download, download.folder / "clips")
+        if download.error is not None:
+            tries = f" after {download.attempts} tries" if download.attempts > 1 else ""
+            log.warning("study %s not downloaded%s: %s", download.ref.uid, tries, download.error)
+            self.report.rejected.append(asdict(Rejection(
+                f"study {download.ref.uid}", f"not downloaded from the DICOMweb server{tries}: {download.error}",
+                study_uid=download.ref.uid)))
+            return arrived
+        arrived.scratch.mkdir()
+        refs = discover([Path(f) for f in download.files])
+        self.report.files_found += len(refs)
+        for unit in units_of(refs, max_files=self.cfg.max_files_per_unit):
+            future = self.pool.submit(scan_unit, unit, self.salt, self.cfg, arrived.scratch)
+            running[future] = ("scan", arrived)
+            arrived.scans += 1
+        return arrived
+
+    def _scanned(self, arrived: _Arrived, result: UnitResult) -> None:
+        arrived.scans -= 1
+        arrived.headers += result.headers
+        arrived.failures.update(result.failures)
+        self.report.files_read += len(result.headers)
+        for r in result.rejections:
+            entry = self._named(asdict(r), arrived)
+            (self.report.skipped if r.by_design else self.report.rejected).append(entry)
+
+    def _build(self, arrived: _Arrived) -> None:
+        """Plan and build a scanned study (its clips were cut in the scan; a series split at
+        a unit's edge is read again here), rejections named by study and instance."""
+        if not arrived.headers:
+            return
+        t0 = time.perf_counter()
+        start = len(self.report.skipped), len(self.report.rejected)
+        for plan in plan_studies(arrived.headers, self.cfg, self.report):
+            rows, failed = build_study(plan, self.cfg, arrived.scratch, arrived.failures)
+            self.report.rejected += [asdict(r) for r in failed]
+            if rows:
+                arrived.rows.append(rows)
+        for entries, first in ((self.report.skipped, start[0]), (self.report.rejected, start[1])):
+            for entry in entries[first:]:
+                self._named(entry, arrived)
+        add_phase(self.report, "write", t0)
+
+    def _named(self, entry: dict, arrived: _Arrived) -> dict:
+        _name_instance(entry, {path: arrived.download.ref.uid for path in arrived.download.files})
+        return entry
+
+    def _commit(self, done: list[_Arrived]) -> None:
+        t0 = time.perf_counter()
+        studies = [rows for a in done for rows in a.rows]
+        if studies:
+            commit_studies(self.store, studies, self.report, self.origin)
+        add_phase(self.report, "write", t0)
 
 
 def _name_instance(entry: dict, study_of: dict[str, str]) -> None:

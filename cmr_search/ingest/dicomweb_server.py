@@ -105,20 +105,19 @@ class PullConfig:
     since: date | None = None  # StudyDate on or after
     filters: tuple[tuple[str, str], ...] = ()  # further QIDO-RS matching keys (keyword or tag, value)
     # 2 connections keep 2 ingest workers fed once instances are written unparsed (more only
-    # took cores from them), and larger passes pay a pass's fixed costs less often (measured)
+    # took cores from them; measured)
     connections: int = 2  # studies downloaded at once, one connection each
-    studies_on_disk: int = 12  # downloaded studies held on local disk at once (bounds the scratch)
-    studies_per_pass: int = 6  # downloaded studies ingested together by one pass of the pipeline
+    studies_on_disk: int = 12  # studies downloading or downloaded, not yet built, at once (bounds the scratch)
+    studies_per_commit: int = 6  # built studies committed together (a sync's cursor moves after each commit)
     attempts: int = 3  # tries per study before it is reported as failed
     backoff_s: float = 1.0  # wait before the 2nd try; doubles for each further one
     page_size: int = 500  # studies per QIDO-RS page
 
     def __post_init__(self) -> None:
-        if min(self.connections, self.studies_on_disk, self.studies_per_pass, self.attempts, self.page_size) < 1:
-            raise InputError("connections, studies on disk, studies per pass, attempts and page size must be >= 1")
-        if self.studies_on_disk < max(self.connections, self.studies_per_pass):
-            raise InputError(f"studies_on_disk ({self.studies_on_disk}) must be at least connections "
-                             f"({self.connections}) and studies_per_pass ({self.studies_per_pass})")
+        if min(self.connections, self.studies_on_disk, self.studies_per_commit, self.attempts, self.page_size) < 1:
+            raise InputError("connections, studies on disk, studies per commit, attempts and page size must be >= 1")
+        if self.studies_on_disk < self.connections:
+            raise InputError(f"studies_on_disk ({self.studies_on_disk}) must be at least connections ({self.connections})")
 
 
 def parse_query(items: list[str]) -> tuple[tuple[str, str], ...]:

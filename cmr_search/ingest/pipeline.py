@@ -38,7 +38,8 @@ if TYPE_CHECKING:
     from cmr_search.store.clip_store import ClipStore
     from cmr_search.store.sources import Origin
 
-__all__ = ["add_phase", "check_tables", "finish_ingest", "ingest", "ingest_files", "ingest_into", "plan_studies"]
+__all__ = ["add_phase", "check_tables", "commit_studies", "finish_ingest", "ingest", "ingest_files", "ingest_into",
+           "plan_studies"]
 
 
 def _batches(results: Iterable, size: int) -> Iterator[list]:
@@ -87,8 +88,8 @@ def ingest_files(paths: list[Path], store: ClipStore, cfg: IngestConfig, salt: b
                  bar: Progress, pool: ProcessPoolExecutor | None, before_commit: Callable[[str], None] | None = None,
                  origin: Origin | None = None) -> None:
     """One pass of the pipeline over the files under ``paths`` with the run's ``worker_pool``,
-    its counts and findings added to ``report``: what ``ingest`` runs once and a DICOMweb pull
-    once per batch of downloaded studies (``finish_ingest`` ends either). Committed studies
+    its counts and findings added to ``report``: what ``ingest`` runs (``finish_ingest`` ends it,
+    as it ends a DICOMweb pull, which streams studies through the same steps). Committed studies
     are recorded as coming from ``origin`` (default: files, named by ``cfg.site``)."""
     links: list[tuple[str, str]] = []
     refs = discover(paths, links)
@@ -108,7 +109,7 @@ def ingest_files(paths: list[Path], store: ClipStore, cfg: IngestConfig, salt: b
                 bar.advance(task)
             if before_commit is not None:
                 before_commit("clips")
-            _commit(store, studies, report, origin, cfg.site)
+            commit_studies(store, studies, report, origin, cfg.site)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     add_phase(report, "write", t_write)
@@ -133,8 +134,8 @@ def add_phase(report: IngestReport, phase: str, since: float) -> None:
     report.phases[phase] = round(report.phases.get(phase, 0.0) + time.perf_counter() - since, 2)
 
 
-def _commit(store: ClipStore, studies: list[list[dict]], report: IngestReport, origin: Origin | None = None,
-            site: str = "") -> None:
+def commit_studies(store: ClipStore, studies: list[list[dict]], report: IngestReport, origin: Origin | None = None,
+                   site: str = "") -> None:
     """One commit of whole studies, under the store's write lock, leaving out any study
     withdrawn since (or before) its files were read: a withdrawn study stays withdrawn. The
     studies' source rows are written under the same lock (``origin``, else files of ``site``)."""

@@ -63,7 +63,7 @@ def pulled(pacs, cohort, salt, tmp_path_factory):
     of study folders on disk: (store, report, log text, peak)."""
     root = tmp_path_factory.mktemp("pulled")
     store = ClipStore.open(root, create=True)
-    cfg = PullConfig(connections=2, studies_on_disk=3, studies_per_pass=2)
+    cfg = PullConfig(connections=2, studies_on_disk=3, studies_per_commit=2)
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
