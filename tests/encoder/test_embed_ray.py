@@ -108,6 +108,26 @@ def test_two_nodes_write_the_single_machine_rows(model, reference, tmp_path):
     _same_rows(_rows(dst, report.model_id), want)
 
 
+def test_two_nodes_embed_a_store_on_object_storage(model, reference, cohort, salt, tmp_path, monkeypatch):
+    """The actors read clips from the bucket by row id and the driver commits the rows there:
+    the rows of the single-machine path on the same files."""
+    from s3 import s3_server
+
+    from cmr_search.core.location import store_root
+    from cmr_search.ingest import IngestConfig, ingest
+
+    with s3_server() as s3:
+        s3.apply_env(monkeypatch)  # before the nodes start: each node's processes read the credentials
+        root = store_root(s3.uri(s3.new_bucket(), "registry/embed"), tmp_path / "state")
+        ingest([cohort / "dicom"], ClipStore.open(root, create=True), IngestConfig(workers=2), salt, progress=False)
+        with two_nodes():
+            report = embed_store(root, model[1], progress=False, ray="auto", batch_size=4, commit_every=8)
+        want_report, want = reference
+        assert (report.clips_embedded, report.studies) == (want_report.clips_embedded, want_report.studies)
+        _same_rows(_rows(root, report.model_id), want)
+        assert not (tmp_path / "state" / "lance").exists(), "the tables are in the bucket only"
+
+
 def _encoders(ray, job: str | None = None) -> list[dict]:
     """The encoder actors of a job (default: this one), from the GCS (the state API needs the
     dashboard, which the test clusters leave out); each with ``Pid``, ``State``, ``NumRestarts``."""
