@@ -4,6 +4,11 @@ A key reads ``cmr_<id>_<secret>``: the id finds the entry, the secret (32 random
 compared by hash in constant time. A random key of that length needs no slow password
 hash. The file is re-read when it changes, so ``cmr keys create`` takes effect without a
 restart.
+
+A store on object storage keeps the file as one shared object (``state/secrets/api_keys.json``)
+so every replica of the service accepts the same keys: changed by compare-and-swap (no
+concurrent ``cmr keys create`` is lost), and re-read when its entity tag changes, asked at
+most every ``KEY_REFRESH_S`` (a revoked key stops working within that).
 """
 
 from __future__ import annotations
@@ -16,16 +21,20 @@ import re
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from cmr_search.core.exceptions import InputError
 from cmr_search.core.layout import StoreLayout
+from cmr_search.store.shared import shared_state
 
 __all__ = ["ROLES", "ApiKey", "KeyRing"]
 
 ROLES = ("read", "write")  # write includes read
 _KEY_ID = re.compile(r"[0-9a-f]{8}")
+#: on object storage, how often (seconds) the keys' entity tag is asked for (one HEAD request)
+KEY_REFRESH_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -49,13 +58,39 @@ def _digest(secret: str) -> str:
 class KeyRing:
     """The API keys of one store."""
 
-    def __init__(self, store_root: Path):
-        self.path = StoreLayout(store_root).api_keys
+    def __init__(self, store_root: Path, refresh_s: float = KEY_REFRESH_S):
+        layout = StoreLayout(store_root)
+        self.path = layout.api_keys
+        self._shared = shared_state(layout)
+        self._key = layout.key(self.path)
+        self.refresh_s, self._checked = refresh_s, -float("inf")
         self._lock = threading.Lock()
-        self._stamp: tuple | None = None
+        self._stamp: tuple | str | None = None
         self._entries: dict[str, dict] = {}
 
     def _read(self) -> dict[str, dict]:
+        return self._read_file() if self._shared is None else self._read_shared()
+
+    def _read_shared(self) -> dict[str, dict]:
+        with self._lock:
+            if time.monotonic() - self._checked < self.refresh_s:
+                return self._entries
+        etag = self._shared.etag(self._key)
+        if etag is None:  # none shared yet: a store from before sharing keeps its file until a change
+            entries = self._read_file()
+        else:
+            with self._lock:
+                if etag == self._stamp:
+                    self._checked = time.monotonic()
+                    return self._entries
+            blob = self._shared.get(self._key)
+            entries = _parse(blob.data) if blob else {}
+            etag = blob.etag if blob else None
+        with self._lock:
+            self._entries, self._stamp, self._checked = entries, etag, time.monotonic()
+            return entries
+
+    def _read_file(self) -> dict[str, dict]:
         try:
             st = self.path.stat()
         except FileNotFoundError:
@@ -63,16 +98,33 @@ class KeyRing:
         stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
         with self._lock:
             if stamp != self._stamp:
-                self._entries = {e["key_id"]: e for e in json.loads(self.path.read_text())["keys"]}
+                self._entries = _parse(self.path.read_bytes())
                 self._stamp = stamp
             return self._entries
+
+    def _change(self, change: Callable[[dict[str, dict]], bool]) -> None:
+        """Apply ``change`` (edits the entries in place; whether it changed any) to the keys:
+        the file, or on object storage the shared object without losing a concurrent change."""
+        if self._shared is None:
+            entries = dict(self._read())
+            if change(entries):
+                self._write(entries)
+            return
+
+        def edit(old: bytes | None) -> bytes | None:
+            entries = _parse(old) if old is not None else dict(self._read_file())
+            return _dump(entries).encode() if change(entries) else None
+
+        self._shared.update(self._key, edit)
+        with self._lock:
+            self._checked = -float("inf")  # read it back on the next check
 
     def _write(self, entries: dict[str, dict]) -> None:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = self.path.with_name(f".api_keys.{os.getpid()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fp:
-            json.dump({"format": "cmr-keys/1", "keys": list(entries.values())}, fp, indent=1)
+            fp.write(_dump(entries))
         os.replace(tmp, self.path)  # atomic: readers see the old file or the new one
 
     def create(self, role: str, label: str = "") -> tuple[str, ApiKey]:
@@ -96,21 +148,29 @@ class KeyRing:
         if len(parts) != 3 or parts[0] != "cmr" or not _KEY_ID.fullmatch(parts[1]) or len(parts[2]) < 32:
             raise InputError("an API key reads cmr_<8 hex digits>_<a secret of 32+ characters>; make one with "
                              "`cmr keys create --no-store`")
-        entries = dict(self._read())
-        old = entries.get(parts[1])
-        if old and old["sha256"] == _digest(parts[2]) and old["role"] == role:
-            return self._record(old)
-        entries[parts[1]] = {"key_id": parts[1], "role": role, "label": label, "sha256": _digest(parts[2]),
-                             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        self._write(entries)
-        return self._record(entries[parts[1]])
+        kept: list[dict] = []
+
+        def add(entries: dict[str, dict]) -> bool:
+            old = entries.get(parts[1])
+            if old and old["sha256"] == _digest(parts[2]) and old["role"] == role:
+                kept[:] = [old]
+                return False
+            entries[parts[1]] = {"key_id": parts[1], "role": role, "label": label, "sha256": _digest(parts[2]),
+                                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            kept[:] = [entries[parts[1]]]
+            return True
+
+        self._change(add)
+        return self._record(kept[0])
 
     def revoke(self, key_id: str) -> None:
         """Remove a key by its id."""
-        entries = dict(self._read())
-        if entries.pop(key_id, None) is None:
-            raise InputError(f"no API key with id {key_id!r} (see `cmr keys list`)")
-        self._write(entries)
+        def remove(entries: dict[str, dict]) -> bool:
+            if entries.pop(key_id, None) is None:
+                raise InputError(f"no API key with id {key_id!r} (see `cmr keys list`)")
+            return True
+
+        self._change(remove)
 
     def list(self) -> list[ApiKey]:
         """Registered keys (ids and roles only)."""
@@ -129,3 +189,11 @@ class KeyRing:
     @staticmethod
     def _record(entry: dict) -> ApiKey:
         return ApiKey(entry["key_id"], entry["role"], entry.get("label", ""), entry["created_at"])
+
+
+def _parse(data: bytes) -> dict[str, dict]:
+    return {e["key_id"]: e for e in json.loads(data)["keys"]}
+
+
+def _dump(entries: dict[str, dict]) -> str:
+    return json.dumps({"format": "cmr-keys/1", "keys": list(entries.values())}, indent=1)

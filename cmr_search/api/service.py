@@ -29,6 +29,7 @@ from cmr_search.heads.data import VIEW_ORDER, Bags
 from cmr_search.heads.registry import Head, HeadRegistry
 from cmr_search.store.clip_store import sql_quote
 from cmr_search.store.config import IndexConfig
+from cmr_search.store.models import pull_model
 from cmr_search.store.patients import patient_salt
 from cmr_search.store.search import Hit, Searcher
 from cmr_search.store.sources import Sources
@@ -91,7 +92,7 @@ class SearchService:
         from cmr_search.encoder.embed import TextQueryEncoder
 
         self.searcher = Searcher(self.root, settings.model_id, IndexConfig.from_settings(settings),
-                                 settings.check_interval_s, encode_text=TextQueryEncoder(self.root))
+                                 settings.check_interval(not self.layout.local), encode_text=TextQueryEncoder(self.root))
         self.model_id, self.store = self.searcher.model_id, self.searcher.store
         self.keys = KeyRing(self.root)
         if settings.api_key is not None:
@@ -311,7 +312,7 @@ class SearchService:
         with self._lock:
             if self._embedder is None:
                 folder = self.layout.encoder(self.model_id)
-                if not (folder / "config.json").exists():
+                if not pull_model(self.layout, self.model_id):  # (on object storage: a copy from the bucket)
                     raise Conflict("no_encoder", f"model {self.model_id} is not registered in this store; uploads "
                                    "need the encoder the store was embedded with (`cmr embed --checkpoint PATH` "
                                    "registers it)")

@@ -11,9 +11,11 @@ from pydantic_settings import SettingsConfigDict
 
 from cmr_search.core.settings import Settings
 
-__all__ = ["ServeSettings", "check_viewer_template", "viewer_link"]
+__all__ = ["URI_CHECK_INTERVAL_S", "ServeSettings", "check_viewer_template", "viewer_link"]
 
 MiB = 1024 * 1024
+#: the service's default freshness check interval (seconds) for a store on object storage
+URI_CHECK_INTERVAL_S = 1.0
 
 
 def check_viewer_template(template: str) -> str:
@@ -79,8 +81,9 @@ class ServeSettings(Settings):
     max_k: int = Field(100, ge=1, le=10_000)
     #: at most this often (seconds) a search checks that the index reflects the table; 0 =
     #: before every search (a stat of the table's version folder: other processes' writes
-    #: are seen at once)
-    check_interval_s: float = Field(0.0, ge=0)
+    #: are seen at once). Unset: 0 for a local store, ``URI_CHECK_INTERVAL_S`` (1 s) for a
+    #: store on object storage, where each check is a request to it (tens of ms on S3)
+    check_interval_s: float | None = Field(None, ge=0)
     #: uploads: bytes received, files, bytes after unzipping, per-member compression ratio
     max_upload_bytes: int = Field(512 * MiB, ge=1)
     max_upload_files: int = Field(5000, ge=1)
@@ -104,6 +107,12 @@ class ServeSettings(Settings):
     sync_token_env: str | None = None
     sync_user: str | None = None
     sync_password_env: str | None = None
+
+    def check_interval(self, on_object_storage: bool) -> float:
+        """The freshness check interval to search with: as set, else by where the tables are."""
+        if self.check_interval_s is not None:
+            return self.check_interval_s
+        return URI_CHECK_INTERVAL_S if on_object_storage else 0.0
 
     @field_validator("viewer_url")
     @classmethod

@@ -26,14 +26,13 @@ def store_dir(store: str | Path | None, settings: Settings) -> Path:
     """The --store option, else CMR_STORE, as the store's local root (an object-storage URI's
     state folder); exit 2 when neither is given or the URI cannot be used."""
     from cmr_search.core.location import store_root
+    from cmr_search.store.object_store import join
 
     if store is None and settings.store is None:
         err.print("[red]error:[/] no store given; pass --store DIR or set CMR_STORE")
         raise typer.Exit(2)
-    if store is None:
-        return settings.store
-    try:
-        return store_root(store, settings.state_dir)
+    try:  # a state folder new to a store on object storage joins it (copies its store.json)
+        return join(settings.store if store is None else store_root(store, settings.state_dir))
     except CmrError as error:
         fail(error)
 

@@ -63,7 +63,9 @@ def serve(
         raise typer.Exit(2) from None
     root = store_dir(store, settings)
     settings = settings.model_copy(update={"store": root})
-    if settings.auth and not StoreLayout(root).api_keys.exists():
+    from cmr_search.api.auth import KeyRing
+
+    if settings.auth and not KeyRing(root).list():  # (on object storage the keys are shared objects)
         err.print(f"[yellow]note:[/] no API keys yet; create one with `cmr keys create --store {root} --role read`")
     # every worker process builds its app from the environment: hand the settings down that way
     for name, value in settings.model_dump(exclude_none=True).items():

@@ -185,6 +185,17 @@ class StoreLayout:
         return self.root / "cache" / "studies" / hashlib.sha256(study_uid.encode()).hexdigest()[:24]
 
     @property
+    def study_caches(self) -> Path:
+        """Every study's cached cines (``study_cache``)."""
+        return self.root / "cache" / "studies"
+
+    @property
+    def seen_withdrawals(self) -> Path:
+        """The entity tag of the shared tombstones when this machine last dropped its caches of
+        withdrawn studies (a store on object storage: withdrawals by other machines)."""
+        return self.root / "cache" / "seen-withdrawals"
+
+    @property
     def clusters_cache(self) -> Path:
         """HDBSCAN results per model and table version."""
         return self.root / "cache" / "clusters"

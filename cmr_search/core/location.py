@@ -1,17 +1,20 @@
-"""Where a store lives: a local folder, or Lance tables on object storage (``s3://``, ``gs://``,
-``az://``) with the rest of the store in a local state folder of that URI.
+"""Where a store lives: a local folder, or Lance tables and shared state on object storage
+(``s3://``, ``gs://``, ``az://``) with each machine's part of the store in a local state
+folder of that URI.
 
 ``--store`` and ``CMR_STORE`` name either. A folder is the whole store, as always. A URI keeps
-the tables (clips, reports, labels, views, studies, sources) under ``URI/lance/`` and everything
-else (store.json, the patient salt, tombstones, encoders, heads, indexes, caches, locks,
-scratch) in the state folder: ``CMR_STATE_DIR`` where set, else
+the tables (clips, reports, labels, views, studies, sources) under ``URI/lance/``, the state
+every machine must agree on (store.json, the patient salt, tombstones, the journal of
+withdrawals, the write lease) under ``URI/state/`` (``store.shared``), and this machine's
+copies, caches, locks and scratch in the state folder: ``CMR_STATE_DIR`` where set, else
 ``~/.cache/cmr/stores/<scheme>/<bucket>/<prefix>`` (``$XDG_CACHE_HOME`` replaces ``~/.cache``).
 The state folder's ``store.uri`` names the URI, so every module keeps working on a local
 root; ``StoreLayout`` reads it to place the tables.
 
-One machine writes and serves such a store: its tombstones, salt and write lock are in that
-machine's state folder, which no other machine sees (docs/ARCHITECTURE.md, "The store
-directory"; the shared-state design is the next step of issue 27).
+Several machines may write and serve such a store, each with its own state folder: a new one
+joins the store by copying its shared ``store.json`` (``store.object_store.open_shared``), and
+every commit of study rows holds a lease on the bucket besides the local lock
+(``store.lease``); docs/ARCHITECTURE.md, "The store directory".
 """
 
 from __future__ import annotations

@@ -73,12 +73,15 @@ def export_encoder(model: torch.nn.Module, cfg: EncoderConfig, store_root: Path,
                    latest: bool) -> tuple[str, Path]:
     """Publish a model's weights (no optimizer state) as ``STORE/encoders/<model_id>`` in one
     rename, and with ``latest`` point the store's ``LATEST`` at it; ``(model_id, folder)``."""
+    from cmr_search.store.models import push_model, set_pointer
+
     layout = StoreLayout(store_root)
     tmp = layout.encoders / f".export-{os.getpid()}"
     model_id = save_checkpoint(model, cfg, tmp, step)
     folder = publish_folder(tmp, layout.encoder(model_id))
+    push_model(layout, model_id)  # a store on object storage: into the bucket, for its other machines
     if latest:
-        layout.set_latest(model_id)
+        set_pointer(layout, layout.latest, model_id)
     return model_id, folder
 
 

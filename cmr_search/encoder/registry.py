@@ -9,6 +9,11 @@ The card (``card.json``, beside the weights, not part of the hash) says where a 
 from and whether it has a text tower; ``DEFAULT`` names the model that search, heads and the
 service use when none is named: the first model embedded, or the user's choice. Evaluation
 baselines never become the default.
+
+For a store on object storage the bucket holds every registered model and the pointers
+(``store.models``): registering uploads the folder, setting the default writes the shared
+``DEFAULT``, and a model this machine lacks is downloaded into its state folder when looked
+up (once: a model_id never changes its weights).
 """
 
 from __future__ import annotations
@@ -33,6 +38,13 @@ from cmr_search.encoder.checkpoint import (
     video_folder,
 )
 from cmr_search.encoder.config import EncoderConfig, load_config
+from cmr_search.store.models import (
+    pull_model,
+    pull_models,
+    push_model,
+    set_pointer,
+    shared_model_ids,
+)
 
 __all__ = ["ORIGINS", "EncoderRegistry"]
 
@@ -45,10 +57,14 @@ class EncoderRegistry:
 
     def __init__(self, store_root: Path):
         self.layout = StoreLayout(store_root)
+        pull_models(self.layout)  # on object storage: the shared DEFAULT and LATEST, and their models
 
     # -- reading ------------------------------------------------------------------------------
     def model_ids(self) -> list[str]:
-        """Registered models (a folder with a config), oldest first."""
+        """Registered models (a folder with a config), oldest first (on object storage the
+        bucket's, each copied here on first sight)."""
+        for model_id in shared_model_ids(self.layout):
+            pull_model(self.layout, model_id)
         if not self.layout.encoders.exists():
             return []
         found = [p for p in self.layout.encoders.iterdir()
@@ -59,7 +75,7 @@ class EncoderRegistry:
         """What the store knows of one model; a folder without a card (a store from before
         cards) gets one read from its config."""
         folder = self.layout.encoder(model_id)
-        if not (folder / "config.json").exists():
+        if not pull_model(self.layout, model_id):
             have = ", ".join(self.model_ids()) or "none"
             raise InputError(f"no encoder {model_id!r} is registered in {self.layout.root} (registered: {have}); "
                              "`cmr embed --checkpoint PATH` registers the encoder it embeds with")
@@ -87,7 +103,7 @@ class EncoderRegistry:
         card = self.card(model_id)
         if card["origin"] == "baseline":
             raise InputError(f"{model_id} is the evaluation's random-init baseline; it cannot be the default model")
-        self.layout.set_default(model_id)
+        set_pointer(self.layout, self.layout.default, model_id)
 
     def register(self, checkpoint: Path, origin: str | None = None, *, allow_partial: bool = False,
                  trust_pickle: bool = False, config: str | None = None) -> str:
@@ -100,9 +116,10 @@ class EncoderRegistry:
             raise InputError(f"checkpoint {checkpoint} does not exist")
         model_id = checkpoint_model_id(checkpoint)
         final = self.layout.encoder(model_id)
-        if (final / "config.json").exists():
+        if pull_model(self.layout, model_id):  # registered here, or by another machine of the store
             if not (final / "card.json").exists():  # a store from before cards
                 self._write_card(final, _card(final, origin or "trained", checkpoint.name, model_id))
+            push_model(self.layout, model_id, card=False)  # (a store from before sharing: its models too)
             return model_id
         tmp = self.layout.encoders / f".register-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -129,6 +146,7 @@ class EncoderRegistry:
             publish_folder(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        push_model(self.layout, model_id)
         return model_id
 
     def note(self, model_id: str, origin: str, **extra) -> None:
@@ -136,6 +154,7 @@ class EncoderRegistry:
         folder = self.layout.encoder(model_id)
         card = self._card_at(folder) | {"origin": origin, **extra}
         self._write_card(folder, card)
+        push_model(self.layout, model_id)  # the folder, or where the bucket has it, the new card
 
     @staticmethod
     def _write_card(folder: Path, card: dict) -> None:

@@ -101,7 +101,10 @@ class TrainResult:
 
 def latest_checkpoint(store_root: Path) -> Path:
     """The store's most recently trained encoder (``STORE/encoders/LATEST``)."""
+    from cmr_search.store.models import pull_models
+
     layout = StoreLayout(store_root)
+    pull_models(layout)  # on object storage: the shared LATEST and its model
     model_id = layout.latest_model_id()
     if model_id is None:
         raise InputError(f"{store_root} has no trained encoder; run `cmr train-encoder --store {store_root}` "

@@ -22,8 +22,10 @@ def random_baseline(store_root: Path, model_id: str, seed: int = 0) -> Path:
     from cmr_search.encoder.checkpoint import export_encoder
     from cmr_search.encoder.config import EncoderConfig
     from cmr_search.encoder.model import CmrClip
+    from cmr_search.store.models import pull_model
 
     layout = StoreLayout(store_root)
+    pull_model(layout, model_id)  # on object storage, a model another machine registered
     meta = layout.encoder(model_id) / "config.json"
     if not meta.exists():
         raise InputError(f"no encoder {model_id} in {layout.encoders}; the random baseline copies a trained encoder's "

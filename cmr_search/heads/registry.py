@@ -3,6 +3,10 @@
 A card says what the head predicts and from what: task, labels, kind, the encoder's
 ``model_id``, the label source and its sha256, the split and seeds, the metrics and the
 training time. A head only runs on embeddings of its own ``model_id``.
+
+On object storage every machine of the store sees the same heads: registering one shares it
+(``store.models.push_head``), and the registry brings its copies up to date from the bucket
+before it lists or reads them (at most every ``refresh_s``).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from cmr_search.heads.train import (
     to_label_units,
 )
 from cmr_search.store.embedding_store import EmbeddingStore
+from cmr_search.store.models import pull_heads, push_head
 from cmr_search.store.search import default_model_id
 from cmr_search.store.withdrawal import finish_pending_withdrawals
 
@@ -82,12 +87,23 @@ class Head:
 class HeadRegistry:
     """The heads of one store."""
 
-    def __init__(self, store_root: Path):
-        self.root = StoreLayout(store_root).heads
+    def __init__(self, store_root: Path, refresh_s: float = 1.0):
+        self.layout = StoreLayout(store_root)
+        self.root = self.layout.heads
+        self.refresh_s, self._pulled = refresh_s, -float("inf")
+
+    def _pull(self) -> None:
+        """On object storage: the bucket's heads copied here, at most every ``refresh_s``
+        (a listing each time: the service asks on every prediction)."""
+        if self.layout.uri is not None and time.monotonic() - self._pulled >= self.refresh_s:
+            pull_heads(self.layout)
+            self._pulled = time.monotonic()
 
     def names(self) -> list[str]:
         """Registered heads, by name."""
-        return sorted(p.name for p in self.root.glob("*") if (p / "card.json").exists()) if self.root.exists() else []
+        self._pull()
+        return sorted(p.name for p in self.root.glob("*")
+                      if not p.name.startswith(".") and (p / "card.json").exists()) if self.root.exists() else []
 
     def cards(self) -> list[dict]:
         """Every head's card."""
@@ -95,6 +111,7 @@ class HeadRegistry:
 
     def card(self, name: str) -> dict:
         """One head's card."""
+        self._pull()
         path = self.root / name / "card.json"
         if not _NAME.match(name) or not path.exists():
             have = ", ".join(self.names()) or "none yet; train one with `cmr heads train`"
@@ -105,6 +122,7 @@ class HeadRegistry:
         """Write weights and card atomically (a temporary folder renamed into place)."""
         if not _NAME.match(name):
             raise InputError(f"head name {name!r}: use letters, digits, '.', '_', '+' and '-' (up to 128)")
+        self._pull()  # a head of that name from another machine counts too
         final = self.root / name
         if final.exists() and not replace:
             raise InputError(f"a head named {name} exists; pass --replace to overwrite it or choose another --name")
@@ -155,6 +173,7 @@ class HeadRegistry:
         name = name or card["name"]
         if not _NAME.match(name):
             raise InputError(f"head name {name!r}: use letters, digits, '.', '_', '+' and '-' (up to 128)")
+        self._pull()  # a head of that name from another machine counts too
         final = self.root / name
         if final.exists() and not replace:
             raise InputError(f"a head named {name} exists; pass --replace to overwrite it or choose another --name")
@@ -179,6 +198,7 @@ class HeadRegistry:
             os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
+        push_head(self.layout, name)  # on object storage: for the store's other machines
         return final
 
     def load(self, name: str) -> Head:

@@ -15,12 +15,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-from filelock import FileLock
 
 from cmr_search.core.exceptions import InputError, StoreError
 from cmr_search.core.layout import StoreLayout, write_atomic
 from cmr_search.store.config import ClipConfig
-from cmr_search.store.object_store import check_reachable
+from cmr_search.store.journal import withdraw_overtaken
+from cmr_search.store.lease import StudyWriteLock
+from cmr_search.store.object_store import open_shared
 from cmr_search.store.tombstones import Tombstones
 
 __all__ = ["CLIP_SCHEMA", "CLIP_STORAGE_VERSION", "ClipStore", "ImportResult", "process_alive", "read_study_table", "sql_quote"]
@@ -120,50 +121,51 @@ class ClipStore:
         self.clip_config = clip
         # a zero interval makes every read check for the newest version: readers never see stale data
         self.db = lancedb.connect(self.layout.lance, read_consistency_interval=timedelta(0))
-        self._write_lock: FileLock | None = None
+        self._write_lock: StudyWriteLock | None = None
 
     @classmethod
     def open(cls, root: Path, clip: ClipConfig | None = None, create: bool = False) -> ClipStore:
-        """Open a store; with ``create`` make it (the first clip config fixes the clip shape)."""
-        root = Path(root)
-        layout = StoreLayout(root)
-        meta_path = layout.meta
-        if meta_path.exists():
-            meta = json.loads(meta_path.read_text())
+        """Open a store; with ``create`` make it (the first clip config fixes the clip shape).
+        On object storage a new state folder (another machine) joins the store (``open_shared``)."""
+        layout = StoreLayout(Path(root))
+        new = {"format_version": FORMAT_VERSION, "clip": (clip or ClipConfig()).to_dict()}
+        if not layout.local:  # join the store, or publish a new store's store.json
+            open_shared(layout, (new | {"uri": layout.uri, "tables": layout.lance}) if create else None)
+        if layout.meta.exists():
+            meta = json.loads(layout.meta.read_text())
             if meta.get("format_version") != FORMAT_VERSION:
                 raise StoreError(f"{root} has store format {meta.get('format_version')}; this cmr reads {FORMAT_VERSION}")
             if meta.get("uri") != layout.uri:
-                raise StoreError(f"{meta_path} names the tables' location {meta.get('uri') or 'lance/'} but "
+                raise StoreError(f"{layout.meta} names the tables' location {meta.get('uri') or 'lance/'} but "
                                  f"{layout.uri_file} says {layout.uri or 'local'}; put back the state folder as it was")
             stored = ClipConfig(**meta["clip"])
             if clip is not None and clip != stored:
-                raise StoreError(
-                    f"{root} holds clips of shape {stored.frames}x{stored.size}x{stored.size} at "
-                    f"{stored.fov_mm} mm; ingest with the same --frames/--size/--fov-mm or use a new store"
-                )
-            store = cls(layout, stored)
-            if not layout.local:
-                check_reachable(layout, created=False)
-            return store
+                raise StoreError(f"{root} holds clips of shape {stored.frames}x{stored.size}x{stored.size} at "
+                                 f"{stored.fov_mm} mm; ingest with the same --frames/--size/--fov-mm or use a new store")
+            return cls(layout, stored)
         if not create:
             raise StoreError(f"{root} is not a cmr store (no store.json); run `cmr ingest ... --store {layout.uri or root}` first")
-        clip = clip or ClipConfig()
-        meta = {"format_version": FORMAT_VERSION, "clip": clip.to_dict()}
-        if not layout.local:
-            check_reachable(layout, created=True)
-            meta |= {"uri": layout.uri, "tables": layout.lance}
-        # atomic: a crash leaves either no store or a whole one
-        write_atomic(meta_path, json.dumps(meta, indent=2))
-        return cls(layout, clip)
+        write_atomic(layout.meta, json.dumps(new, indent=2))  # atomic: a crash leaves no store or a whole one
+        return cls(layout, clip or ClipConfig())
 
-    def write_lock(self) -> FileLock:
+    def write_lock(self) -> StudyWriteLock:
         """The store-wide lock every commit of study rows holds (ingest, embed, uploads,
-        withdrawal), across processes and threads; re-entrant within one thread, so a
-        writer holding it may call another that takes it."""
+        withdrawal), across processes and threads, and for a store on object storage across
+        machines (``store.lease``); re-entrant within one thread, so a writer holding it may
+        call another that takes it."""
         if self._write_lock is None:
-            self.layout.study_write_lock.parent.mkdir(exist_ok=True)
-            self._write_lock = FileLock(self.layout.study_write_lock)
+            self._write_lock = StudyWriteLock.of(self.layout, on_release=self._recheck)
         return self._write_lock
+
+    def committed(self, studies: dict[str, str | None]) -> None:
+        """Note study rows just committed (study_uid -> patient key, or None). On object
+        storage they are checked against the tombstones again after the commit (a lease
+        cannot fence it): at the write lock's release, or at once without the lock."""
+        if not self.layout.local and studies and not self.write_lock().note(studies):
+            self._recheck(studies)
+
+    def _recheck(self, studies: dict[str, str | None]) -> None:
+        withdraw_overtaken(self, studies)
 
     def scratch_dir(self, kind: str = "ingest") -> Path:
         """A fresh private folder for one ingest run's intermediate clips (or one upload's
@@ -213,6 +215,7 @@ class ClipStore:
             # nothing to match against: a plain append (the first merge into an empty table
             # costs half a second of join set-up, a tenth of a 16-study ingest)
             table.add(data)
+            self.committed({r["study_uid"]: r["patient_key"] for r in rows})
             return len(rows), 0, 0
         same = 0
         if skip_unchanged:
@@ -222,6 +225,7 @@ class ClipStore:
             if not len(data):
                 return 0, 0, same
         result = table.merge_insert("clip_id").when_matched_update_all().when_not_matched_insert_all().execute(data)
+        self.committed(dict(zip(data["study_uid"].to_pylist(), data["patient_key"].to_pylist())))
         return int(result.num_inserted_rows), int(result.num_updated_rows), same
 
     def write_clip_fragments(self, rows: list[dict]) -> list:
@@ -330,6 +334,7 @@ class ClipStore:
             self._table("reports", REPORT_SCHEMA).merge_insert(
                 "study_uid"
             ).when_matched_update_all().when_not_matched_insert_all().execute(table)
+            self.committed(dict.fromkeys(table["study_uid"].to_pylist()))
         result.rows = table.num_rows
         return result
 
@@ -349,6 +354,7 @@ class ClipStore:
             table = self._without_withdrawn(table, result)
             result.rows = table.num_rows
             self._merge_labels(table)
+            self.committed(dict.fromkeys(table["study_uid"].to_pylist()))
         return result
 
     def _merge_labels(self, table: pa.Table) -> None:

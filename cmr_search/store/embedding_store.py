@@ -17,12 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from filelock import FileLock
 from lancedb.index import BTree
 
 from cmr_search.core.exceptions import InputError, StoreError, WithdrawnError
 from cmr_search.core.layout import StoreLayout
 from cmr_search.store.clip_store import ClipStore, sql_quote
+from cmr_search.store.lease import StudyWriteLock
+from cmr_search.store.models import pull_model, pull_models
 from cmr_search.store.tombstones import Tombstones
 
 __all__ = ["EMBEDDING_TABLES", "FILTER_FIELDS", "EmbeddingStore", "StoreConfig", "studies_schema", "vec_id",
@@ -111,8 +112,11 @@ class EmbeddingStore:
     def open(cls, root: Path, dim: int = 512, config: StoreConfig = StoreConfig()) -> EmbeddingStore:
         """Open the embedding tables of an existing store. (A withdrawal a crash interrupted is
         finished by ``withdrawal.finish_pending_withdrawals``, which the entry points that
-        search or write call; opening alone changes nothing.)"""
-        return cls(ClipStore.open(root), dim, config)
+        search or write call; opening alone changes nothing.) On object storage the shared
+        ``DEFAULT``/``LATEST`` and their models are copied to this machine (``store.models``)."""
+        store = cls(ClipStore.open(root), dim, config)
+        pull_models(store.layout)
+        return store
 
     # -- tables ---------------------------------------------------------------------------
     def schema(self, name: str) -> pa.Schema:
@@ -162,6 +166,8 @@ class EmbeddingStore:
         text-aligned model (``cmr train-text``) the video model's. Every read by model goes
         through it, so such a model searches, takes heads and is evaluated on the vectors it
         shares, with no copy of them."""
+        if not self.layout.local:  # on object storage its VECTORS pointer comes with the model's copy
+            pull_model(self.layout, model_id)
         return self.layout.vectors_model_id(model_id)
 
     def model_ids(self, name: str = "studies") -> dict[str, int]:
@@ -193,6 +199,7 @@ class EmbeddingStore:
             data = pa.Table.from_pylist(rows, schema=schema)
         table = self.table(name)
         result = table.merge_insert([key, "model_id"]).when_matched_update_all().when_not_matched_insert_all().execute(data)
+        self.clip_store.committed(dict(zip(data["study_uid"].to_pylist(), data["patient_key"].to_pylist())))
         self._maybe_compact(table)
         return int(result.num_inserted_rows), int(result.num_updated_rows)
 
@@ -241,7 +248,7 @@ class EmbeddingStore:
         rows = self.clip_store.clips.search().where(where).select(["clip_id", "ingested_at"]).limit(None).to_arrow()
         return dict(zip(rows["clip_id"].to_pylist(), rows["ingested_at"].to_pylist()))
 
-    def write_lock(self) -> FileLock:
+    def write_lock(self) -> StudyWriteLock:
         """The store-wide lock of every commit of study rows (``ClipStore.write_lock``)."""
         return self.clip_store.write_lock()
 

@@ -1,6 +1,10 @@
 """Patient keys: the salted HMAC that stands in for a PatientID everywhere in a store, and
 the salt it is keyed with (the configured ``CMR_PATIENT_SALT``, else the store's own).
 
+On a store shared by machines (object storage) the store's own salt is a shared object,
+created once (the first machine's wins) and cached in each machine's state folder: two
+machines ingesting one patient give it one key.
+
 Light on purpose: ingest workers import it, so it must not import lancedb (nor pydantic:
 a configured ``SecretStr`` is unwrapped by duck typing).
 """
@@ -17,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from cmr_search.core.exceptions import StoreError
 from cmr_search.core.layout import StoreLayout
+from cmr_search.store.shared import shared_state
 
 if TYPE_CHECKING:
     from pydantic import SecretStr
@@ -31,7 +36,7 @@ def patient_key(patient_id: str, salt: bytes) -> str:
 
 def patient_salt(layout_or_root: StoreLayout | Path | str, configured: SecretStr | str | None = None) -> bytes:
     """The salt for patient keys: the configured one, else the store's own random salt
-    (made on first use, 0600)."""
+    (made on first use, 0600; on object storage shared by every machine)."""
     if configured is not None and hasattr(configured, "get_secret_value"):
         configured = configured.get_secret_value()
     if configured:
@@ -39,7 +44,7 @@ def patient_salt(layout_or_root: StoreLayout | Path | str, configured: SecretStr
     layout = layout_or_root if isinstance(layout_or_root, StoreLayout) else StoreLayout(layout_or_root)
     path = layout.patient_salt
     if not path.exists():
-        _create_salt(path)
+        _create_salt(path, _shared_salt(layout))
     salt = path.read_text().strip()
     if not salt:  # only a store damaged by hand gets here: the salt is published whole or not at all
         raise StoreError(f"{path} is empty; restore it from a backup (patient keys of this store depend on it) "
@@ -47,7 +52,24 @@ def patient_salt(layout_or_root: StoreLayout | Path | str, configured: SecretStr
     return salt.encode()
 
 
-def _create_salt(path: Path) -> None:
+def _shared_salt(layout: StoreLayout) -> str | None:
+    """The salt of a store on object storage, made here where no machine made it yet (a
+    create that fails where one exists: the loser reads the winner's); None for a local store."""
+    shared = shared_state(layout)
+    if shared is None:
+        return None
+    key = layout.key(layout.patient_salt)
+    blob = shared.get(key)
+    if blob is None:
+        shared.create(key, secrets.token_hex(32).encode())
+        blob = shared.get(key)
+    if blob is None or not blob.data.strip():
+        raise StoreError(f"{shared.base}/{key} is missing or empty; restore it from a backup (patient keys of this "
+                         "store depend on it) or set CMR_PATIENT_SALT to the salt it was made with")
+    return blob.data.decode().strip()
+
+
+def _create_salt(path: Path, value: str | None = None) -> None:
     # Written whole to a private file, then published by link(), which fails if another
     # process published first: every process reads one complete salt, and a kill leaves
     # either none or a whole one (check-then-create-then-write let two processes race).
@@ -56,7 +78,7 @@ def _create_salt(path: Path) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "w") as fp:
-            fp.write(secrets.token_hex(32))
+            fp.write(value or secrets.token_hex(32))
             fp.flush()
             os.fsync(fp.fileno())
         try:

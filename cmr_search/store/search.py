@@ -23,7 +23,7 @@ from cmr_search.store.config import IndexConfig
 from cmr_search.store.embedding_store import EmbeddingStore, vec_id
 from cmr_search.store.filters import FilterFrame, mentions
 from cmr_search.store.index import VectorIndex
-from cmr_search.store.withdrawal import finish_pending_withdrawals
+from cmr_search.store.withdrawal import finish_pending_withdrawals, forget_withdrawn
 
 __all__ = ["Hit", "Searcher", "TextEncoder", "default_model_id"]
 
@@ -103,6 +103,7 @@ class Searcher:
         now = time.monotonic()
         if now - self._checked[table] >= self.check_interval_s:
             if not index.is_current():
+                forget_withdrawn(self.store.layout)  # shared store: another machine's withdrawal reaches our caches
                 index.sync(save="background")
             self._checked[table] = now
         return index

@@ -153,6 +153,15 @@ class SharedState:
         found = obstore.list(self._store, prefix=prefix or None).collect()
         return sorted(meta["path"] for meta in found)
 
+    def etags(self, prefix: str = "") -> dict[str, str]:
+        """Every key under ``prefix`` with its entity tag, in one listing: which copies made
+        before are still current, without a request per object."""
+        import obstore
+
+        prefix = prefix.strip("/")
+        found = obstore.list(self._store, prefix=prefix or None).collect()
+        return {meta["path"]: meta["e_tag"] or "" for meta in found}
+
     # -- folders -------------------------------------------------------------------------------
     def upload_folder(self, folder: Path, prefix: str, last: str | None = None) -> None:
         """Copy a local folder's files to the keys under ``prefix``; ``last`` (a file name, the

@@ -112,6 +112,7 @@ class Sources:
             table.merge_insert("study_uid").when_matched_update_all().when_not_matched_insert_all().execute(data)
         else:  # none of them has a row yet: a plain append skips the merge's join set-up
             table.add(data)
+        self.store.committed(dict.fromkeys(uids))  # on object storage: checked against the tombstones again
         if table.stats()["fragment_stats"]["num_fragments"] > _COMPACT_FRAGMENTS:
             table.optimize()
         return len(rows)

@@ -12,15 +12,21 @@ Only a hash of each study_uid or patient key is kept (BLAKE2b, 128 bits), one li
 study (``s:<hash>``, with ``|p:<hash>`` when its patient was withdrawn) and per patient
 (``p:<hash>``): the file says whether a given study was withdrawn, not which were. Light on purpose (no
 lancedb): the ingest pipeline imports it.
+
+A store on object storage keeps them in one shared object (``secrets/withdrawn`` of
+``store.shared``), read anew at every check and changed by conditional updates, so every
+machine sees every withdrawal and two withdrawals never lose each other's lines; no machine
+holds a copy of its own, which would let it store again what another withdrew.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from cmr_search.core.layout import StoreLayout, write_atomic
+from cmr_search.store.shared import shared_state
 
 __all__ = ["Tombstones", "tombstone"]
 
@@ -37,36 +43,48 @@ class Tombstones:
     one step."""
 
     def __init__(self, root: Path | StoreLayout):
-        self.path = (root if isinstance(root, StoreLayout) else StoreLayout(root)).tombstones
+        layout = root if isinstance(root, StoreLayout) else StoreLayout(root)
+        self.path = layout.tombstones
+        self.shared = shared_state(layout)  # None: a local store, whose file is the tombstones
+        self.key = layout.key(self.path)
 
     def add(self, study_uids: Iterable[str], patient_of: dict[str, str | None] | None = None) -> None:
         """Remember these studies as withdrawn, before their rows are deleted; those in
         ``patient_of`` (study_uid -> patient key) were withdrawn with their patient, whose
         later studies are kept out too."""
         patient_of = patient_of or {}
-        before = self._read()
-        lines = set(before)
-        for uid in study_uids:
-            key = patient_of.get(uid)
-            lines.add(tombstone("study", uid) + (f"|{tombstone('patient', key)}" if key else ""))
-            if key:
-                lines.add(tombstone("patient", key))
-        self._write(lines, before)
+        study_uids = list(study_uids)
+
+        def change(lines: set[str]) -> set[str]:
+            studies = {line.split("|")[0] for line in lines}
+            for uid in study_uids:
+                key = patient_of.get(uid)
+                if key:
+                    lines |= {tombstone("study", uid) + f"|{tombstone('patient', key)}", tombstone("patient", key)}
+                elif tombstone("study", uid) not in studies:  # withdrawn again: one line is enough
+                    lines.add(tombstone("study", uid))
+            return lines
+
+        self._change(change)
 
     def remove(self, study_uids: Iterable[str] = (), patient_keys: Iterable[str] = ()) -> int:
         """Readmit these studies, or these patients with every study withdrawn with them (an
         operator's decision); how many studies and patients were withdrawn."""
-        studies = {tombstone("study", u) for u in study_uids}
-        patients = {tombstone("patient", k) for k in patient_keys}
-        lines = self._read()
-        gone = {line for line in lines if set(line.split("|")) & (studies | patients)}
-        self._write(lines - gone, lines)
+        asked = {tombstone("study", u) for u in study_uids} | {tombstone("patient", k) for k in patient_keys}
+        gone: set[str] = set()
+
+        def change(lines: set[str]) -> set[str]:
+            gone.clear()
+            gone.update(line for line in lines if set(line.split("|")) & asked)
+            return lines - gone
+
+        self._change(change)
         return len(gone)
 
     def withdrawn(self, study_uids: Iterable[str], patient_keys: dict[str, str] | None = None) -> set[str]:
         """Those of these study_uids that were withdrawn, or whose patient was
         (``patient_keys``: study_uid -> its patient key, where known)."""
-        lines = self._read()
+        lines = self.lines()
         if not lines:
             return set()
         known = {part for line in lines for part in line.split("|")}
@@ -74,13 +92,37 @@ class Tombstones:
         return {u for u in study_uids if tombstone("study", u) in known
                 or (u in patient_keys and tombstone("patient", patient_keys[u]) in known)}
 
-    def _read(self) -> set[str]:
+    def lines(self) -> set[str]:
+        """Every tombstone line as stored now."""
+        if self.shared is not None:
+            blob = self.shared.get(self.key)
+            return _lines(blob.data if blob else None)
         try:
-            return set(self.path.read_text().splitlines()) - {""}
+            return _lines(self.path.read_bytes())
         except FileNotFoundError:
             return set()
 
-    def _write(self, lines: set[str], before: set[str]) -> None:
-        if lines != before:
+    def _change(self, change: Callable[[set[str]], set[str]]) -> None:
+        """Apply ``change`` to the lines: on object storage by a conditional update, retried
+        where another machine changed them in between (so neither change is lost)."""
+        if self.shared is not None:
+            def update(data: bytes | None) -> bytes | None:
+                before = _lines(data)
+                after = change(set(before))
+                return None if after == before else _text(after).encode()
+
+            self.shared.update(self.key, update)
+            return
+        before = self.lines()
+        after = change(set(before))
+        if after != before:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # beside the salt, as private
-            write_atomic(self.path, "".join(f"{line}\n" for line in sorted(lines)))
+            write_atomic(self.path, _text(after))
+
+
+def _lines(data: bytes | None) -> set[str]:
+    return set((data or b"").decode().splitlines()) - {""}
+
+
+def _text(lines: set[str]) -> str:
+    return "".join(f"{line}\n" for line in sorted(lines))

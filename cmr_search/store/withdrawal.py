@@ -7,14 +7,17 @@ and deleted last; ``finish_pending_withdrawals`` completes one a crash interrupt
 entry points that search or write (``withdraw`` itself, ``Searcher``, ``cmr embed``, the
 evaluation) call it after opening the store. With ``purge`` (the default) each table is
 rewritten and every older version dropped, so the bytes leave the disk, not only the view.
+
+On a store shared by machines (object storage) the journal entries are shared objects, so any
+machine finishes a withdrawal another was killed in (or one that a commit overtook:
+``journal.withdraw_overtaken``); and each machine drops its own caches of studies another
+withdrew when it sees the tombstones changed (``forget_withdrawn``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import secrets
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -28,10 +31,12 @@ from cmr_search.core.layout import StoreLayout, write_atomic
 from cmr_search.store.clip_store import sql_quote
 from cmr_search.store.embedding_store import EmbeddingStore
 from cmr_search.store.index.vector_index import refresh_indexes
+from cmr_search.store.journal import Journal
+from cmr_search.store.shared import shared_state
 from cmr_search.store.sources import SOURCES_TABLE
 from cmr_search.store.tombstones import Tombstones
 
-__all__ = ["WithdrawReport", "finish_pending_withdrawals", "readmit", "withdraw"]
+__all__ = ["WithdrawReport", "finish_pending_withdrawals", "forget_withdrawn", "readmit", "withdraw"]
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +70,10 @@ def withdraw(store: EmbeddingStore, study_uids: list[str] = (), patient_keys: li
         _finish_pending(store)
         patient_of = _studies_of(store, study_uids, patient_keys)
         uids = list(patient_of)
-        journal = store.layout.journal / f"withdraw-{secrets.token_hex(6)}.json"
-        journal.parent.mkdir(exist_ok=True)
-        tmp = journal.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"study_uids": uids, "patient_of": patient_of, "purge": purge}))
-        os.replace(tmp, journal)
+        journal = Journal(store.layout)
+        name = journal.add({"study_uids": uids, "patient_of": patient_of, "purge": purge})
         report = _remove(store, uids, purge, patient_of)
-        journal.unlink()
+        journal.done(name)
         return report
 
 
@@ -85,10 +87,12 @@ def readmit(store: EmbeddingStore, study_uids: list[str] = (), patient_keys: lis
 
 def finish_pending_withdrawals(store: EmbeddingStore) -> list[WithdrawReport]:
     """Complete every withdrawal whose journal entry a crash left behind (a ``stat`` when
-    there is none). Waits for the study-write lock, so a withdrawal still running in another
-    process is never done twice at once."""
-    folder = store.layout.journal
-    if not folder.exists() or not any(folder.glob("withdraw-*")):
+    there is none; one LIST on object storage, where any machine's entries are seen). Waits
+    for the study-write lock, so a withdrawal still running in another process (or machine)
+    is never done twice at once. On object storage, first drop this machine's caches of
+    studies other machines withdrew (``forget_withdrawn``)."""
+    forget_withdrawn(store.layout)
+    if not Journal(store.layout).names(unfinished=True):
         return []
     with store.write_lock():
         return _finish_pending(store)
@@ -96,18 +100,43 @@ def finish_pending_withdrawals(store: EmbeddingStore) -> list[WithdrawReport]:
 
 def _finish_pending(store: EmbeddingStore) -> list[WithdrawReport]:
     """``finish_pending_withdrawals`` for a caller holding the write lock."""
-    folder = store.layout.journal
-    if not folder.exists():
-        return []
+    journal = Journal(store.layout)
     reports = []
-    for journal in sorted(folder.glob("withdraw-*.json")):
-        entry = json.loads(journal.read_text())
+    for name in journal.names():
+        entry = journal.read(name)
+        if entry is None:  # finished by another machine since listed
+            continue
         log.warning("finishing an interrupted withdrawal of %d studies", len(entry["study_uids"]))
         reports.append(_remove(store, entry["study_uids"], entry["purge"], entry.get("patient_of", {})))
-        journal.unlink()
-    for tmp in folder.glob("withdraw-*.tmp"):  # a journal never completed: nothing was deleted yet
-        tmp.unlink()
+        journal.done(name)
+    journal.drop_unfinished()
     return reports
+
+
+def forget_withdrawn(layout: StoreLayout) -> bool:
+    """On a store shared by machines: where the tombstones changed since this machine last
+    looked (another machine withdrew studies), drop its cached cines and cluster lists, which
+    may show the withdrawn studies, and their entries in its ingest reports; whether it did.
+    One HEAD request; nothing for a local store (its own withdrawals scrub its caches). Cine
+    folders are named by a hash this machine cannot match to a tombstone, so all of them go
+    (they are made again on demand)."""
+    shared = shared_state(layout)
+    if shared is None:
+        return False
+    etag = shared.etag(layout.key(layout.tombstones)) or ""
+    try:
+        seen = layout.seen_withdrawals.read_text().strip()
+    except FileNotFoundError:
+        seen = ""
+    if etag == seen:
+        return False
+    shutil.rmtree(layout.study_caches, ignore_errors=True)
+    shutil.rmtree(layout.clusters_cache, ignore_errors=True)
+    reported = _reported(layout.ingest_reports)
+    keys = {u: k for u, k in reported.items() if k}
+    _scrub_ingest_reports(layout.ingest_reports, Tombstones(layout).withdrawn(reported, keys))
+    write_atomic(layout.seen_withdrawals, etag + "\n")
+    return True
 
 
 def _studies_of(store: EmbeddingStore, study_uids: list[str], patient_keys: list[str]) -> dict[str, str | None]:
@@ -185,6 +214,18 @@ def _scrub_caches(layout: StoreLayout, uids: list[str]) -> None:
     for uid in uids:
         shutil.rmtree(layout.study_cache(uid), ignore_errors=True)
     shutil.rmtree(layout.clusters_cache, ignore_errors=True)
+
+
+def _reported(folder: Path) -> dict[str, str | None]:
+    """study_uid -> patient key (None where not given) of every study the saved ingest
+    reports name."""
+    found: dict[str, str | None] = {}
+    for path in folder.glob("*.json") if folder.exists() else ():
+        for value in json.loads(path.read_text()).values():
+            for entry in value if isinstance(value, list) else ():
+                if isinstance(entry, dict) and entry.get("study_uid"):
+                    found[entry["study_uid"]] = entry.get("patient_key") or found.get(entry["study_uid"])
+    return found
 
 
 def _scrub_ingest_reports(folder: Path, uids: set[str]) -> None:

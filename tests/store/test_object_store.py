@@ -1,7 +1,8 @@
 """A store on object storage (``--store s3://bucket/prefix``, moto standing in for S3): the
-command line's ingest, embed, search and delete keep every Lance table in the bucket and
-everything else in the local state folder; a withdrawn study leaves the bucket; a bucket that
-cannot be reached, or a prefix whose state is elsewhere, is one clear error."""
+command line's ingest, embed, search and delete keep every Lance table in the bucket, the shared
+state beside them and the rest in the local state folder; a withdrawn study leaves the bucket; a
+bucket that cannot be reached is one clear error; a new state folder joins the store
+(tests/store/test_shared_store.py: several machines)."""
 
 from __future__ import annotations
 
@@ -71,8 +72,8 @@ def _objects(where) -> dict[str, bytes]:
 
 def test_the_tables_are_in_the_bucket_and_the_rest_in_the_state_folder(on_s3):
     keys = on_s3.s3.keys(bucket=on_s3.bucket)
-    assert keys and all(k.startswith(f"{PREFIX}/lance/") for k in keys), keys[:5]
-    assert {k.split("/")[3] for k in keys} == {f"{t}.lance" for t in TABLES}
+    assert keys and all(k.startswith((f"{PREFIX}/lance/", f"{PREFIX}/state/")) for k in keys), keys[:5]
+    assert {k.split("/")[3] for k in keys if k.startswith(f"{PREFIX}/lance/")} == {f"{t}.lance" for t in TABLES}
     layout = StoreLayout(on_s3.state)
     assert layout.uri == on_s3.uri and layout.lance == f"{on_s3.uri}/lance"
     meta = json.loads(layout.meta.read_text())
@@ -92,11 +93,11 @@ def test_search_by_study_and_by_text(on_s3):
     assert found["model_id"] == on_s3.model_id and len(found["hits"]) == 2
 
 
-def test_the_bucket_holds_no_patient_identifier_nor_the_salt(on_s3):
+def test_the_bucket_holds_no_patient_identifier_and_the_salt_only_as_itself(on_s3):
     salt = StoreLayout(on_s3.state).patient_salt.read_bytes().strip()
     for key, data in _objects(on_s3).items():
         assert b"ZZSYNTH" not in data, key  # every identifier the generator wrote carries it
-        assert salt not in data, key
+        assert salt not in data or key == f"{PREFIX}/state/secrets/patient_salt", key  # shared by every machine
 
 
 def test_delete_removes_the_study_from_every_table_and_object(on_s3):
@@ -146,7 +147,7 @@ def test_an_unreachable_bucket_is_one_line_saying_what_to_set(s3, tmp_path, monk
     assert len([line for line in out.splitlines() if line.strip()]) == 1
 
 
-def test_a_prefix_holding_tables_is_refused_to_a_new_state_folder(on_s3, tmp_path, monkeypatch):
-    monkeypatch.setenv("CMR_STATE_DIR", str(tmp_path / "elsewhere"))
-    out = cmr("ingest", tmp_path, "--store", on_s3.uri, codes=(2,))
-    assert "already holds tables" in out and "only the machine that made it" in out
+def test_a_new_state_folder_joins_the_store(on_s3, tmp_path):
+    joined = ClipStore.open(store_root(on_s3.uri, tmp_path / "elsewhere"))  # another machine's state folder
+    assert joined.clip_config == ClipStore.open(on_s3.state).clip_config
+    assert joined.study_uids() == ClipStore.open(on_s3.state).study_uids()

@@ -37,6 +37,7 @@ from cmr_search.store.index.build import (
 from cmr_search.store.index.files import IndexFiles
 from cmr_search.store.index.sync import Held, SyncReport, TableSnapshot, plan_sync
 from cmr_search.store.index.torch_exact import TorchExactIndex
+from cmr_search.store.shared import shared_state
 
 __all__ = ["VectorIndex", "refresh_indexes"]
 
@@ -96,7 +97,8 @@ class VectorIndex:
         self.store, self.table, self.model_id, self.config = store, table, store.vectors_of(model_id), config
         layout = StoreLayout(store.root)
         self.folder = layout.index(table, self.model_id)
-        self.files = IndexFiles(self.folder)
+        # on object storage the generations are shared with the store's other machines
+        self.files = IndexFiles(self.folder, shared_state(layout), layout.key(self.folder))
         self.dim = store.dim
         self._lock = _RWLock()
         self._sync_lock = threading.Lock()
@@ -361,14 +363,22 @@ def _pad(d: np.ndarray, i: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 def refresh_indexes(store: EmbeddingStore, config: IndexConfig = IndexConfig()) -> list[SyncReport]:
     """Bring every persisted index of the store to its table's version (after a write or a
-    withdrawal; ``save`` drops older generations, so withdrawn vectors leave the disk)."""
+    withdrawal; ``save`` drops older generations, so withdrawn vectors leave the disk). On
+    object storage the shared generations too: each index this machine or the bucket holds
+    is shared at the new version, which deletes the older generations from the bucket."""
     reports = []
     layout = StoreLayout(store.root)
+    shared = shared_state(layout)
     for table in EMBEDDING_TABLES:
         base = layout.indexes / table
-        for folder in sorted(base.glob("*")) if base.exists() else []:
-            if folder.is_dir():
-                # maintenance runs on the CPU: only the persisted form matters
-                index = VectorIndex.open(store, table, folder.name, replace(config, device="cpu"), sync=False)
-                reports.append(index.sync())
+        models = {folder.name for folder in base.glob("*") if folder.is_dir()} if base.exists() else set()
+        if shared is not None:
+            depth = layout.key(base).count("/") + 1
+            models |= {key.split("/")[depth] for key in shared.list(layout.key(base)) if key.count("/") > depth}
+        for model_id in sorted(models):
+            # maintenance runs on the CPU: only the persisted form matters
+            index = VectorIndex.open(store, table, model_id, replace(config, device="cpu"), sync=False)
+            reports.append(index.sync())
+            if shared is not None:
+                index.files.push()  # where this version was already here (no save), the bucket still moves on
     return reports
