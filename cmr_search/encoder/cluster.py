@@ -2,8 +2,9 @@
 (or per CPU where it has none), each holding the encoder; the driver commits what they send.
 
 Only clip row ids go out and only vectors come back: each actor reads its batch's pixels
-itself from the clip table at the driver's pinned version (the store on a filesystem every
-node mounts). The driver keeps the commit discipline of the single-machine path
+itself from the clip table at the driver's pinned version (a store on object storage from the
+bucket, with the model downloaded from it where the node lacks the driver's state folder; a
+local store on a filesystem every node mounts). The driver keeps the commit discipline of the single-machine path
 (``embed._embed_clips``: ``commit_views`` under the write lock, upsert by key), so a batch
 that Ray runs twice, because its actor was killed and restarted, is written once, and a
 driver killed mid-run leaves the store at its last commit for a re-run to complete."""
@@ -19,6 +20,7 @@ import numpy as np
 
 from cmr_search.core.cluster import ray_cluster
 from cmr_search.core.exceptions import InputError, StoreError
+from cmr_search.core.layout import StoreLayout
 
 __all__ = ["ClipEncoder", "encoder_pool"]
 
@@ -37,11 +39,11 @@ Batches = Iterator[tuple[list[dict], np.ndarray]]
 class ClipEncoder:
     """One actor's encoder: clip row ids of a pinned clip-table version -> view embeddings."""
 
-    def __init__(self, store_root: str, model_folder: str, device: str, batch_size: int, compile: bool):
+    def __init__(self, store: str, model_folder: str, device: str, batch_size: int, compile: bool):
         from cmr_search.encoder.embed import Embedder
 
-        self.store_root = Path(store_root)
-        self.embedder = Embedder(Path(model_folder), device=device, compile_batch=batch_size, compile=compile)
+        self.store_root, folder = _on_this_node(store, Path(model_folder))
+        self.embedder = Embedder(folder, device=device, compile_batch=batch_size, compile=compile)
         self._table = self._version = None
 
     def encode(self, version: int, row_ids: list[int]) -> np.ndarray:
@@ -64,6 +66,25 @@ class ClipEncoder:
         return np.stack([np.frombuffer(by_id[r], np.uint8).reshape(self._shape) for r in row_ids])
 
 
+def _on_this_node(store: str, model_folder: Path) -> tuple[Path, Path]:
+    """The store's root and the model's folder as this node reaches them. A store on object
+    storage (``store`` its URI) needs no file system shared with the driver: a node without
+    the driver's state folder uses its own (``CMR_STATE_DIR`` or the default for the URI),
+    which joins the store when the clips are opened, and downloads the model from the
+    bucket (``store.models``). A local store must be at the same path on every node."""
+    from cmr_search.core.location import is_object_uri, store_root
+    from cmr_search.core.settings import Settings
+
+    if not is_object_uri(store):
+        return Path(store), model_folder
+    from cmr_search.store.models import pull_model
+    from cmr_search.store.object_store import join
+
+    layout = StoreLayout(join(store_root(store, Settings().state_dir)))
+    pull_model(layout, model_folder.name)  # a model_id names its folder; one not in the bucket fails in Embedder
+    return layout.root, layout.encoder(model_folder.name)
+
+
 @contextmanager
 def encoder_pool(address: str, store_root: Path, model_folder: Path, device: str | None, batch_size: int,
                  compile: bool = False) -> Iterator[Callable[[object, list[dict]], Batches]]:
@@ -84,12 +105,14 @@ def encoder_pool(address: str, store_root: Path, model_folder: Path, device: str
         actor = ray.remote(num_gpus=1 if on_gpu else 0, num_cpus=1, max_restarts=RESTARTS,
                            max_task_retries=RESTARTS)(ClipEncoder)
         actors = []
+        # a store on object storage by its URI: a node reaches it without the driver's files
+        where = StoreLayout(Path(store_root)).uri or str(Path(store_root).resolve())
         try:
             def encode(corpus, todo: list[dict]) -> Batches:
                 batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
                 # no more actors than batches: each one loads the model, seconds on a GPU
                 while len(actors) < min(gpus if on_gpu else cpus, len(batches)):
-                    actors.append(actor.remote(str(Path(store_root).resolve()), str(Path(model_folder).resolve()),
+                    actors.append(actor.remote(where, str(Path(model_folder).resolve()),
                                                "cuda" if on_gpu else "cpu", batch_size, compile))
                 log.info("embedding %d clips on %d %s actors", len(todo), len(actors), "GPU" if on_gpu else "CPU")
                 try:
@@ -99,7 +122,8 @@ def encoder_pool(address: str, store_root: Path, model_folder: Path, device: str
                     # most often a node without the store at this path, or without cmr-search
                     raise StoreError(
                         f"an encoder actor on the Ray cluster died ({type(err).__name__}: {str(err)[-300:]}); "
-                        f"every node must have cmr-search installed and read the store at {store_root}; "
+                        f"every node must have cmr-search installed and reach the store at {where} (a folder: "
+                        "the same path on every node; object storage: the same AWS_* credentials); "
                         "what was committed stays, and a re-run embeds the rest") from None
 
             yield encode

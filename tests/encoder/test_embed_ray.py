@@ -118,6 +118,8 @@ def test_two_nodes_embed_a_store_on_object_storage(model, reference, cohort, sal
 
     with s3_server() as s3:
         s3.apply_env(monkeypatch)  # before the nodes start: each node's processes read the credentials
+        # the nodes' own state folder, not the driver's: they join the store and fetch the model from the bucket
+        monkeypatch.setenv("CMR_STATE_DIR", str(tmp_path / "nodes"))
         root = store_root(s3.uri(s3.new_bucket(), "registry/embed"), tmp_path / "state")
         ingest([cohort / "dicom"], ClipStore.open(root, create=True), IngestConfig(workers=2), salt, progress=False)
         with two_nodes():
@@ -126,6 +128,8 @@ def test_two_nodes_embed_a_store_on_object_storage(model, reference, cohort, sal
         assert (report.clips_embedded, report.studies) == (want_report.clips_embedded, want_report.studies)
         _same_rows(_rows(root, report.model_id), want)
         assert not (tmp_path / "state" / "lance").exists(), "the tables are in the bucket only"
+        assert (tmp_path / "nodes" / "encoders" / report.model_id / "config.json").exists(), \
+            "the actors used their own copy of the model, from the bucket"
 
 
 def _encoders(ray, job: str | None = None) -> list[dict]:
@@ -154,7 +158,7 @@ def test_one_node_with_an_actor_killed_mid_run_loses_and_repeats_no_row(model, r
         assert ray.is_initialized(), "a joined cluster stays up"
         # an actor whose constructor fails (here: no model at the path) is not restarted
         with (encoder_pool("auto", dst, tmp_path / "not-on-this-node", "cpu", 2) as encode,
-              pytest.raises(StoreError, match="every node must have cmr-search installed and read the store")):
+              pytest.raises(StoreError, match="every node must have cmr-search installed and reach the store")):
             list(encode(SimpleNamespace(version=1), [{"_rowid": 0}]))
     assert killed and restarts[killed[0]] >= 1, "the killed actor was restarted"
     want_report, want = reference
