@@ -10,11 +10,10 @@ import json
 from types import SimpleNamespace
 
 import pytest
-from s3 import free_port, s3_server
+from cli_runner import cmr
+from s3 import free_port
 from tiny_models import tiny_encoder_config
-from typer.testing import CliRunner
 
-from cmr_search.cli.app import app
 from cmr_search.core.exceptions import StoreError
 from cmr_search.core.layout import StoreLayout
 from cmr_search.core.location import state_dir_for, store_root
@@ -26,21 +25,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 PREFIX = "archive/site-a"
 TABLES = ("clips", "reports", "labels", "sources", "views", "studies")
-
-
-def cmr(*args: str, codes: tuple[int, ...] = (0,)) -> str:
-    """Run ``cmr ARGS`` in this process (so the test's environment reaches Lance); its stdout
-    (the JSON of ``--json``), or its stderr where the exit code is 2 (the error)."""
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    assert result.exit_code in codes, f"cmr {' '.join(map(str, args))} -> {result.exit_code}\n{result.output}"
-    return result.stderr if result.exit_code == 2 else result.stdout
-
-
-@pytest.fixture(scope="module")
-def s3():
-    """One moto server for the module (each store gets its own bucket)."""
-    with s3_server() as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

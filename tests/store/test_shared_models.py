@@ -14,15 +14,13 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from cli_runner import cmr
 from fastapi.testclient import TestClient
-from s3 import s3_server
 from tiny_models import tiny_encoder_config
-from typer.testing import CliRunner
 
 from cmr_search.api.app import create_app
 from cmr_search.api.auth import KeyRing
 from cmr_search.api.settings import URI_CHECK_INTERVAL_S, ServeSettings
-from cmr_search.cli.app import app
 from cmr_search.core.layout import StoreLayout
 from cmr_search.core.location import store_root
 from cmr_search.heads import HeadConfig, HeadRegistry, train_head
@@ -34,19 +32,6 @@ from cmr_search.store.shared import shared_state
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 PREFIX = "archive/site-a"
-
-
-def cmr(*args: str, codes: tuple[int, ...] = (0,)) -> str:
-    """``cmr ARGS`` in this process (the test's environment reaches Lance); its stdout."""
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    assert result.exit_code in codes, f"cmr {' '.join(map(str, args))} -> {result.exit_code}\n{result.output}"
-    return result.stdout
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with s3_server() as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

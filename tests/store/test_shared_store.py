@@ -15,10 +15,8 @@ from types import SimpleNamespace
 import lancedb
 import pydicom
 import pytest
-from s3 import s3_server
-from typer.testing import CliRunner
+from cli_runner import cmr
 
-from cmr_search.cli.app import app
 from cmr_search.core.exceptions import StoreError
 from cmr_search.core.layout import StoreLayout
 from cmr_search.core.location import store_root
@@ -36,19 +34,6 @@ from cmr_search.store.tombstones import Tombstones, tombstone
 from cmr_search.store.withdrawal import finish_pending_withdrawals, forget_withdrawn
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-
-def cmr(*args: str) -> str:
-    """Run ``cmr ARGS`` in this process (the test's environment reaches Lance); its stdout."""
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, f"cmr {' '.join(map(str, args))} -> {result.exit_code}\n{result.output}"
-    return result.stdout
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with s3_server() as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
