@@ -34,7 +34,8 @@ from pathlib import Path
 from cmr_search.core.layout import StoreLayout, write_atomic
 from cmr_search.store.shared import SharedState, shared_state
 
-__all__ = ["pull_heads", "pull_model", "pull_models", "push_head", "push_model", "set_pointer", "shared_model_ids"]
+__all__ = ["publish_local_models", "pull_heads", "pull_model", "pull_models", "push_head", "push_model", "set_pointer",
+           "shared_model_ids"]
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,28 @@ def pull_models(layout: StoreLayout) -> None:
             same = False
         if not same:
             write_atomic(pointer, model_id + "\n")
+
+
+def publish_local_models(layout: StoreLayout) -> None:
+    """Share what an older cmr kept only in this machine's state folder: every registered
+    model, the ``DEFAULT``/``LATEST`` pointers and every head, each only where the bucket has
+    none yet (``object_store``'s migration of a one-machine store, before its store.json is
+    shared: the machines that join on it find the models)."""
+    shared = shared_state(layout)
+    if shared is None:
+        return
+    if layout.encoders.exists():
+        for folder in sorted(layout.encoders.iterdir()):
+            if (folder / MODEL_MARKER).exists() and not folder.name.startswith("."):
+                push_model(layout, folder.name, card=False)
+    for pointer in (layout.default, layout.latest):
+        if pointer.exists():
+            shared.create(layout.key(pointer), pointer.read_bytes())
+    if layout.heads.exists():
+        for folder in sorted(layout.heads.iterdir()):
+            if (folder / "card.json").exists() and not folder.name.startswith(".") and \
+                    shared.etag(f"{layout.key(folder)}/{HEAD_ENTRY}") is None:
+                push_head(layout, folder.name)
 
 
 # -- heads ------------------------------------------------------------------------------------

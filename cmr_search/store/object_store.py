@@ -112,14 +112,18 @@ def join(root: Path) -> Path:
 
 def _publish_local_state(layout: StoreLayout, shared) -> None:
     """Share what an older cmr kept in this machine's state folder (store.json, the salt, the
-    tombstones, pending withdrawals), so other machines can join; each only where none is
-    shared yet."""
+    tombstones, pending withdrawals, models and heads), so other machines can join; each only
+    where none is shared yet."""
+    from cmr_search.store.models import publish_local_models
+
     pending = sorted(layout.journal.glob("withdraw-*.json")) if layout.journal.exists() else []
-    for path in (layout.patient_salt, layout.tombstones, *pending, layout.meta):  # store.json last: others join on it
+    for path in (layout.patient_salt, layout.tombstones, *pending):
         if path.exists():
             shared.create(layout.key(path), path.read_bytes())
-    log.warning("store %s: its store.json, salt and tombstones are now shared objects under %s/state/, so other "
-                "machines may join it", layout.uri, layout.uri)
+    publish_local_models(layout)
+    shared.create(layout.key(layout.meta), layout.meta.read_bytes())  # last: other machines join on it
+    log.warning("store %s: its store.json, salt, tombstones, models and heads are now shared objects under "
+                "%s/state/, so other machines may join it", layout.uri, layout.uri)
 
 
 #: the shared states (one per URI and environment: ``shared_state``) seen to honour conditional writes

@@ -245,6 +245,12 @@ def test_a_store_of_an_older_cmr_is_shared_by_its_own_machine(s3, env, tmp_path)
     layout.tombstones.write_text(tombstone("study", "1.2.3") + "\n")
     layout.journal.mkdir()
     (layout.journal / "withdraw-0.json").write_text('{"study_uids": ["1.2.3"], "purge": true}')  # interrupted
+    for folder, files in ((layout.encoder("abc123"), {"config.json": "{}", "model.safetensors": "w"}),
+                          (layout.heads / "lvef", {"card.json": '{"name": "lvef"}', "model.safetensors": "h"})):
+        folder.mkdir(parents=True)
+        for name, text in files.items():
+            (folder / name).write_text(text)
+    layout.default.write_text("abc123\n")
     for key in state.list():  # as an older cmr left it: nothing shared beside the tables
         state.delete(key)
     with pytest.raises(StoreError, match="older cmr made it"):
@@ -253,3 +259,6 @@ def test_a_store_of_an_older_cmr_is_shared_by_its_own_machine(s3, env, tmp_path)
     joined = ClipStore.open(store_root(uri, tmp_path / "other"), create=True)
     assert Tombstones(joined.layout).withdrawn(["1.2.3", "1.2.4"]) == {"1.2.3"}
     assert patient_salt(joined.layout) == b"older-salt" and Journal(joined.layout).names() == ["withdraw-0.json"]
+    shared = set(state.list())  # its models, their pointer and its heads too, for the machines that join
+    assert {"encoders/abc123/config.json", "encoders/abc123/model.safetensors", "encoders/DEFAULT",
+            "heads/lvef/head.json"} <= shared
