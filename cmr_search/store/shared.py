@@ -94,6 +94,28 @@ class SharedState:
 
         obstore.put(self._store, key, data)
 
+    def put_file(self, key: str, path: Path) -> None:
+        """Write ``key`` from a local file, streamed (in parts above a few MB: an index of a
+        million vectors is gigabytes, never held in memory whole)."""
+        import obstore
+
+        obstore.put(self._store, key, Path(path))
+
+    def get_file(self, key: str, path: Path) -> bool:
+        """Write the object at ``key`` to the local file ``path``, streamed; False (and no
+        file) where there is none."""
+        import obstore
+        from obstore.exceptions import NotFoundError
+
+        try:
+            result = obstore.get(self._store, key)
+            with open(path, "wb") as out:
+                out.writelines(result.stream(min_chunk_size=8 * 1024 * 1024))
+            return True
+        except (NotFoundError, FileNotFoundError):
+            Path(path).unlink(missing_ok=True)
+            return False
+
     def create(self, key: str, data: bytes) -> bool:
         """Write ``key`` only if no object is there; False where one already was (another
         writer's, which wins)."""
@@ -171,7 +193,7 @@ class SharedState:
         files = sorted(p for p in folder.rglob("*") if p.is_file())
         files.sort(key=lambda p: p.relative_to(folder).as_posix() == last)
         for path in files:
-            self.put(f"{prefix.strip('/')}/{path.relative_to(folder).as_posix()}", path.read_bytes())
+            self.put_file(f"{prefix.strip('/')}/{path.relative_to(folder).as_posix()}", path)
 
     def download_folder(self, prefix: str, folder: Path) -> bool:
         """Copy the objects under ``prefix`` into the local ``folder`` (written aside, then
@@ -186,12 +208,10 @@ class SharedState:
         tmp = folder.with_name(f".{folder.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         try:
             for key in keys:
-                blob = self.get(key)
-                if blob is None:  # removed while listed: the folder is being replaced; give up
-                    return False
                 path = tmp / key[len(prefix.strip("/")) + 1:]
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(blob.data)
+                if not self.get_file(key, path):  # removed while listed: the folder is being replaced; give up
+                    return False
             folder.parent.mkdir(parents=True, exist_ok=True)
             publish_folder(tmp, folder)
             return True

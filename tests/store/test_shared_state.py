@@ -3,6 +3,7 @@ writes that never lose a concurrent writer's change, folders published whole."""
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -72,3 +73,13 @@ def test_folders_round_trip_with_the_marker_last(state, tmp_path):
     assert not state.download_folder("encoders/none", tmp_path / "copy" / "none")
     assert not (tmp_path / "copy" / "none").exists()
     assert [p.name for p in (tmp_path / "copy").iterdir()] == ["abc"]  # no scratch left
+
+
+def test_a_large_file_goes_up_in_parts_and_comes_down_streamed(state, tmp_path):
+    data = os.urandom(13 * 1024 * 1024)  # above obstore's 5 MB part size: a multipart upload
+    (tmp_path / "index.faiss").write_bytes(data)
+    state.put_file("indexes/views/m/gen-1/index.faiss", tmp_path / "index.faiss")
+    assert state.get_file("indexes/views/m/gen-1/index.faiss", tmp_path / "back.faiss")
+    assert (tmp_path / "back.faiss").read_bytes() == data
+    assert not state.get_file("indexes/views/m/gen-2/index.faiss", tmp_path / "none.faiss")
+    assert not (tmp_path / "none.faiss").exists()

@@ -147,7 +147,7 @@ class IndexFiles:
             return False  # (the same rows, or newer: nothing to add)
         prefix = f"{self.key}/{name}"
         for file in FILES:  # meta.json last: a generation without it is incomplete
-            self.shared.put(f"{prefix}/{file}", (self.folder / name / file).read_bytes())
+            self.shared.put_file(f"{prefix}/{file}", self.folder / name / file)
         while not self.shared.replace(f"{self.key}/CURRENT", name.encode(), blob.etag if blob else None):
             blob, current = self._shared_current()  # another machine switched it: the same rule again
             if current is not None and _version(current) >= _version(name):
@@ -175,10 +175,8 @@ class IndexFiles:
             tmp.mkdir()
             try:
                 for file in reversed(FILES):  # meta.json first: absent, the generation is not whole
-                    blob = self.shared.get(f"{self.key}/{name}/{file}")
-                    if blob is None:
+                    if not self.shared.get_file(f"{self.key}/{name}/{file}", tmp / file):
                         return None
-                    (tmp / file).write_bytes(blob.data)
                 with FileLock(self.folder / SWITCH_LOCK):
                     local = self.current()
                     if local is not None and _version(local) >= _version(name):
