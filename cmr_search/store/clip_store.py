@@ -192,7 +192,8 @@ class ClipStore:
         return name in self.db.list_tables(limit=1000).tables
 
     def _table(self, name: str, schema: pa.Schema, storage_version: str | None = None):
-        return self.db.create_table(name, schema=schema, exist_ok=True, data_storage_version=storage_version)
+        options = {"new_table_data_storage_version": storage_version} if storage_version else None
+        return self.db.create_table(name, schema=schema, exist_ok=True, storage_options=options)
 
     @property
     def clips(self):
