@@ -211,8 +211,9 @@ def pull(source: DicomWebSource, store: ClipStore, cfg: IngestConfig, pull_cfg: 
     downloader = _Downloader(source, pull_cfg)
     threads = ThreadPoolExecutor(pull_cfg.connections, thread_name_prefix="cmr-dicomweb")
     try:
-        # ``workers`` processes scan; this process only downloads (threads), plans and commits
-        with progress_bar(progress) as bar, worker_pool(cfg.workers + 1) as workers:
+        # ``workers`` processes scan; this process only downloads (threads), plans and commits.
+        # No pool for nothing to pull: a sync's idle cycle would start processes every period.
+        with progress_bar(progress) as bar, worker_pool(cfg.workers + 1 if studies else 0) as workers:
             task = bar.add_task("studies pulled", total=len(studies))
             stream = _Stream(store, cfg, pull_cfg, salt, report, origin, workers, downloader, threads, work)
             for done in stream.run(studies):
