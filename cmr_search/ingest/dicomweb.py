@@ -181,13 +181,13 @@ class _Downloader:
 
 def pull(source: DicomWebSource, store: ClipStore, cfg: IngestConfig, pull_cfg: PullConfig, salt: bytes,
          reports: Path | None = None, labels: Path | None = None, progress: bool = True,
-         known: set[str] | None = None, on_pass: Callable[[list[StudyRef]], None] | None = None,
+         known: set[str] | None = None, on_commit: Callable[[list[StudyRef]], None] | None = None,
          listed: Callable[[list[StudyRef]], None] | None = None) -> IngestReport:
     """Pull the studies of ``source`` matching ``pull_cfg`` into ``store`` through the ingest
     pipeline; the report is a file ingest's, plus the studies listed and those that failed to
     download (rejected, with the reason). Studies whose UID is in ``known`` (already stored:
     a sync) are listed but not downloaded. ``listed(studies)`` is told which studies will be
-    downloaded, ``on_pass(studies)`` which ones each pass committed (a sync's cursor). Raises
+    downloaded, ``on_commit(studies)`` which ones each commit wrote or passed over (a sync's cursor). Raises
     InputError when the search itself fails."""
     t0 = time.perf_counter()
     check_tables(store, reports, labels)
@@ -217,8 +217,8 @@ def pull(source: DicomWebSource, store: ClipStore, cfg: IngestConfig, pull_cfg: 
             task = bar.add_task("studies pulled", total=len(studies))
             stream = _Stream(store, cfg, pull_cfg, salt, report, origin, workers, downloader, threads, work)
             for done in stream.run(studies):
-                if on_pass is not None:
-                    on_pass([a.download.ref for a in done if a.download.error is None])
+                if on_commit is not None:
+                    on_commit([a.download.ref for a in done if a.download.error is None])
                 bar.advance(task, len(done))
     finally:
         downloader.stop.set()  # a failure ends the downloads under way at their next instance

@@ -136,7 +136,7 @@ class Syncer:
             report = pull(self.source, store, IngestConfig(clip=store.clip_config, workers=self.workers,
                                                             site=self.site),
                           replace(self.pull_cfg, since=since), patient_salt(store.layout, self.patient_salt),
-                          progress=progress, known=known, on_pass=committed, listed=tracker.listed)
+                          progress=progress, known=known, on_commit=committed, listed=tracker.listed)
             state.cursor = tracker.finish()
             embedded, model_id = 0, EncoderRegistry(self.root).default or layout.latest_model_id()
             if model_id is not None and (report.clips_inserted or report.clips_updated):
