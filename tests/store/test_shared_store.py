@@ -220,6 +220,39 @@ def test_the_study_write_lock_holds_the_lease_while_held(machines):
     assert entered.is_set() and state.get(key) is None
 
 
+MACHINE = """
+import sys, time
+from cmr_search.core.location import store_root
+from cmr_search.store import ClipStore
+from cmr_search.store.shared import shared_state
+uri, state, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+store = ClipStore.open(store_root(uri, state))
+counter = shared_state(store.layout)
+for _ in range(rounds):
+    with store.write_lock():  # a read-modify-write that only the lock keeps whole
+        blob = counter.get("test/counter")
+        time.sleep(0.02)
+        counter.put("test/counter", str(int(blob.data) + 1 if blob else 1).encode())
+"""
+
+
+def test_machines_in_their_own_processes_take_the_write_lock_in_turn(machines, tmp_path):
+    """Three processes with three state folders (so three local file locks: only the lease
+    on the bucket stands between them) each add 1 to a shared counter 6 times under the
+    store's write lock: no increment is lost."""
+    import os
+    import subprocess
+    import sys
+
+    procs = [subprocess.Popen([sys.executable, "-c", MACHINE, machines.uri, str(tmp_path / f"machine-{i}"), "6"],
+                              env=dict(os.environ), stderr=subprocess.PIPE, text=True) for i in range(3)]
+    for proc in procs:
+        assert proc.wait(timeout=240) == 0, proc.stderr.read()[-2000:]
+    state = shared_state(StoreLayout(machines.a))
+    assert int(state.get("test/counter").data) == 18
+    assert state.get(StoreLayout(machines.a).key(StoreLayout(machines.a).study_write_lock)) is None
+
+
 # -- refusals ---------------------------------------------------------------------------------
 def test_an_object_store_without_conditional_writes_is_refused(s3, env, tmp_path, monkeypatch):
     monkeypatch.setattr(SharedState, "conditional_writes_work", lambda self: False)  # fault injection
