@@ -48,7 +48,11 @@ MIB = 2**20
 def write_table(root: Path, n: int, seed: int = 0) -> None:
     """A fresh store with ``n`` random unit vectors in ``studies``, written a commit at a time."""
     shutil.rmtree(root, ignore_errors=True)
-    store = EmbeddingStore(ClipStore.open(root, create=True))
+    fill_table(EmbeddingStore(ClipStore.open(root, create=True)), n, seed)
+
+
+def fill_table(store: EmbeddingStore, n: int, seed: int = 0) -> None:
+    """``n`` random unit vectors into the ``studies`` table of ``store``, a commit at a time."""
     for lo in range(0, n, COMMIT):
         hi = min(n, lo + COMMIT)
         x = np.random.default_rng([seed, lo]).standard_normal((hi - lo, DIM), dtype=np.float32)
