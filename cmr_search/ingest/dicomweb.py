@@ -181,20 +181,21 @@ class _Downloader:
 
 def pull(source: DicomWebSource, store: ClipStore, cfg: IngestConfig, pull_cfg: PullConfig, salt: bytes,
          reports: Path | None = None, labels: Path | None = None, progress: bool = True,
-         known: set[str] | None = None, on_commit: Callable[[list[StudyRef]], None] | None = None,
+         known: Callable[[StudyRef], bool] | None = None, on_commit: Callable[[list[StudyRef]], None] | None = None,
          listed: Callable[[list[StudyRef]], None] | None = None) -> IngestReport:
     """Pull the studies of ``source`` matching ``pull_cfg`` into ``store`` through the ingest
     pipeline; the report is a file ingest's, plus the studies listed and those that failed to
-    download (rejected, with the reason). Studies whose UID is in ``known`` (already stored:
-    a sync) are listed but not downloaded. ``listed(studies)`` is told which studies will be
-    downloaded, ``on_commit(studies)`` which ones each commit wrote or passed over (a sync's cursor). Raises
+    download (rejected, with the reason). Studies ``known(study)`` says are known (a sync:
+    already stored, or downloaded and passed over before) are listed but not downloaded.
+    ``listed(studies)`` is told which studies will be downloaded, ``on_commit(studies)``
+    which downloaded ones each commit wrote or passed over (a sync's cursor). Raises
     InputError when the search itself fails."""
     t0 = time.perf_counter()
     check_tables(store, reports, labels)
     studies, warnings = find_studies(source, pull_cfg)
     report = IngestReport(studies_listed=len(studies))
-    if known:
-        studies = [s for s in studies if s.uid not in known]
+    if known is not None:
+        studies = [s for s in studies if not known(s)]
         report.studies_known = report.studies_listed - len(studies)
     if listed is not None:
         listed(studies)

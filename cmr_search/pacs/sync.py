@@ -1,15 +1,19 @@
 """``cmr sync``: keep a store up to date with a DICOMweb archive.
 
 Each cycle searches the archive (QIDO-RS) from the store's cursor on, downloads only the
-studies the store does not hold yet (``dicomweb.pull(known=...)``), ingests them pass by
-pass, and embeds what was added with the store's default model, so a study in the archive
+studies the store does not hold yet (``dicomweb.pull(known=...)``), ingests them as they
+arrive, and embeds what was added with the store's default model, so a study in the archive
 is searchable after one cycle.
 
 The cursor (``StoreLayout.sync_state``, one file per archive) is a StudyDate: every listed
 study dated before it is stored. It moves after each committed pass, and only as far as
 the oldest listed study not yet stored, so a sync killed at any point (or a study that
 failed to download) leaves no gap: the next cycle lists from the cursor again and skips what
-is already stored, which leaves no duplicate either. Each cycle searches ``lookback_days``
+is already stored, which leaves no duplicate either. A study downloaded and not stored (no
+cine series: a brain MR of the same archive; withdrawn from the store) is remembered by a
+hash of its UID with the instance count the archive listed, and not downloaded again until
+the archive lists more instances of it (series that arrived late); without that, every cycle
+would download again every such study of its search window. Each cycle searches ``lookback_days``
 (7) behind the cursor, for studies that reach the archive days after their StudyDate; one
 older still (a backfill) lies behind it: ``full=True`` (``cmr sync --full``) searches the
 whole archive once, still downloading only what is new.
@@ -22,7 +26,7 @@ import json
 import logging
 import threading
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -54,6 +58,8 @@ class SyncState:
     studies_added: int = 0
     last_success: str | None = None  # ISO time of the last cycle that ended without error
     last_error: str | None = None  # the last cycle's error, if it failed (no credential in it)
+    # studies downloaded and not stored: hash of the study_uid -> [instances listed, StudyDate]
+    passed_over: dict[str, list] = field(default_factory=dict)
 
 
 @dataclass
@@ -125,10 +131,17 @@ class Syncer:
             if state.cursor and not full:
                 cursor = datetime.strptime(state.cursor, "%Y%m%d").date() - timedelta(days=self.lookback_days)
                 since = max(since, cursor) if since else cursor
-            known = store.study_uids() if store.has_table("clips") else set()
-            tracker = _Cursor(state.cursor)
+            stored = store.study_uids() if store.has_table("clips") else set()
+            tracker, downloaded = _Cursor(state.cursor), []
 
-            def committed(refs) -> None:  # after each pass: the cursor may move
+            def known(ref) -> bool:  # stored, or passed over with no instance added since
+                if ref.uid in stored:
+                    return True
+                seen = state.passed_over.get(_uid_hash(ref.uid))
+                return seen is not None and (ref.instances is None or (seen[0] or 0) >= ref.instances)
+
+            def committed(refs) -> None:  # after each commit: the cursor may move
+                downloaded.extend(refs)
                 tracker.done(refs)
                 state.cursor = tracker.value
                 self._save(state)
@@ -138,6 +151,7 @@ class Syncer:
                           replace(self.pull_cfg, since=since), patient_salt(store.layout, self.patient_salt),
                           progress=progress, known=known, on_commit=committed, listed=tracker.listed)
             state.cursor = tracker.finish()
+            self._passed_over(state, downloaded, store.study_uids() if store.has_table("clips") else set(), since)
             embedded, model_id = 0, EncoderRegistry(self.root).default or layout.latest_model_id()
             if model_id is not None and (report.clips_inserted or report.clips_updated):
                 embedded = embed_store(self.root, layout.encoder(model_id), progress=progress,
@@ -154,6 +168,21 @@ class Syncer:
             raise
         finally:
             self.running = False
+
+    @staticmethod
+    def _passed_over(state: SyncState, downloaded, stored: set[str], since) -> None:
+        """Remember the studies this cycle downloaded and did not store; forget those stored
+        since, and those dated before this cycle's search (no cycle lists them again but a
+        ``--full`` one, which may download them once more)."""
+        for ref in downloaded:
+            key = _uid_hash(ref.uid)
+            if ref.uid in stored:
+                state.passed_over.pop(key, None)
+            else:
+                state.passed_over[key] = [ref.instances, ref.study_date or ""]
+        if since is not None:
+            floor = since.strftime("%Y%m%d")
+            state.passed_over = {k: v for k, v in state.passed_over.items() if not v[1] or v[1] >= floor}
 
     def run(self, every_s: float, stop: threading.Event, on_cycle=None, on_error=None) -> None:
         """A cycle every ``every_s`` seconds until ``stop`` is set; a failed cycle is reported
@@ -201,6 +230,11 @@ class _Cursor:
         """The cursor after the cycle (studies that failed to download hold it back)."""
         self.done([])
         return self.value
+
+
+def _uid_hash(study_uid: str) -> str:
+    # a hash, as the tombstones keep: the state says whether a study was passed over, not which
+    return hashlib.blake2b(study_uid.encode(), digest_size=16).hexdigest()
 
 
 def _now() -> str:
