@@ -10,10 +10,11 @@ study dated before it is stored. It moves after each committed pass, and only as
 the oldest listed study not yet stored, so a sync killed at any point (or a study that
 failed to download) leaves no gap: the next cycle lists from the cursor again and skips what
 is already stored, which leaves no duplicate either. A study downloaded and not stored (no
-cine series: a brain MR of the same archive; withdrawn from the store) is remembered by a
+cine series: a brain MR of the same archive) is remembered by a
 hash of its UID with the instance count the archive listed, and not downloaded again until
-the archive lists more instances of it (series that arrived late); without that, every cycle
-would download again every such study of its search window. Each cycle searches ``lookback_days``
+the archive lists more instances of it (series that arrived late) or ``--full`` asks for
+every study not stored; without that, every cycle would download again every such study of
+its search window. A withdrawn study is not remembered (readmitted, it comes back). Each cycle searches ``lookback_days``
 (7) behind the cursor, for studies that reach the archive days after their StudyDate; one
 older still (a backfill) lies behind it: ``full=True`` (``cmr sync --full``) searches the
 whole archive once, still downloading only what is new.
@@ -119,6 +120,7 @@ class Syncer:
         from cmr_search.store.clip_store import ClipStore
         from cmr_search.store.config import ClipConfig
         from cmr_search.store.patients import patient_salt
+        from cmr_search.store.tombstones import Tombstones
 
         started = time.monotonic()
         self.running = True
@@ -134,10 +136,10 @@ class Syncer:
             stored = store.study_uids() if store.has_table("clips") else set()
             tracker, downloaded = _Cursor(state.cursor), []
 
-            def known(ref) -> bool:  # stored, or passed over with no instance added since
+            def known(ref) -> bool:  # stored, or passed over with no instance added since (not with --full)
                 if ref.uid in stored:
                     return True
-                seen = state.passed_over.get(_uid_hash(ref.uid))
+                seen = None if full else state.passed_over.get(_uid_hash(ref.uid))
                 return seen is not None and (ref.instances is None or (seen[0] or 0) >= ref.instances)
 
             def committed(refs) -> None:  # after each commit: the cursor may move
@@ -151,7 +153,10 @@ class Syncer:
                           replace(self.pull_cfg, since=since), patient_salt(store.layout, self.patient_salt),
                           progress=progress, known=known, on_commit=committed, listed=tracker.listed)
             state.cursor = tracker.finish()
-            self._passed_over(state, downloaded, store.study_uids() if store.has_table("clips") else set(), since)
+            stored = store.study_uids() if store.has_table("clips") else set()
+            # a withdrawn study is not remembered: readmitted, it comes back with the next cycle
+            stored |= Tombstones(store.layout).withdrawn({ref.uid for ref in downloaded})
+            self._passed_over(state, downloaded, stored, since)
             embedded, model_id = 0, EncoderRegistry(self.root).default or layout.latest_model_id()
             if model_id is not None and (report.clips_inserted or report.clips_updated):
                 embedded = embed_store(self.root, layout.encoder(model_id), progress=progress,
@@ -171,9 +176,10 @@ class Syncer:
 
     @staticmethod
     def _passed_over(state: SyncState, downloaded, stored: set[str], since) -> None:
-        """Remember the studies this cycle downloaded and did not store; forget those stored
-        since, and those dated before this cycle's search (no cycle lists them again but a
-        ``--full`` one, which may download them once more)."""
+        """Remember the studies this cycle downloaded and did not store (``stored``: those
+        stored or withdrawn); forget those stored since, and those dated before this cycle's
+        search (no cycle lists them again but a ``--full`` one, which downloads every study
+        not stored)."""
         for ref in downloaded:
             key = _uid_hash(ref.uid)
             if ref.uid in stored:

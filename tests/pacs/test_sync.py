@@ -172,4 +172,6 @@ def test_a_study_passed_over_is_not_downloaded_again_until_it_grows(archive, emp
     third = syncer.once()
     assert third.studies_written == 0 and third.already_stored == third.listed - 1, "downloaded again: it grew"
     assert list(syncer.state().passed_over.values()) == [[2, studies[-1][0]]]
+    full = syncer.once(full=True)  # every study not stored, the passed-over one too
+    assert full.studies_written == 0 and full.already_stored == full.listed - 1
     assert ClipStore.open(root).study_uids() == {u for _, u, _ in studies}
