@@ -54,6 +54,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from unittest import mock
 
 import pytest
 
@@ -268,13 +269,5 @@ def s3_server(bucket: str = "cmr-test", in_process: bool = False) -> Iterator[S3
 def s3_environment(server: S3Server) -> Iterator[dict[str, str]]:
     """``server.env`` set in ``os.environ`` for the block, the previous values put back
     after (for code outside a test function, where monkeypatch is not at hand)."""
-    saved = {name: os.environ.get(name) for name in server.env}
-    os.environ.update(server.env)
-    try:
+    with mock.patch.dict(os.environ, server.env):
         yield server.env
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value

@@ -78,9 +78,10 @@ class IndexFiles:
         the shared generation is downloaded first where it is newer than this machine's."""
         if self.shared is not None:
             self.pull()
-        if not self.pointer.exists():
+        name = self.current()
+        if name is None:
             return None
-        gen = self.folder / self.pointer.read_text().strip()
+        gen = self.folder / name
         try:
             meta = json.loads((gen / "meta.json").read_text())
             index = faiss.read_index(str(gen / "index.faiss"))
@@ -111,7 +112,7 @@ class IndexFiles:
         for f in tmp.iterdir():
             _fsync(f)
         with FileLock(self.folder / SWITCH_LOCK):  # the version check and the switch are one step
-            current = self.pointer.read_text().strip() if self.pointer.exists() else None
+            current = self.current()
             if current is not None and _version(current) > meta["version"]:
                 shutil.rmtree(tmp, ignore_errors=True)
                 return current
